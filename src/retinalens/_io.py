@@ -1,0 +1,54 @@
+"""Atomic file writes: a temp file in the same folder, fsync, then rename.
+
+Readers (and a rerun after kill -9) see either the old file or the whole new one, never half.
+Temp files are named `.NAME.*.tmp`, so a folder can be swept of what a killed writer left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, IO
+
+import numpy as np
+
+from .errors import RetinaLensError
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise RetinaLensError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+
+
+def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
+
+
+def sweep_temp_files(folder: Path) -> None:
+    """Delete what killed writers left behind."""
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,225 @@
+"""The `retinalens` command line. Bad input: one clear line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .._console import console
+from ..errors import RetinaLensError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="RetinaLens: deep-learning triage of retinal images (OCT B-scans, fundus photos).")
+
+# Options shared by several commands, declared once.
+BackboneOpt = typer.Option("efficientnet_lite0", "--backbone", "-b", help="Registry name or any timm model name.")
+WeightsOpt = typer.Option(None, "--weights", help="Local weights file (.safetensors/.pth) for the backbone.")
+RandomOpt = typer.Option(False, "--random-weights", help="Random backbone weights (for timing only).")
+CacheOpt = typer.Option(None, "--cache", help="Feature cache root (default $RETINALENS_CACHE or ~/.cache/retinalens/features).")
+PrecisionOpt = typer.Option("auto", "--precision", help="auto | fp32 | bf16 (auto: bf16 where the hardware has it).")
+WorkersOpt = typer.Option(1, "--workers", help="Image-decoding worker processes.")
+PatientOpt = typer.Option(None, "--patient-regex", help="Regex with a (?P<patient>...) group, matched on file names.")
+ImagesOpt = typer.Option(None, "--images", help="Folder of the images a labels CSV names.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+@app.command()
+def extract(
+    data: Path = typer.Argument(..., help="Dataset root, class-folder tree or labels CSV."),
+    backbone: str = BackboneOpt, weights: Optional[Path] = WeightsOpt, random_weights: bool = RandomOpt,
+    cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
+    batch_size: int = typer.Option(32, "--batch-size"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: extract only this process's share (for many machines)."),
+    spatial: bool = typer.Option(True, "--spatial/--no-spatial", help="Also store spatial maps (the conv head needs them)."),
+    patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Cache backbone features of every image under DATA (resumable, incremental)."""
+    from ..api import extract as run_extract
+    from ..features.extract import parse_shard
+    from ..train.pipeline import print_extract_report
+
+    store, report = run_extract(data, backbone=backbone, weights=weights, pretrained=not random_weights, cache=cache,
+                                precision=precision, batch_size=batch_size, workers=workers, shard=parse_shard(shard),
+                                spatial=spatial, patient_regex=patient_regex, images_dir=images, progress=not quiet)
+    for note in store.notes:
+        console().print(f"[yellow]{note}[/]")
+    print_extract_report(report)
+    console().print(f"cache: {store.dir} ({len(store)} images)")
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="Dataset root (train/ and test/ used when present), class folders or CSV."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
+    backbone: str = BackboneOpt, weights: Optional[Path] = WeightsOpt, random_weights: bool = RandomOpt,
+    head: str = typer.Option("conv", "--head", help="conv (the original 1x1-conv head) | linear (pooled)."),
+    hidden: int = typer.Option(0, "--hidden", help="Linear head: hidden units (0 = logistic regression)."),
+    epochs: int = typer.Option(60, "--epochs"), seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(64, "--batch-size"), lr: float = typer.Option(1e-3, "--lr"),
+    class_weights: bool = typer.Option(False, "--class-weights", help="Weight the loss by inverse class frequency."),
+    monitor: str = typer.Option("val_loss", "--monitor", help="val_loss | val_acc: picks the best epoch."),
+    val_fraction: float = typer.Option(0.15, "--val-fraction", help="Share of train patients held out for validation."),
+    cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
+    patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Train a head on cached features (extracting what the cache lacks) and write a model bundle."""
+    from ..data.splits import SplitConfig
+    from ..models.heads import HeadConfig
+    from ..train.pipeline import ExtractConfig, RunConfig, train_bundle
+    from ..train.trainer import TrainConfig
+
+    cfg = RunConfig(
+        data=str(data), patient_regex=patient_regex, images_dir=str(images) if images else None,
+        extract=ExtractConfig(backbone=backbone, weights=str(weights) if weights else None, pretrained=not random_weights,
+                              precision=precision, workers=workers, cache=str(cache) if cache else None),
+        split=SplitConfig(val_fraction=val_fraction, seed=seed),
+        train=TrainConfig(head=HeadConfig(kind=head, hidden=hidden), epochs=epochs, batch_size=batch_size, lr=lr,
+                          class_weights=class_weights, monitor=monitor, seed=seed),
+    )
+    bundle = train_bundle(cfg, out, progress=not quiet)
+    console().print(f"[green]bundle written:[/] {bundle.path}")
+
+
+@app.command()
+def evaluate(
+    bundle: Path = typer.Argument(..., help="Model bundle folder."),
+    data: Path = typer.Argument(..., help="Dataset root (its --split is used) or a class-folder tree (used whole)."),
+    split: str = typer.Option("test", "--split"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write a self-contained HTML report."),
+    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the confidence intervals."),
+    cache: Optional[Path] = CacheOpt, workers: int = WorkersOpt,
+    patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Accuracy, per-class metrics, ROC-AUC and urgent referral, with patient-clustered bootstrap CIs."""
+    from ..evaluate.run import evaluate_bundle
+    from ..models.bundle import load_bundle
+
+    m = evaluate_bundle(load_bundle(bundle), data, split=split, cache=cache, json_path=json_out, report_path=report,
+                        n_boot=n_boot, workers=workers, progress=not quiet, patient_regex=patient_regex, images_dir=images)
+    print_metrics(m)
+    for f in m["failures"]:
+        console().print(f"[red]failed[/] {f['error']}")
+    for label, path in (("json", json_out), ("report", report)):
+        if path:
+            console().print(f"{label}: {path}")
+
+
+@app.command()
+def predict(
+    bundle: Path = typer.Argument(..., help="Model bundle folder."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders or http(s) URLs."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write the results as CSV."),
+    batch_size: int = typer.Option(16, "--batch-size"), workers: int = typer.Option(0, "--workers"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Class, probabilities and referral level for each image; failures are listed at the end."""
+    from .._io import atomic_write_bytes, atomic_write_json
+    from ..predict.model import load
+
+    model = load(bundle)
+    results = model.predict_many(inputs, batch_size=batch_size, workers=workers, progress=not quiet)
+    print_predictions(results, model.classes)
+    if json_out:
+        atomic_write_json(json_out, results)
+    if csv_out:
+        atomic_write_bytes(csv_out, predictions_csv(results, model.classes).encode())
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        console().print(f"[red]failed[/] {r['error']}")
+    if failed and len(failed) == len(results):
+        raise typer.Exit(2)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the cache, bundle and report."),
+         quiet: bool = QuietOpt) -> None:
+    """Offline end-to-end run on the bundled Kermany OCT sample: extract, train, evaluate, predict."""
+    from ..demo import run_demo
+
+    run_demo(out, progress=not quiet)
+
+
+@app.command()
+def backbones() -> None:
+    """List the registered backbones."""
+    from ..models.registry import list_backbones
+
+    for spec in list_backbones():
+        typer.echo(f"{spec.name:22s} {spec.description}")
+
+
+def print_metrics(m: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    def ci(v: Any, c: Any) -> str:
+        return "n/a" if v is None else (f"{v:.3f}" + (f" [{c[0]:.3f}, {c[1]:.3f}]" if c else ""))
+
+    t = Table(title=f"{m['n_images']} images, {m['n_patients']} patients (95% CI, patient bootstrap)")
+    for col in ("class", "precision", "recall / sensitivity", "specificity", "f1", "support"):
+        t.add_column(col)
+    for c, r in m["per_class"].items():
+        t.add_row(c, ci(r["precision"], r.get("precision_ci")), ci(r["recall"], r.get("recall_ci")),
+                  ci(r["specificity"], r.get("specificity_ci")), ci(r["f1"], r.get("f1_ci")), str(r["support"]))
+    console().print(t)
+    console().print(f"accuracy {ci(m['accuracy'], m.get('accuracy_ci'))}; macro ROC-AUC {ci(m['roc_auc_macro'], m.get('roc_auc_macro_ci'))}")
+    u = m.get("urgent_referral")
+    if u:
+        console().print(f"urgent referral ({'+'.join(u['positive_classes'])}): sensitivity {ci(u['sensitivity'], u.get('sensitivity_ci'))}, "
+                        f"specificity {ci(u['specificity'], u.get('specificity_ci'))}, AUC {ci(u['auc'], u.get('auc_ci'))}")
+
+
+def print_predictions(results: list[dict[str, Any]], classes: list[str]) -> None:
+    from rich.table import Table
+
+    t = Table()
+    for col in ("input", "label", "referral", *classes):
+        t.add_column(col)
+    for r in results:
+        if "error" not in r:
+            t.add_row(r["input"], r["label"], r["referral"] or "", *(f"{r['probabilities'][c]:.3f}" for c in classes))
+    console(stdout=True).print(t)
+
+
+def predictions_csv(results: list[dict[str, Any]], classes: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["input", "label", "referral", *[f"p_{c}" for c in classes], "error"])
+    for r in results:
+        p = r.get("probabilities", {})
+        w.writerow([r["input"], r.get("label", ""), r.get("referral") or "", *[p.get(c, "") for c in classes], r.get("error", "")])
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app, turning bad input into one line and exit code 2."""
+    debug = "--debug" in (argv if argv is not None else sys.argv)
+    args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--debug"]
+    try:
+        app(args=args, prog_name="retinalens", standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    except RetinaLensError as exc:
+        console().print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console().print("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: say so in one line unless --debug
+        if debug:
+            raise
+        console().print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                        highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

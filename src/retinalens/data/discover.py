@@ -1,0 +1,161 @@
+"""Find labelled images in the layouts users have.
+
+- class folders:        ROOT/CLASS/*.jpeg
+- split class folders:  ROOT/{train,val,test}/CLASS/*.jpeg   (OCT2017; the given split is kept)
+- a CSV:                image,label[,patient][,split]        (also `level` for DR grades)
+- unlabelled:           a folder of images, for prediction
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import RetinaLensError
+from .decode import is_image_file
+from .patients import PatientParser
+
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+LABEL_COLUMNS = ("label", "level", "class", "diagnosis")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str | None
+    patient: str
+    split: str | None = None  # the split the dataset itself assigns, if any
+
+
+@dataclass
+class Dataset:
+    root: Path
+    layout: str
+    samples: list[Sample]
+    classes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def splits(self) -> set[str]:
+        return {s.split for s in self.samples if s.split}
+
+    def subset(self, split: str) -> "Dataset":
+        picked = [s for s in self.samples if s.split == split]
+        if not picked:
+            have = ", ".join(sorted(self.splits)) or "none"
+            raise RetinaLensError(f"{self.root}: no '{split}' split (splits present: {have})")
+        return Dataset(self.root, self.layout, picked, self.classes)
+
+    def class_counts(self) -> dict[str, int]:
+        return dict(Counter(s.label for s in self.samples if s.label is not None))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and _images_in(d))
+
+
+def _from_class_folders(root: Path, parser: PatientParser, split: str | None, base: Path) -> list[Sample]:
+    samples = []
+    for cdir in _class_dirs(root):
+        for p in _images_in(cdir):
+            samples.append(Sample(p, cdir.name, parser(p, fallback=str(p.relative_to(base))), split))
+    return samples
+
+
+def _from_csv(csv_path: Path, parser: PatientParser, images_dir: Path | None) -> list[Sample]:
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise RetinaLensError(f"{csv_path}: cannot read CSV ({exc})") from None
+    if not rows:
+        raise RetinaLensError(f"{csv_path}: the CSV has no rows")
+    cols = {c.strip().lower(): c for c in rows[0].keys() if c}
+    label_col = next((cols[c] for c in LABEL_COLUMNS if c in cols), None)
+    if "image" not in cols or label_col is None:
+        raise RetinaLensError(f"{csv_path}: expected columns 'image' and 'label' (or 'level'), found {', '.join(cols.values())}")
+    search = [d for d in (images_dir, csv_path.parent / "images", csv_path.parent) if d is not None]
+    samples, missing = [], []
+    for row in rows:
+        name = (row[cols["image"]] or "").strip()
+        found = _resolve(name, search)
+        if found is None:
+            missing.append(name)
+            continue
+        patient = (row.get(cols["patient"]) or "").strip() if "patient" in cols else ""
+        split = SPLIT_NAMES.get((row.get(cols["split"]) or "").strip().lower()) if "split" in cols else None
+        samples.append(Sample(found, (row[label_col] or "").strip(), patient or parser(found, fallback=name), split))
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise RetinaLensError(f"{csv_path}: {len(missing)} image(s) named in the CSV were not found: {shown}")
+    return samples
+
+
+def _resolve(name: str, search: list[Path]) -> Path | None:
+    if not name:
+        return None
+    for d in search:
+        p = d / name
+        if p.is_file():
+            return p
+        for suffix in (".jpeg", ".jpg", ".png", ".tif"):  # Kaggle's CSV names images without extension
+            if (q := p.with_name(p.name + suffix)).is_file():
+                return q
+    return None
+
+
+def discover(path: str | Path, *, patient_regex: str | None = None, images_dir: str | Path | None = None) -> Dataset:
+    """Find the labelled images under `path` (a folder or a CSV). Raises RetinaLensError on bad layouts."""
+    root = Path(path).expanduser()
+    parser = PatientParser.from_regex(patient_regex)
+    if not root.exists():
+        raise RetinaLensError(f"{root}: no such file or folder")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise RetinaLensError(f"{root}: expected a folder of class folders or a labels CSV")
+        samples = _from_csv(root, parser, Path(images_dir) if images_dir else None)
+        layout = "csv"
+    else:
+        split_dirs = {SPLIT_NAMES[d.name.lower()]: d for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES}
+        if split_dirs and all(_class_dirs(d) for d in split_dirs.values()):
+            samples = [s for split, d in sorted(split_dirs.items()) for s in _from_class_folders(d, parser, split, root)]
+            layout = "split-folders"
+        elif _class_dirs(root):
+            samples = _from_class_folders(root, parser, None, root)
+            layout = "class-folders"
+        elif _images_in(root):
+            raise RetinaLensError(f"{root}: images but no class folders; expected ROOT/CLASS/*.jpeg or ROOT/train/CLASS/*.jpeg")
+        else:
+            raise RetinaLensError(f"{root}: no images found (expected ROOT/CLASS/*.jpeg, ROOT/train/CLASS/*.jpeg or a labels CSV)")
+    if not samples:
+        raise RetinaLensError(f"{root}: no labelled images found")
+    classes = sorted({s.label for s in samples if s.label is not None}, key=_class_sort_key)
+    if len(classes) < 2:
+        raise RetinaLensError(f"{root}: found a single class ({classes[0] if classes else 'none'}); need at least two")
+    return Dataset(root, layout, samples, classes)
+
+
+def _class_sort_key(name: str) -> tuple[int, int | str]:
+    # Numeric labels (DR grades 0-4) sort as numbers, names alphabetically.
+    return (0, int(name)) if name.isdigit() else (1, name)
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """Images to predict on: one file, or every image below a folder."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        found = _images_in(p)
+        if not found:
+            raise RetinaLensError(f"{p}: folder contains no images")
+        return found
+    raise RetinaLensError(f"{p}: no such file or folder")

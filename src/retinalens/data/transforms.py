@@ -1,0 +1,70 @@
+"""Preprocessing from the backbone's own config: the single transform used everywhere.
+
+The config travels with every feature cache and every model bundle, so that training,
+evaluation, prediction, export and serving feed the backbone exactly the same pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .decode import ImageSource, decode_image
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB image becomes the backbone's input tensor.
+
+    `resize="squash"` resizes the whole image to size x size. OCT B-scans are wide (up to 3:1) and
+    the lesion may sit anywhere along the scan, so we keep the whole field of view rather than
+    centre-cropping it away (the original pipeline did the same).
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize: str = "squash"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return d | {"mean": list(self.mean), "std": list(self.std)}  # JSON-shaped, so it compares with a manifest
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        return cls(
+            size=int(d["size"]),
+            mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in d["std"]),  # type: ignore[arg-type]
+            interpolation=str(d.get("interpolation", "bicubic")),
+            resize=str(d.get("resize", "squash")),
+        )
+
+    @classmethod
+    def from_timm_config(cls, cfg: dict[str, Any]) -> "Preprocessing":
+        _, h, w = cfg["input_size"]
+        return cls(size=int(h), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=cfg["interpolation"])
+
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> normalised float32 CHW tensor."""
+        if img.size != (self.size, self.size):
+            img = img.resize((self.size, self.size), _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC))
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    def load(self, source: ImageSource, *, name: str | None = None) -> torch.Tensor:
+        """Decode + preprocess: the path from a file (or bytes) to the model's input."""
+        return self.to_tensor(decode_image(source, draft_size=self.size, name=name))

@@ -1,0 +1,74 @@
+"""`retinalens evaluate`: a bundle on a labelled dataset -> metrics with CIs, JSON and HTML report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._console import console
+from .._io import atomic_write_json
+from ..data.discover import discover
+from ..data.hashing import sha256_files
+from ..errors import RetinaLensError
+from ..features.extract import extract_features, head_inputs, open_cache
+from ..models.bundle import Bundle
+from ..models.heads import head_probabilities
+from .metrics import classification_metrics
+from .report import write_html_report
+
+
+def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "test", cache: str | Path | None = None,
+                    json_path: str | Path | None = None, report_path: str | Path | None = None, n_boot: int = 1000,
+                    seed: int = 0, workers: int = 1, progress: bool = True, patient_regex: str | None = None,
+                    images_dir: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate on DATA's `split` (a dataset root with splits) or on the whole of DATA (plain class folders)."""
+    ds = discover(data, patient_regex=patient_regex, images_dir=images_dir)
+    if ds.splits and split:
+        ds = ds.subset(split)
+    unknown = sorted(set(ds.classes) - set(bundle.classes))
+    if unknown:
+        raise RetinaLensError(f"{ds.root}: classes {', '.join(unknown)} are not among the model's ({', '.join(bundle.classes)})")
+    hashes = sha256_files(s.path for s in ds.samples)
+    # An explicit --cache that holds other features is an error; the default root keys folders by backbone.
+    store = open_cache(cache, bundle.backbone, bundle.precision, spatial=bundle.head_config.input_kind == "spatial",
+                       on_mismatch="error" if cache is not None else "rebuild")
+    report = extract_features([s.path for s in ds.samples], hashes, bundle.backbone, store, precision=bundle.precision,
+                              workers=workers, progress=progress)
+    keep = [i for i, h in enumerate(hashes) if h in store]
+    if not keep:
+        raise RetinaLensError(f"{ds.root}: none of the {len(ds)} images could be read")
+    probs = head_probabilities(bundle.head, head_inputs(store, [hashes[i] for i in keep], bundle.head_config.input_kind))
+    index = {c: k for k, c in enumerate(bundle.classes)}
+    y = np.array([index[ds.samples[i].label] for i in keep], dtype=np.int64)
+    urgent = [c for c, level in bundle.referral.items() if level == "urgent"]
+    metrics = classification_metrics(y, probs, bundle.classes, [ds.samples[i].patient for i in keep],
+                                     positive_classes=urgent or None, n_boot=n_boot, seed=seed)
+    metrics["data"] = {"path": str(ds.root), "split": split if ds.layout == "split-folders" or split in ds.splits else None,
+                       "per_class": ds.class_counts()}
+    metrics["failures"] = [{"input": p, "error": r} for p, r in report.failures]
+    metrics["overlap_with_training"] = _overlap(bundle, {hashes[i] for i in keep})
+    metrics["model"] = {"path": str(bundle.path), "backbone": bundle.manifest["backbone"]["name"],
+                        "head": bundle.head_config.kind}
+    if metrics["overlap_with_training"]:
+        console().print(f"[yellow]warning: {metrics['overlap_with_training']} evaluation image(s) were in the model's "
+                        "train/validation data; these metrics are optimistic[/]")
+    if json_path:
+        atomic_write_json(Path(json_path), metrics)
+    if report_path:
+        curves = bundle.path / "curves.csv"
+        write_html_report(report_path, metrics, y_true=y, probs=probs, model=bundle.manifest,
+                          curves_csv=curves if curves.is_file() else None,
+                          title=f"RetinaLens evaluation: {ds.root.name}")
+    return metrics
+
+
+def _overlap(bundle: Bundle, hashes: set[str]) -> int:
+    """How many evaluated images the model trained or selected its checkpoint on."""
+    splits = bundle.path / "splits.json"
+    if not splits.is_file():
+        return 0
+    seen = json.loads(splits.read_text())["sha256"]
+    return len(hashes & (set(seen.get("train", [])) | set(seen.get("val", []))))

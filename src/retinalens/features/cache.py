@@ -1,0 +1,180 @@
+"""Content-addressed, memory-mapped feature cache.
+
+One folder per (backbone, weights hash, preprocessing, precision). Features are appended in chunks;
+each chunk is two .npy files (spatial maps float16 channels-last, pooled vectors float32) and a JSON
+commit record listing the image sha256s, written last. Every file goes to a temp name and is renamed
+into place, so a process killed at any point leaves only whole chunks (and temp files, which the next
+open deletes). Chunks are independent, so shards (torchrun ranks, Ray tasks) can write side by side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .._io import atomic_save_npy, atomic_write_json, sweep_temp_files
+from ..errors import RetinaLensError
+
+CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What makes features comparable: same backbone weights, same pixels in, same arithmetic."""
+
+    backbone: str
+    weights_sha256: str
+    preprocessing: dict[str, Any]
+    precision: str
+    feature_shape: tuple[int, int, int]  # (C, H, W)
+    spatial: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))  # tuples -> lists: compares equal to what JSON reads back
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("RETINALENS_CACHE", Path.home() / ".cache" / "retinalens" / "features"))
+
+
+class FeatureCache:
+    """Open (creating or rebuilding as needed) the cache for `key` under `root`.
+
+    `root` is either a cache root (a sub-folder per key is used) or one cache folder (it holds a
+    manifest). A folder whose manifest does not match `key` is stale: with `on_mismatch="rebuild"`
+    it is emptied and rebuilt, with `"error"` a RetinaLensError says so.
+    """
+
+    def __init__(self, root: str | Path, key: CacheKey, *, on_mismatch: str = "rebuild") -> None:
+        root = Path(root).expanduser()
+        self.key = key
+        self.dir = root if (root / MANIFEST).is_file() else root / f"{key.backbone}-{key.digest[:12]}"
+        self.notes: list[str] = []  # what opening the cache had to fix, for the user
+        self._index: dict[str, tuple[int, int]] = {}
+        self._failed: dict[str, str] = {}  # images that cannot be decoded: sha256 -> reason
+        self._chunks: list[tuple[str, np.ndarray, np.ndarray | None]] = []
+        self._open(on_mismatch)
+
+    # -- opening -------------------------------------------------------------------------------
+    def _open(self, on_mismatch: str) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RetinaLensError(f"cannot create feature cache folder {self.dir}: {exc.strerror}") from None
+        want = {"format": CACHE_FORMAT, "key": self.key.to_dict()}
+        manifest_path = self.dir / MANIFEST
+        if manifest_path.is_file():
+            try:
+                have = json.loads(manifest_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                have = None
+            if not have or {k: have.get(k) for k in want} != want:
+                described = _describe(have)
+                if on_mismatch == "error":
+                    raise RetinaLensError(
+                        f"the feature cache at {self.dir} holds {described}, not features of backbone "
+                        f"{self.key.backbone} (weights {self.key.weights_sha256[:12]}): pass another --cache folder")
+                self.notes.append(f"feature cache {self.dir} was stale ({described}); rebuilt")
+                self._clear()
+        sweep_temp_files(self.dir)
+        atomic_write_json(manifest_path, {**want, "created_by": "retinalens"})
+        for record in sorted(self.dir.glob("chunk-*.json")):
+            self._adopt(record)
+
+    def _clear(self) -> None:
+        for p in self.dir.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def _adopt(self, record: Path) -> None:
+        """Map a committed chunk; a chunk that fails any check is deleted and will be re-extracted."""
+        name = record.name[: -len(".json")]
+        try:
+            meta = json.loads(record.read_text())
+            keys = meta["keys"]
+            pooled = np.load(self.dir / f"{name}.pooled.npy", mmap_mode="r", allow_pickle=False)
+            c, h, w = self.key.feature_shape
+            ok = pooled.shape == (len(keys), c) and pooled.dtype == np.float32
+            spatial = None
+            if self.key.spatial:
+                spatial = np.load(self.dir / f"{name}.spatial.npy", mmap_mode="r", allow_pickle=False)
+                ok = ok and spatial.shape == (len(keys), h, w, c) and spatial.dtype == np.float16
+            if not ok:
+                raise ValueError("shape or dtype mismatch")
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            self.notes.append(f"dropped corrupt chunk {name} ({type(exc).__name__}); it will be re-extracted")
+            for p in self.dir.glob(f"{name}.*"):
+                p.unlink(missing_ok=True)
+            return
+        i = len(self._chunks)
+        self._chunks.append((name, pooled, spatial))
+        for row, k in enumerate(keys):
+            self._index.setdefault(k, (i, row))
+        # A file's bytes fix whether it decodes, so a failure is as cacheable as features are.
+        self._failed.update(meta.get("failed", {}))
+
+    # -- queries -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, sha: str) -> bool:
+        return sha in self._index
+
+    def missing(self, hashes: Iterable[str]) -> list[str]:
+        """Hashes neither in the cache nor known to fail, unique and sorted (extraction order)."""
+        return sorted({h for h in hashes if h not in self._index and h not in self._failed})
+
+    def failure(self, sha: str) -> str:
+        """Why the image with this hash could not be decoded ('' if it could, or is unknown)."""
+        return "" if sha in self._index else self._failed.get(sha, "")
+
+    def _gather(self, hashes: list[str], which: int) -> np.ndarray:
+        absent = [h for h in hashes if h not in self._index]
+        if absent:
+            raise KeyError(f"{len(absent)} image(s) not in the feature cache, e.g. {absent[0][:12]}")
+        arrays = [self._chunks[self._index[h][0]][which] for h in hashes]
+        if arrays and arrays[0] is None:
+            raise RetinaLensError(f"the feature cache at {self.dir} has no spatial maps (extracted with --no-spatial)")
+        return np.stack([a[self._index[h][1]] for a, h in zip(arrays, hashes)]) if hashes else np.empty((0,))
+
+    def pooled(self, hashes: list[str]) -> np.ndarray:
+        """(N, C) float32 pooled vectors, in the order of `hashes`."""
+        return self._gather(hashes, 1)
+
+    def spatial(self, hashes: list[str]) -> np.ndarray:
+        """(N, H, W, C) float16 channels-last feature maps, in the order of `hashes`."""
+        return self._gather(hashes, 2)
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_chunk(self, keys: list[str], pooled: np.ndarray, spatial: np.ndarray | None,
+                    failed: dict[str, str] | None = None) -> str:
+        """Commit one chunk atomically: arrays first, the JSON record (the commit) last."""
+        failed = failed or {}
+        name = "chunk-" + hashlib.sha256("".join(keys + sorted(failed)).encode()).hexdigest()[:16]
+        pooled = np.ascontiguousarray(pooled, dtype=np.float32)
+        atomic_save_npy(self.dir / f"{name}.pooled.npy", pooled)
+        if self.key.spatial:
+            assert spatial is not None
+            atomic_save_npy(self.dir / f"{name}.spatial.npy", np.ascontiguousarray(spatial, dtype=np.float16))
+        atomic_write_json(self.dir / f"{name}.json", {"keys": keys, "n": len(keys), "failed": failed})
+        self._adopt(self.dir / f"{name}.json")
+        return name
+
+
+def _describe(manifest: dict[str, Any] | None) -> str:
+    if not manifest or "key" not in manifest:
+        return "an unreadable or foreign manifest"
+    k = manifest["key"]
+    return (f"features of backbone {k.get('backbone')} (weights {str(k.get('weights_sha256'))[:12]}, "
+            f"{k.get('preprocessing', {}).get('size')} px, {k.get('precision')})")

@@ -1,0 +1,166 @@
+"""Model bundles: the one artefact every command reads.
+
+A bundle is a folder: `manifest.json` (what the model is, how to feed it, what it was trained on,
+how it scored on validation), weights in safetensors (`head.safetensors`, `backbone.safetensors`:
+tensors only, nothing is ever unpickled), and the run's `config.json`, `splits.json` and curves.
+Every weights file is hashed in the manifest and checked on load.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .._io import atomic_write_json
+from ..data.transforms import Preprocessing
+from ..errors import RetinaLensError
+from .heads import HeadConfig, create_head
+from .registry import Backbone, create_backbone
+
+BUNDLE_FORMAT = 1
+MANIFEST = "manifest.json"
+# Kermany et al.: choroidal neovascularisation and diabetic macular oedema need urgent referral,
+# drusen (early AMD) routine follow-up, a normal scan observation.
+OCT_REFERRAL = {"CNV": "urgent", "DME": "urgent", "DRUSEN": "routine", "NORMAL": "observation"}
+
+
+def default_referral(classes: list[str]) -> dict[str, str | None]:
+    return {c: OCT_REFERRAL.get(c.upper()) for c in classes}
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("retinalens", "torch", "timm", "numpy", "pillow", "safetensors", "scikit-learn"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _sha256(path: Path) -> str:
+    from ..data.hashing import sha256_file
+
+    return sha256_file(path)
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    head: nn.Module
+    _backbone: Backbone | None = field(default=None, repr=False)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def referral(self) -> dict[str, str | None]:
+        return dict(self.manifest.get("referral", {}))
+
+    @property
+    def head_config(self) -> HeadConfig:
+        return HeadConfig.from_dict(self.manifest["head"])
+
+    @property
+    def precision(self) -> str:
+        return str(self.manifest["features"]["precision"])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.manifest["backbone"]["preprocessing"])
+
+    @cached_property
+    def backbone(self) -> Backbone:
+        """The frozen backbone, rebuilt from the bundle's own weights (no hub, no pickle)."""
+        info = self.manifest["backbone"]
+        bb = create_backbone(info["name"], weights=self.path / "backbone.safetensors")
+        if bb.weights_sha256 != info["weights_sha256"]:
+            raise RetinaLensError(f"{self.path}: backbone weights do not match the manifest's hash")
+        if bb.preprocessing.to_dict() != info["preprocessing"]:
+            bb.preprocessing = self.preprocessing  # the bundle's recorded preprocessing wins
+        return bb
+
+
+def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_config: HeadConfig,
+                classes: list[str], precision: str, feature_shape: tuple[int, int, int],
+                sections: dict[str, Any], files: dict[str, bytes] | None = None,
+                referral: dict[str, str | None] | None = None) -> Path:
+    """Write the bundle into a temp folder beside `out`, then swap it in: never half a bundle."""
+    from safetensors.torch import save_file
+
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp / "head.safetensors"))
+        save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(tmp / "backbone.safetensors"))
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "task": "oct" if set(classes) == set(OCT_REFERRAL) else "classes",
+            "classes": classes,
+            "referral": referral or default_referral(classes),
+            "backbone": backbone.describe(),
+            "features": {"precision": precision, "feature_shape": list(feature_shape), "dtype": "float16"},
+            "head": head_config.to_dict(),
+            "thresholds": {},
+            **sections,
+            "library_versions": library_versions(),
+            "files": {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))},
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read and verify a bundle. Raises RetinaLensError for anything that is not a sound bundle."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    if not (path / MANIFEST).is_file():
+        raise RetinaLensError(f"{path}: not a RetinaLens model bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        fmt, classes = manifest["format"], manifest["classes"]
+        feature_shape = tuple(manifest["features"]["feature_shape"])
+        head_cfg = HeadConfig.from_dict(manifest["head"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RetinaLensError(f"{path}: unreadable bundle manifest ({type(exc).__name__}: {exc})") from None
+    if fmt > BUNDLE_FORMAT:
+        raise RetinaLensError(f"{path}: bundle format {fmt} is newer than this RetinaLens understands ({BUNDLE_FORMAT})")
+    for name, digest in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file() or _sha256(f) != digest:
+            raise RetinaLensError(f"{path}: {name} is missing or does not match its hash in the manifest")
+    head = create_head(head_cfg, feature_shape, len(classes))  # type: ignore[arg-type]
+    try:
+        head.load_state_dict(load_file(str(path / "head.safetensors")))
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise RetinaLensError(f"{path}: head weights do not load ({type(exc).__name__})") from None
+    return Bundle(path, manifest, head.eval())

@@ -1,0 +1,92 @@
+"""Shallow heads trained on cached backbone features.
+
+Spatial features are stored channels-last (N, H, W, C), so the original 1x1 convolution is a
+Linear over the last axis: no layout shuffles in the hot loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import RetinaLensError
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    kind: str = "conv"  # "conv": the original 1x1 conv head on spatial maps; "linear": on pooled vectors
+    channels: int = 64  # conv head: 1x1 conv width
+    hidden: int = 0  # linear head: 0 = logistic regression, > 0 = one hidden ReLU layer (MLP)
+    dropout: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HeadConfig":
+        return cls(**{k: d[k] for k in ("kind", "channels", "hidden", "dropout") if k in d})
+
+    @property
+    def input_kind(self) -> str:
+        return "spatial" if self.kind == "conv" else "pooled"
+
+
+class ConvHead(nn.Module):
+    """1x1 conv (C -> 64) + BN + ReLU, Dropout, Flatten, Dense: the original bottleneck head."""
+
+    def __init__(self, feature_shape: tuple[int, int, int], num_classes: int, cfg: HeadConfig) -> None:
+        super().__init__()
+        c, h, w = feature_shape
+        self.conv = nn.Linear(c, cfg.channels, bias=False)  # BN follows, so no bias
+        self.bn = nn.BatchNorm1d(cfg.channels)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(h * w * cfg.channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, H, W, C)
+        n, h, w, _ = x.shape
+        z = self.conv(x).reshape(n * h * w, -1)
+        z = torch.relu(self.bn(z)).reshape(n, -1)
+        return self.fc(self.dropout(z))
+
+
+class PooledHead(nn.Module):
+    """Linear (logistic regression) or one-hidden-layer MLP on globally pooled features."""
+
+    def __init__(self, feature_shape: tuple[int, int, int], num_classes: int, cfg: HeadConfig) -> None:
+        super().__init__()
+        c = feature_shape[0]
+        layers: list[nn.Module] = [nn.Dropout(cfg.dropout)]
+        if cfg.hidden > 0:
+            layers += [nn.Linear(c, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout)]
+        layers.append(nn.Linear(cfg.hidden or c, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C)
+        return self.net(x)
+
+
+HEADS: dict[str, type[nn.Module]] = {"conv": ConvHead, "linear": PooledHead}
+
+
+def create_head(cfg: HeadConfig, feature_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    if cfg.kind not in HEADS:
+        raise RetinaLensError(f"unknown head '{cfg.kind}': use one of {', '.join(HEADS)}")
+    return HEADS[cfg.kind](tuple(feature_shape), num_classes, cfg)
+
+
+@torch.no_grad()
+def head_probabilities(head: nn.Module, x: np.ndarray | torch.Tensor, batch: int = 512) -> np.ndarray:
+    """Softmax probabilities (float64) of a head on features, in batches; the head is put in eval mode."""
+
+    head.eval()
+    t = torch.as_tensor(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    out = [torch.softmax(head(t[i:i + batch].float()), dim=1) for i in range(0, len(t), batch)]
+    return torch.cat(out).double().numpy() if out else np.zeros((0, head_output_size(head)))
+
+
+def head_output_size(head: nn.Module) -> int:
+    return [m for m in head.modules() if isinstance(m, nn.Linear)][-1].out_features

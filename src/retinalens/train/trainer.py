@@ -1,0 +1,149 @@
+"""Train a shallow head on cached features (the bottleneck method).
+
+Adam 1e-3, halve the learning rate after 5 epochs without validation improvement (floor 5e-5),
+keep the best epoch by the validation metric (never the test set), stop early when it stalls.
+Seeded: two runs with the same seed give the same weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._console import progress_bar
+from ..errors import RetinaLensError
+from ..models.heads import HeadConfig, create_head
+
+CURVE_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+@dataclass
+class TrainConfig:
+    head: HeadConfig = field(default_factory=HeadConfig)
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_patience: int = 5  # epochs without improvement before the LR is halved
+    lr_factor: float = 0.5
+    min_lr: float = 5e-5
+    early_stopping: int = 15  # epochs without improvement before training stops (0 = never)
+    monitor: str = "val_loss"  # or "val_acc": picks the best epoch and drives the LR schedule
+    class_weights: bool = False  # weight the loss by inverse class frequency
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        d["head"] = HeadConfig.from_dict(d.get("head", {}))
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    head: nn.Module
+    best_epoch: int
+    history: list[dict[str, float]]
+    val_metrics: dict[str, float]
+
+    def curves_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CURVE_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.history)
+        return buf.getvalue()
+
+
+def _class_weights(y: torch.Tensor, k: int) -> torch.Tensor:
+    counts = torch.bincount(y, minlength=k).float().clamp(min=1)
+    return counts.sum() / (k * counts)
+
+
+@torch.no_grad()
+def _evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, batch: int) -> tuple[float, float]:
+    head.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(y), batch):
+        logits = head(x[i:i + batch].float())
+        loss += float(loss_fn(logits, y[i:i + batch])) * len(logits)
+        correct += int((logits.argmax(1) == y[i:i + batch]).sum())
+    return loss / len(y), correct / len(y)
+
+
+def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
+               num_classes: int, feature_shape: tuple[int, int, int], cfg: TrainConfig,
+               progress: bool = True) -> TrainResult:
+    """x_*: (N, H, W, C) float16 maps for the conv head, (N, C) float32 vectors for the pooled head."""
+    if len(y_train) == 0 or len(y_val) == 0:
+        raise RetinaLensError("training needs images in both the train and the validation split")
+    if cfg.monitor not in ("val_loss", "val_acc"):
+        raise RetinaLensError(f"--monitor must be val_loss or val_acc, not {cfg.monitor!r}")
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x_train)), torch.from_numpy(y_train).long()
+    xv, yv = torch.from_numpy(np.ascontiguousarray(x_val)), torch.from_numpy(y_val).long()
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        head = create_head(cfg.head, feature_shape, num_classes)
+        weight = _class_weights(yt, num_classes) if cfg.class_weights else None
+        train_loss_fn = nn.CrossEntropyLoss(weight=weight)
+        val_loss_fn = nn.CrossEntropyLoss()  # validation loss stays unweighted: it chooses the model
+        opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        better = (lambda a, b: a < b) if cfg.monitor == "val_loss" else (lambda a, b: a > b)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min" if cfg.monitor == "val_loss" else "max", factor=cfg.lr_factor,
+            patience=cfg.lr_patience, min_lr=cfg.min_lr)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        best, best_state, best_epoch, stale, history = math.nan, None, 0, 0, []
+        with progress_bar(cfg.epochs, "train head", progress) as advance:
+            for epoch in range(1, cfg.epochs + 1):
+                head.train()
+                order = torch.randperm(len(yt), generator=gen)
+                total, correct, seen = 0.0, 0, 0
+                for i in range(0, len(order), cfg.batch_size):
+                    idx = order[i:i + cfg.batch_size]
+                    if len(idx) < 2 and cfg.head.kind == "conv":
+                        continue  # BatchNorm cannot train on a single sample
+                    logits = head(xt[idx].float())
+                    loss = train_loss_fn(logits, yt[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += loss.item() * len(idx)
+                    correct += int((logits.argmax(1) == yt[idx]).sum())
+                    seen += len(idx)
+                val_loss, val_acc = _evaluate(head, xv, yv, val_loss_fn, 256)
+                score = val_loss if cfg.monitor == "val_loss" else val_acc
+                history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "train_acc": correct / max(seen, 1),
+                                "val_loss": val_loss, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"]})
+                sched.step(score)
+                advance(1)
+                if best_state is None or better(score, best):
+                    best, best_state, best_epoch, stale = score, copy.deepcopy(head.state_dict()), epoch, 0
+                else:
+                    stale += 1
+                    if cfg.early_stopping and stale >= cfg.early_stopping:
+                        break
+    head.load_state_dict(best_state)
+    head.eval()
+    row = history[best_epoch - 1]
+    return TrainResult(head, best_epoch, history, {"val_loss": row["val_loss"], "val_acc": row["val_acc"]})
+
+
+def write_curves(result: TrainResult, folder: Path) -> None:
+    """curves.csv + curves.png beside the model."""
+    from .._io import atomic_write_bytes
+    from ..evaluate.report import plot_training_curves
+
+    atomic_write_bytes(folder / "curves.csv", result.curves_csv().encode())
+    plot_training_curves(folder / "curves.csv", folder / "curves.png")

@@ -1,0 +1,81 @@
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import retinalens
+from retinalens.predict import inputs
+from retinalens.predict.model import Model
+
+
+@pytest.fixture(scope="module")
+def model(small_bundle):
+    return Model(small_bundle)
+
+
+@pytest.fixture(scope="module")
+def server(small_dataset):
+    """A real HTTP server on loopback serving the dataset folder."""
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(small_dataset), **k)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def a_scan(small_dataset: Path, cls: str = "DME") -> Path:
+    return sorted((small_dataset / "test" / cls).glob("*.jpeg"))[0]
+
+
+def test_predict_one_image(model, small_dataset):
+    r = retinalens.load(model.bundle.path).predict(str(a_scan(small_dataset)))
+    assert set(r) == {"input", "label", "probabilities", "referral"}
+    assert r["label"] in model.classes and r["label"] == max(r["probabilities"], key=r["probabilities"].get)
+    assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert r["referral"] == model.bundle.referral[r["label"]]
+
+
+def test_bytes_path_and_url_agree(model, small_dataset, server):
+    f = a_scan(small_dataset)
+    by_path = model.predict(f)
+    by_bytes = model.predict(f.read_bytes())
+    by_url = model.predict(f"{server}/test/DME/{f.name}")
+    for other in (by_bytes, by_url):
+        assert other["label"] == by_path["label"]
+        assert np.allclose(list(other["probabilities"].values()), list(by_path["probabilities"].values()), atol=1e-6)
+
+
+def test_batch_keeps_going_past_bad_inputs(model, small_dataset, server, tmp_path):
+    bad = tmp_path / "broken.jpeg"
+    bad.write_bytes(a_scan(small_dataset).read_bytes()[:500])  # truncated JPEG
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    results = model.predict_many([small_dataset / "test", bad, empty, tmp_path / "missing.jpeg",
+                                  f"{server}/nothing-here.jpeg"])
+    good = [r for r in results if "error" not in r]
+    errors = {r["input"]: r["error"] for r in results if "error" in r}
+    assert len(good) == 16
+    assert set(errors) == {str(bad), str(empty), str(tmp_path / "missing.jpeg"), f"{server}/nothing-here.jpeg"}
+    assert "404" in errors[f"{server}/nothing-here.jpeg"] and "empty" in errors[str(empty)]
+
+
+def test_url_size_cap(model, small_dataset, server, monkeypatch):
+    monkeypatch.setattr(inputs, "URL_MAX_BYTES", 1000)
+    monkeypatch.setattr(inputs.fetch_url, "__kwdefaults__", {"timeout": 10.0, "max_bytes": 1000})
+    [r] = model.predict_many([f"{server}/test/DME/{a_scan(small_dataset).name}"])
+    assert "limit" in r["error"]
+
+
+def test_url_timeout_is_an_error_not_a_hang():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)  # accepts the connection, never answers
+    try:
+        with pytest.raises(retinalens.RetinaLensError, match="download failed"):
+            inputs.fetch_url(f"http://127.0.0.1:{s.getsockname()[1]}/x.jpeg", timeout=0.5)
+    finally:
+        s.close()

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import train_small_bundle
+from retinalens.errors import RetinaLensError
+from retinalens.train.pipeline import RunConfig
+
+
+def test_bundle_manifest_describes_the_run(small_bundle):
+    m = small_bundle.manifest
+    assert m["classes"] == ["CNV", "DME", "DRUSEN", "NORMAL"]
+    assert m["referral"] == {"CNV": "urgent", "DME": "urgent", "DRUSEN": "routine", "NORMAL": "observation"}
+    assert m["backbone"]["name"] == "efficientnet_lite0" and len(m["backbone"]["weights_sha256"]) == 64
+    assert m["backbone"]["preprocessing"]["size"] == 224
+    splits = m["training"]["splits"]
+    for name in ("train", "val", "test"):
+        assert splits[name]["n_images"] > 0 and 0 < splits[name]["n_patients"] <= splits[name]["n_images"]
+    assert splits["test"]["n_images"] == 16  # the given test split, untouched
+    assert 0 <= m["validation"]["accuracy"] <= 1
+    assert "val_acc" in m["training"]["baseline_logistic_regression"]
+    assert {"torch", "timm", "numpy"} <= set(m["library_versions"])
+    assert (small_bundle.path / "curves.png").is_file() and (small_bundle.path / "curves.csv").is_file()
+
+
+def test_config_saved_with_the_run_round_trips(small_bundle):
+    saved = json.loads((small_bundle.path / "config.json").read_text())
+    assert saved["train"]["head"]["kind"] == "conv"
+    assert saved["extract"]["backbone"] == "efficientnet_lite0"
+    assert RunConfig(data=saved["data"]).data == saved["data"]
+
+
+def test_splits_file_is_patient_and_file_disjoint(small_bundle):
+    s = json.loads((small_bundle.path / "splits.json").read_text())["sha256"]
+    assert not (set(s["train"]) & set(s["val"])) and not (set(s["train"]) & set(s["test"]))
+    assert not (set(s["val"]) & set(s["test"]))
+
+
+def test_same_seed_gives_identical_bundles(tmp_path, small_dataset, feature_cache):
+    a = train_small_bundle(small_dataset, tmp_path / "a", feature_cache, epochs=4, seed=7)
+    b = train_small_bundle(small_dataset, tmp_path / "b", feature_cache, epochs=4, seed=7)
+    ha, hb = load_file(str(a.path / "head.safetensors")), load_file(str(b.path / "head.safetensors"))
+    assert ha.keys() == hb.keys() and all(torch.equal(ha[k], hb[k]) for k in ha)
+
+
+def test_linear_head_bundle(tmp_path, small_dataset, feature_cache):
+    b = train_small_bundle(small_dataset, tmp_path / "lin", feature_cache, head="linear", epochs=4)
+    assert b.manifest["head"]["kind"] == "linear"
+    assert b.head_config.input_kind == "pooled"
+
+
+def test_unknown_head_is_a_clear_error(tmp_path, small_dataset, feature_cache):
+    with pytest.raises(RetinaLensError, match="unknown head"):
+        train_small_bundle(small_dataset, tmp_path / "x", feature_cache, head="transformer", epochs=1)
+    assert not (tmp_path / "x").exists()
