@@ -1,7 +1,8 @@
 """Atomic file writes: a temp file in the same folder, fsync, then rename.
 
 Readers (and a rerun after kill -9) see either the old file or the whole new one, never half.
-Temp files are named `.NAME.*.tmp`, so a folder can be swept of what a killed writer left.
+Temp files are named `.NAME.*.tmp`, so a folder can be swept of what a killed writer left; until
+then they are invisible to readers, which only ever open the final names.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, IO
 
@@ -48,7 +50,13 @@ def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     _atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
-def sweep_temp_files(folder: Path) -> None:
-    """Delete what killed writers left behind."""
+def sweep_temp_files(folder: Path, older_than_s: float = 3600.0) -> None:
+    """Delete what killed writers left behind. Only old temp files: a young one may belong to a
+    live writer (another shard on the same folder) that is about to rename it into place."""
+    now = time.time()
     for tmp in folder.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+        try:
+            if now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass

@@ -105,10 +105,6 @@ def test_16_bit_greyscale_is_stretched_not_clipped_white() -> None:
     np.testing.assert_allclose(grey, (arr.astype(float) - arr.min()) * 255 / (arr.max() - arr.min()), atol=1.0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: decode.py _to_rgb (line 50) truncates ((arr - lo) * scale).astype(np.uint8) instead of rounding, "
-    "so the brightest pixel of a 16-bit image can come out 254 (e.g. range 1000..3999: "
-    "2999 * (255/2999) = 254.99999999999997 -> 254) and every level is biased down by up to 1"))
 def test_16_bit_brightest_pixel_maps_to_255() -> None:
     arr = (1000 + (np.arange(32 * 16).reshape(16, 32) * 7) % 3000).astype(np.uint16)
     grey = rgb_array(encoded(Image.fromarray(arr)))[..., 0].astype(int)

@@ -153,10 +153,6 @@ def test_weights_of_wrong_architecture(tmp_path: Path, arch: str) -> None:
         create_backbone(weights=path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: registry.py _load_into (line 96) silently drops checkpoint keys the model lacks, so an "
-    "EfficientNet-Lite1 checkpoint (a superset of Lite0's keys with the same shapes, 90 extra block "
-    "tensors) loads into efficientnet_lite0 without error, giving a network that is neither model"))
 def test_weights_of_deeper_sibling_architecture(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

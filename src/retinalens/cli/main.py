@@ -41,14 +41,11 @@ def extract(
 ) -> None:
     """Cache backbone features of every image under DATA (resumable, incremental)."""
     from ..api import extract as run_extract
-    from ..features.extract import parse_shard
-    from ..train.pipeline import print_extract_report
+    from ..features.extract import parse_shard, print_extract_report
 
     store, report = run_extract(data, backbone=backbone, weights=weights, pretrained=not random_weights, cache=cache,
                                 precision=precision, batch_size=batch_size, workers=workers, shard=parse_shard(shard),
                                 spatial=spatial, patient_regex=patient_regex, images_dir=images, progress=not quiet)
-    for note in store.notes:
-        console().print(f"[yellow]{note}[/]")
     print_extract_report(report)
     console().print(f"cache: {store.dir} ({len(store)} images)")
 

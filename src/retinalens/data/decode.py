@@ -46,8 +46,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         # rather than clipping, which would turn most 16-bit scans white.
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        img = Image.fromarray(((arr - lo) * scale).astype(np.uint8), mode="L")
+        stretched = (arr - lo) * 255.0 / (hi - lo) if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(np.rint(stretched).astype(np.uint8))  # 2-D uint8 -> mode "L"
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         # Transparent pixels become black, the background of both OCT and fundus images.
         img = img.convert("RGBA")

@@ -7,7 +7,7 @@ train by patient. Whatever is removed to keep the splits disjoint is recorded an
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -126,6 +126,3 @@ def assert_disjoint(ds: Dataset, splits: Splits) -> None:
             if seen_hash.setdefault(h, split) != split:
                 raise AssertionError(f"file {ds.samples[i].path} (sha256 {h[:12]}) is in both {seen_hash[h]} and {split}")
 
-
-def split_config_dict(cfg: SplitConfig) -> dict[str, Any]:
-    return asdict(cfg)

@@ -112,7 +112,7 @@ class FeatureCache:
                 ok = ok and spatial.shape == (len(keys), h, w, c) and spatial.dtype == np.float16
             if not ok:
                 raise ValueError("shape or dtype mismatch")
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        except (OSError, EOFError, ValueError, KeyError, json.JSONDecodeError) as exc:
             self.notes.append(f"dropped corrupt chunk {name} ({type(exc).__name__}); it will be re-extracted")
             for p in self.dir.glob(f"{name}.*"):
                 p.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from .._console import progress_bar
+from .._console import console, progress_bar
 from ..data.images import ImageFiles
 from ..errors import RetinaLensError
 from ..models.registry import Backbone
@@ -36,7 +36,7 @@ class ExtractReport:
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
-    """'K/N' -> (K, N): this process extracts every N-th missing image starting at K."""
+    """'K/N' -> (K, N): this process extracts the images whose sha256 falls in share K of N."""
     if not shard:
         return 0, 1
     try:
@@ -59,8 +59,10 @@ def extract_features(paths: list[Path], hashes: list[str], backbone: Backbone, c
         first_path.setdefault(h, p)
     report = ExtractReport(n_images=len(first_path), notes=list(cache.notes))
     report.failures = [(str(first_path[h]), cache.failure(h)) for h in first_path if cache.failure(h)]
-    todo = cache.missing(first_path)[shard[0]::shard[1]]
-    report.n_cached = report.n_images - len(todo) - len(report.failures)
+    # An image's shard follows from its hash alone, so a late, retried or resumed rank takes
+    # exactly its own share whatever the others have committed meanwhile.
+    todo = [h for h in cache.missing(first_path) if int(h[:8], 16) % shard[1] == shard[0]]
+    report.n_cached = sum(1 for h in first_path if h in cache)
     if not todo:
         return report
     chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
@@ -107,3 +109,15 @@ def open_cache(root: str | Path | None, backbone: Backbone, precision: str, *, s
 def head_inputs(cache: FeatureCache, hashes: list[str], input_kind: str) -> np.ndarray:
     """What a head eats: spatial maps for the conv head, pooled vectors for the pooled head."""
     return cache.spatial(hashes) if input_kind == "spatial" else cache.pooled(hashes)
+
+
+def print_extract_report(report: ExtractReport) -> None:
+    """What extraction did, then every image it could not read (one line each)."""
+    say = console()
+    for note in report.notes:
+        say.print(f"[yellow]{note}[/]")
+    if report.n_extracted:
+        say.print(f"extracted {report.n_extracted} image(s) at {report.images_per_s:.1f} img/s; "
+                  f"{report.n_cached} already cached")
+    for path, reason in report.failures:
+        say.print(f"[red]skipped[/] {reason}" if path in reason else f"[red]skipped[/] {path}: {reason}")

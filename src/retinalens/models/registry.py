@@ -8,6 +8,7 @@ and every model bundle built from it.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -92,12 +93,14 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
     own = model.state_dict()
     if not any(k in own for k in sd):
         raise RetinaLensError(f"{source}: none of its weights fit {type(model).__name__}")
-    # A checkpoint without the ImageNet classifier (a bundle's backbone) is fine; anything else must fit.
-    sd = {k: v for k, v in sd.items() if k in own}
+    # A checkpoint without the ImageNet classifier (a bundle's backbone) is fine; anything else must
+    # fit exactly: a deeper sibling's weights (lite1 into lite0) share every name and shape we have.
     missing = [k for k in own if k not in sd and not k.startswith(_classifier_prefix(model))]
-    bad = [k for k, v in sd.items() if v.shape != own[k].shape]
-    if missing or bad:
-        raise RetinaLensError(f"{source}: weights do not fit the model ({len(missing)} missing, {len(bad)} wrong shape)")
+    extra = [k for k in sd if k not in own]
+    bad = [k for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if missing or extra or bad:
+        raise RetinaLensError(f"{source}: weights do not fit {type(model).__name__} "
+                              f"({len(missing)} missing, {len(extra)} unexpected, {len(bad)} wrong shape)")
     model.load_state_dict(sd, strict=False)
 
 
@@ -178,6 +181,8 @@ class Backbone(nn.Module):
         self.model = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.weights_sha256 = weights_sha256(self.model.state_dict())
         self._compiled: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self._feature_shape: tuple[int, int, int] | None = None
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,14 +191,15 @@ class Backbone(nn.Module):
     def _frozen(self, precision: str, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """forward_features traced and frozen (BatchNorm folded into the convolutions, oneDNN
         fusions), with the bf16 casts baked in: 1.5x (fp32) to 3x (bf16) the eager speed on CPU."""
-        if precision not in self._compiled:
-            import warnings
+        with self._lock:  # concurrent first calls (a server's threads) trace once
+            if precision not in self._compiled:
+                import warnings
 
-            with warnings.catch_warnings(), autocast(precision):
-                warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer notes
-                traced = torch.jit.trace(_ForwardFeatures(self.model).eval(), x[:1], check_trace=False)
-                self._compiled[precision] = torch.jit.freeze(traced)
-        return self._compiled[precision]
+                with warnings.catch_warnings(), autocast(precision):
+                    warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer notes
+                    traced = torch.jit.trace(_ForwardFeatures(self.model).eval(), x[:1], check_trace=False)
+                    self._compiled[precision] = torch.jit.freeze(traced)
+            return self._compiled[precision]
 
     @torch.inference_mode()
     def encode(self, x: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,10 +218,13 @@ class Backbone(nn.Module):
         return f.permute(0, 2, 3, 1).to(torch.float16).cpu(), f.mean(dim=(2, 3)).cpu()
 
     def feature_shape(self) -> tuple[int, int, int]:
-        size = self.preprocessing.size
-        with torch.inference_mode():
-            c, h, w = self.model.forward_features(torch.zeros(1, 3, size, size)).shape[1:]
-        return int(c), int(h), int(w)
+        """(C, H, W) of the spatial maps at the preprocessing size (one dry run, then remembered)."""
+        if self._feature_shape is None:
+            size = self.preprocessing.size
+            with torch.inference_mode():
+                c, h, w = self.model.forward_features(torch.zeros(1, 3, size, size)).shape[1:]
+            self._feature_shape = (int(c), int(h), int(w))
+        return self._feature_shape
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "timm_name": self.timm_name, "weights_sha256": self.weights_sha256,

@@ -14,7 +14,7 @@ from ..data.discover import discover
 from ..data.hashing import sha256_files
 from ..data.splits import SplitConfig, make_splits
 from ..evaluate.metrics import classification_metrics
-from ..features.extract import ExtractReport, extract_features, head_inputs, open_cache
+from ..features.extract import extract_features, head_inputs, open_cache, print_extract_report
 from ..models.heads import head_probabilities
 from ..models.bundle import Bundle, OCT_REFERRAL, load_bundle, save_bundle
 from ..models.registry import DEFAULT_BACKBONE, create_backbone, resolve_precision
@@ -72,8 +72,6 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> B
     backbone = create_backbone(x.backbone, weights=x.weights, pretrained=x.pretrained)
     precision = resolve_precision(x.precision)
     cache = open_cache(x.cache, backbone, precision, spatial=cfg.train.head.input_kind == "spatial")
-    for note in cache.notes:
-        say.print(f"[yellow]{note}[/]")
     # Test images are extracted too (their labels are not looked at) so that evaluate is instant.
     report = extract_features([s.path for s in ds.samples], hashes, backbone, cache, precision=precision,
                               batch_size=x.batch_size, chunk_size=x.chunk_size, workers=x.workers, progress=progress)
@@ -116,12 +114,3 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> B
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
-
-
-def print_extract_report(report: ExtractReport) -> None:
-    say = console()
-    if report.n_extracted:
-        say.print(f"extracted {report.n_extracted} image(s) at {report.images_per_s:.1f} img/s; {report.n_cached} already cached")
-    for path, reason in report.failures:
-        say.print(f"[red]skipped[/] {reason}" if path in reason else f"[red]skipped[/] {path}: {reason}")
-

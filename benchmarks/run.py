@@ -1,0 +1,195 @@
+"""`make bench`: speed, memory and accuracy figures on the real OCT data, written to a JSON file.
+
+Every figure is measured here, on this machine, on ../shared/data/oct-kermany (RETINALENS_SHARED_DATA).
+Reference points (the original Keras pipeline, measured on the same 2-core machine): InceptionV3 at
+299 px extracts 15.3 images/s; its shallow head trains at 420 us per sample per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import retinalens
+from retinalens.data.discover import discover
+from retinalens.data.hashing import sha256_files
+from retinalens.features.extract import extract_features, head_inputs, open_cache
+from retinalens.models.heads import HeadConfig, head_probabilities
+from retinalens.models.registry import create_backbone, resolve_precision
+from retinalens.train.trainer import TrainConfig, train_head
+
+KERAS_EXTRACT_IMG_S = 15.3
+KERAS_HEAD_US = 420.0
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def backbone_gflop(bb) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    s = bb.preprocessing.size
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        bb.model.forward_features(torch.zeros(1, 3, s, s))
+    return fc.get_total_flops() / 1e9
+
+
+def bench_extract(name: str, paths: list[Path], hashes: list[str], precision: str, rates: dict, workers: int) -> dict:
+    bb = create_backbone(name, pretrained=name != "inception_v3")  # random weights are fine for timing
+    gflop = backbone_gflop(bb)
+    with tempfile.TemporaryDirectory() as d:
+        cache = open_cache(d, bb, precision)
+        bb.encode(torch.zeros(2, 3, bb.preprocessing.size, bb.preprocessing.size), precision)  # trace once
+        r = extract_features(paths, hashes, bb, cache, precision=precision, workers=workers, progress=False)
+    rate = rates["bf16" if precision == "bf16" else "fp32"]
+    return {"backbone": name, "input_px": bb.preprocessing.size, "precision": precision, "images": r.n_extracted,
+            "images_per_s": round(r.images_per_s, 1), "gflop_per_image": round(gflop, 2),
+            "arithmetic_limit_images_per_s": round(rate / gflop, 1),
+            "x_keras": round(r.images_per_s / KERAS_EXTRACT_IMG_S, 2) if name == "inception_v3" else None}
+
+
+def bench_head(shape: tuple[int, int, int], n: int = 2048, epochs: int = 3) -> dict:
+    c, h, w = shape
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, h, w, c)).astype(np.float16)
+    y = rng.integers(0, 4, n)
+    cfg = TrainConfig(epochs=epochs, early_stopping=0, batch_size=64)
+    t = time.perf_counter()
+    train_head(x, y, x[:64], y[:64], num_classes=4, feature_shape=shape, cfg=cfg, progress=False)
+    us = (time.perf_counter() - t) / (n * epochs) * 1e6
+    return {"feature_shape_hwc": [h, w, c], "us_per_sample_per_epoch": round(us, 1),
+            "x_keras": round(KERAS_HEAD_US / us, 2) if shape == (2048, 8, 8) else None}
+
+
+def peak_rss_mb_of_extract(data: Path, limit: int, cache: str) -> float:
+    """Peak memory of a fresh process extracting `limit` images (so it can be compared across sizes)."""
+    code = (
+        "import resource, sys; from retinalens.data.discover import discover; "
+        "from retinalens.data.hashing import sha256_files; from retinalens.features.extract import extract_features, open_cache; "
+        "from retinalens.models.registry import create_backbone, resolve_precision; "
+        f"p=[s.path for s in discover({str(data)!r}).samples][:{limit}]; bb=create_backbone(); pr=resolve_precision('auto'); "
+        f"c=open_cache({cache!r}, bb, pr); extract_features(p, sha256_files(p), bb, c, precision=pr, workers=1, progress=False); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    return round(int(out.stdout.strip().splitlines()[-1]) / 1024, 1)
+
+
+def compare_heads(oct_root: Path, cache: str) -> dict:
+    """Same split, same features: conv head, linear head, logistic regression; fp32 vs bf16 features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from retinalens.data.splits import make_splits
+
+    ds = discover(oct_root)
+    hashes = sha256_files(s.path for s in ds.samples)
+    splits = make_splits(ds, hashes=hashes)
+    bb = create_backbone()
+    y_all = np.array([ds.classes.index(s.label) for s in ds.samples])
+    out: dict = {"split": {k: len(splits.indices(k)) for k in ("train", "val", "test")}}
+    for precision in ("fp32", "bf16"):
+        store = open_cache(cache, bb, precision)
+        extract_features([s.path for s in ds.samples], hashes, bb, store, precision=precision, progress=False)
+        h = {k: [hashes[i] for i in splits.indices(k)] for k in ("train", "val", "test")}
+        y = {k: y_all[splits.indices(k)] for k in h}
+        for kind in ("conv", "linear"):
+            x = {k: head_inputs(store, h[k], "spatial" if kind == "conv" else "pooled") for k in h}
+            r = train_head(x["train"], y["train"], x["val"], y["val"], num_classes=4, feature_shape=store.key.feature_shape,
+                           cfg=TrainConfig(head=HeadConfig(kind=kind)), progress=False)
+            acc = {k: float((head_probabilities(r.head, x[k]).argmax(1) == y[k]).mean()) for k in ("val", "test")}
+            out[f"{kind}_head_{precision}"] = {"val_acc": round(acc["val"], 4), "test_acc": round(acc["test"], 4)}
+        p = {k: store.pooled(h[k]) for k in h}
+        lr = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)).fit(p["train"], y["train"])
+        out[f"logistic_regression_{precision}"] = {k + "_acc": round(float(lr.score(p[k], y[k])), 4) for k in ("val", "test")}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
+    ap.add_argument("--data", default=os.environ.get("RETINALENS_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args()
+    oct_root = Path(args.data) / "oct-kermany"
+    if not oct_root.is_dir():
+        sys.exit(f"benchmarks need the real OCT data at {oct_root} (set RETINALENS_SHARED_DATA)")
+    ds = discover(oct_root)
+    paths = [s.path for s in ds.samples]
+    hashes = sha256_files(paths)
+    precision = resolve_precision("auto")
+    res: dict = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()},
+                 "data": f"oct-kermany train+test ({len(paths)} images)"}
+    rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    res["matmul_gflops"] = {k: round(v, 1) for k, v in rates.items()}
+    print("matmul GFLOP/s", res["matmul_gflops"], flush=True)
+
+    res["extract"] = [bench_extract(n, paths, hashes, p, rates, args.workers)
+                      for n, p in (("efficientnet_lite0", precision), ("efficientnet_lite0", "fp32"),
+                                   ("inception_v3", precision), ("inception_v3", "fp32"))]
+    for r in res["extract"]:
+        print("extract", r, flush=True)
+    res["head_training"] = {"original_head_on_inception_8x8x2048": bench_head((2048, 8, 8)),
+                            "default_head_on_efficientnet_lite0_7x7x1280": bench_head((1280, 7, 7))}
+    print("head", res["head_training"], flush=True)
+
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        bundle = retinalens.train(oct_root / "train", Path(d) / "bundle", cache=Path(d) / "cache")
+        res["images_to_bundle_s"] = {"data": "oct-kermany/train (619 images, val/test carved by patient)",
+                                     "seconds": round(time.perf_counter() - t, 1),
+                                     "head_mb": round((bundle.path / "head.safetensors").stat().st_size / 1e6, 2),
+                                     "bundle_mb": round(sum(f.stat().st_size for f in bundle.path.iterdir()) / 1e6, 1)}
+        print("images->bundle", res["images_to_bundle_s"], flush=True)
+        model = retinalens.load(bundle.path)
+        scan = paths[0]
+        for _ in range(3):
+            model.predict(scan)
+        lat = []
+        for _ in range(50):
+            t = time.perf_counter()
+            model.predict(scan)
+            lat.append((time.perf_counter() - t) * 1000)
+        res["single_image_latency_ms"] = {"median": round(statistics.median(lat), 1),
+                                          "p95": round(float(np.percentile(lat, 95)), 1), "n": 50,
+                                          "path": "file -> decode -> preprocess -> backbone -> head -> probabilities"}
+        print("latency", res["single_image_latency_ms"], flush=True)
+        res["extract_peak_rss_mb"] = {f"{n}_images": peak_rss_mb_of_extract(oct_root, n, str(Path(d) / f"m{n}"))
+                                      for n in (100, len(paths))}
+        print("peak rss", res["extract_peak_rss_mb"], flush=True)
+        res["heads_vs_logistic_regression"] = compare_heads(oct_root, str(Path(d) / "cmp"))
+        print("heads", res["heads_vs_logistic_regression"], flush=True)
+
+    res["targets"] = {
+        "inception_v3_extract_x_keras>=3": res["extract"][2]["x_keras"],
+        "original_head_x_keras>=2": res["head_training"]["original_head_on_inception_8x8x2048"]["x_keras"],
+        "single_image_latency_median_ms<50": res["single_image_latency_ms"]["median"],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""Feature cache + extraction: content-addressed, incremental, stale/corrupt-safe, resumable after
+kill -9 (bit-identical to an uninterrupted run), failures cached, shards disjoint and complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import retinalens._io as io_mod
+from retinalens.data.hashing import sha256_file, sha256_files
+from retinalens.errors import RetinaLensError
+from retinalens.features.cache import MANIFEST, CacheKey, FeatureCache
+from retinalens.features.extract import extract_features, head_inputs, open_cache, parse_shard
+
+REPO = Path(__file__).resolve().parents[2]
+CHILD = Path(__file__).with_name("_extract_then_die.py")
+N = 12  # images in the reference cache: three chunks of four
+
+
+def extract(paths, backbone, cache, **kw):
+    opts = {"batch_size": 4, "chunk_size": 4, "workers": 0, "progress": False} | kw
+    paths = list(paths)
+    return extract_features(paths, sha256_files(paths), backbone, cache, **opts)
+
+
+def chunk_files(folder: Path) -> dict[str, tuple[int, str]]:
+    """chunk file name -> (mtime_ns, sha256) for every committed or orphan chunk file."""
+    return {p.name: (p.stat().st_mtime_ns, sha256_file(p)) for p in folder.iterdir() if p.name.startswith("chunk-")}
+
+
+def records(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("chunk-*.json"))]
+
+
+def copy_cache(cache: FeatureCache, dest: Path) -> Path:
+    """A private copy of a cache folder (its leaf, which holds the manifest)."""
+    target = dest / cache.dir.name
+    shutil.copytree(cache.dir, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def images(oct_pool: list[Path]) -> list[Path]:
+    return oct_pool[:N]
+
+
+@pytest.fixture(scope="module")
+def hashes(images: list[Path]) -> list[str]:
+    return sha256_files(images)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, backbone, images):
+    """An uninterrupted extraction of the N images (read-only for the tests: copy it to change it)."""
+    root = tmp_path_factory.mktemp("reference-cache")
+    cache = open_cache(root, backbone, "fp32")
+    report = extract(images, backbone, cache)
+    return types.SimpleNamespace(root=root, cache=cache, report=report)
+
+
+@pytest.fixture(scope="module")
+def expected(backbone, images, hashes) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """encode() on the batches extraction uses: sorted unique hashes, cut into batches of 4."""
+    by_hash = dict(zip(hashes, images))
+    order = sorted(by_hash)
+    out = {}
+    for i in range(0, len(order), 4):
+        keys = order[i:i + 4]
+        x = torch.stack([backbone.preprocessing.load(by_hash[k]) for k in keys])
+        s, p = backbone.encode(x, "fp32")
+        for j, k in enumerate(keys):
+            out[k] = (s[j].numpy(), p[j].numpy())
+    return out
+
+
+# -- extraction --------------------------------------------------------------------------------
+
+def test_first_run_report_and_layout(reference, hashes) -> None:
+    r = reference.report
+    assert (r.n_images, r.n_cached, r.n_extracted, r.failures) == (N, 0, N, [])
+    assert len(reference.cache) == N and all(h in reference.cache for h in hashes)
+    recs = records(reference.cache.dir)
+    assert [rec["n"] for rec in recs] == [4, 4, 4]
+    assert sorted(k for rec in recs for k in rec["keys"]) == sorted(hashes)
+    # a chunk is two arrays and one record; nothing else besides the manifest
+    names = {p.name for p in reference.cache.dir.iterdir()}
+    assert len(names) == 1 + 3 * 3 and MANIFEST in names
+
+
+def test_features_equal_encode_and_retrievable_in_any_order(reference, hashes, expected) -> None:
+    cache = reference.cache
+    rng = np.random.default_rng(0)
+    for order in (hashes, hashes[::-1], list(rng.permutation(hashes)), [hashes[3], hashes[3], hashes[0]]):
+        pooled, spatial = cache.pooled(order), cache.spatial(order)
+        assert pooled.shape == (len(order), 1280) and pooled.dtype == np.float32
+        assert spatial.shape == (len(order), 7, 7, 1280) and spatial.dtype == np.float16
+        for row, h in enumerate(order):
+            assert np.array_equal(spatial[row], expected[h][0]), h[:12]
+            assert np.array_equal(pooled[row], expected[h][1]), h[:12]
+    assert np.array_equal(head_inputs(cache, hashes[:2], "pooled"), cache.pooled(hashes[:2]))
+    assert np.array_equal(head_inputs(cache, hashes[:2], "spatial"), cache.spatial(hashes[:2]))
+    with pytest.raises(KeyError):
+        cache.pooled([hashes[0], "0" * 64])
+
+
+def test_rerun_extracts_nothing(reference, backbone, images, tmp_path: Path) -> None:
+    before = chunk_files(reference.cache.dir)
+    cache = open_cache(reference.root, backbone, "fp32")
+    assert cache.dir == reference.cache.dir and cache.notes == [] and len(cache) == N
+    twin = tmp_path / "same-bytes-other-name.jpeg"
+    shutil.copy(images[0], twin)  # content-addressed: a copy is the same image
+    r = extract([*images, twin], backbone, cache)
+    assert (r.n_images, r.n_cached, r.n_extracted, r.failures) == (N, N, 0, [])
+    assert chunk_files(reference.cache.dir) == before
+
+
+def test_incremental_adds_only_new_images(reference, backbone, images, oct_pool, tmp_path: Path) -> None:
+    leaf = copy_cache(reference.cache, tmp_path)
+    before = chunk_files(leaf)
+    new = oct_pool[N:N + 3]
+    assert len(new) == 3
+    cache = FeatureCache(leaf, reference.cache.key)
+    r = extract([*images, *new], backbone, cache)
+    assert (r.n_images, r.n_cached, r.n_extracted) == (N + 3, N, 3)
+    after = chunk_files(leaf)
+    assert {k: after[k] for k in before} == before  # existing chunks untouched (mtime and bytes)
+    added = sorted(set(after) - set(before))
+    assert len(added) == 3 and all(n.startswith(added[0].split(".")[0]) for n in added)  # one new chunk
+    new_hashes = sha256_files(new)
+    (new_record,) = [a for a in added if a.endswith(".json")]
+    assert sorted(json.loads((leaf / new_record).read_text())["keys"]) == sorted(new_hashes)
+    # the new images' features are encode() of that one batch of three, in hash order
+    order = sorted(new_hashes)
+    by_hash = dict(zip(new_hashes, new))
+    s, p = backbone.encode(torch.stack([backbone.preprocessing.load(by_hash[h]) for h in order]), "fp32")
+    reopened = FeatureCache(leaf, reference.cache.key)
+    assert len(reopened) == N + 3
+    assert np.array_equal(reopened.pooled(order), p.numpy())
+    assert np.array_equal(reopened.spatial(order), s.numpy())
+
+
+def test_pooled_only_cache(backbone, images, tmp_path: Path) -> None:
+    cache = open_cache(tmp_path, backbone, "fp32", spatial=False)
+    r = extract(images[:4], backbone, cache)
+    assert r.n_extracted == 4
+    assert not list(cache.dir.glob("*.spatial.npy"))
+    hs = sorted(sha256_files(images[:4]))
+    by_hash = dict(zip(sha256_files(images[:4]), images[:4]))
+    _, p = backbone.encode(torch.stack([backbone.preprocessing.load(by_hash[h]) for h in hs]), "fp32")
+    assert np.array_equal(cache.pooled(hs), p.numpy())
+    with pytest.raises(RetinaLensError, match="spatial"):
+        cache.spatial(hs)
+    assert open_cache(tmp_path, backbone, "fp32", spatial=True).dir != cache.dir
+
+
+# -- stale caches --------------------------------------------------------------------------------
+
+def _other_keys(key: CacheKey) -> list[CacheKey]:
+    pp = dict(key.preprocessing)
+    return [
+        CacheKey(key.backbone, key.weights_sha256, key.preprocessing, "bf16", key.feature_shape, key.spatial),
+        CacheKey(key.backbone, key.weights_sha256, pp | {"size": 256}, key.precision, key.feature_shape, key.spatial),
+        CacheKey(key.backbone, "f" * 64, key.preprocessing, key.precision, key.feature_shape, key.spatial),
+    ]
+
+
+@pytest.mark.parametrize("which", ["precision", "preprocessing", "weights"])
+def test_stale_cache_folder_is_rebuilt_with_note(reference, tmp_path: Path, which: str) -> None:
+    leaf = copy_cache(reference.cache, tmp_path)
+    other = _other_keys(reference.cache.key)[["precision", "preprocessing", "weights"].index(which)]
+    cache = FeatureCache(leaf, other)  # the leaf itself: it holds a manifest of another key
+    assert cache.dir == leaf
+    assert len(cache) == 0
+    assert len(cache.notes) == 1 and "stale" in cache.notes[0] and str(leaf) in cache.notes[0]
+    assert not list(leaf.glob("chunk-*"))
+    assert json.loads((leaf / MANIFEST).read_text())["key"] == other.to_dict()
+    # and it is a sound cache for the new key from now on
+    again = FeatureCache(leaf, other)
+    assert again.notes == []
+
+
+def test_stale_cache_via_open_cache(reference, backbone, tmp_path: Path) -> None:
+    leaf = copy_cache(reference.cache, tmp_path)
+    cache = open_cache(leaf, backbone, "bf16")
+    assert cache.dir == leaf and len(cache) == 0 and any("stale" in n for n in cache.notes)
+    r = extract_features([], [], backbone, cache, progress=False)
+    assert r.notes == cache.notes  # the report carries the note to the user
+
+
+def test_stale_cache_with_on_mismatch_error(reference, backbone, tmp_path: Path) -> None:
+    leaf = copy_cache(reference.cache, tmp_path)
+    before = chunk_files(leaf)
+    manifest = (leaf / MANIFEST).read_bytes()
+    for other in _other_keys(reference.cache.key):
+        with pytest.raises(RetinaLensError, match="feature cache"):
+            FeatureCache(leaf, other, on_mismatch="error")
+    with pytest.raises(RetinaLensError):
+        open_cache(leaf, backbone, "bf16", on_mismatch="error")
+    assert chunk_files(leaf) == before and (leaf / MANIFEST).read_bytes() == manifest  # untouched
+    assert len(FeatureCache(leaf, reference.cache.key, on_mismatch="error")) == N
+
+
+def test_unreadable_manifest_is_stale(reference, tmp_path: Path) -> None:
+    leaf = copy_cache(reference.cache, tmp_path)
+    (leaf / MANIFEST).write_text("{ half a manifest")
+    with pytest.raises(RetinaLensError):
+        FeatureCache(leaf, reference.cache.key, on_mismatch="error")
+    cache = FeatureCache(leaf, reference.cache.key)
+    assert len(cache) == 0 and cache.notes
+
+
+def test_other_key_under_a_root_gets_its_own_folder(reference, backbone) -> None:
+    before = chunk_files(reference.cache.dir)
+    other = open_cache(reference.root, backbone, "bf16")
+    assert other.dir != reference.cache.dir and other.dir.parent == reference.root
+    assert other.notes == [] and len(other) == 0
+    assert chunk_files(reference.cache.dir) == before
+
+
+# -- damage after a crash or a bad disk --------------------------------------------------------
+
+def _truncate(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage", [
+    "spatial-half", "pooled-half", "pooled-header", "record-garbage",
+    "spatial-empty",
+])
+def test_corrupt_chunk_is_dropped_and_reextracted(reference, backbone, images, expected, tmp_path: Path,
+                                                  damage: str) -> None:
+    leaf = copy_cache(reference.cache, tmp_path)
+    victim = sorted(leaf.glob("chunk-*.json"))[1]
+    name = victim.name[: -len(".json")]
+    lost = json.loads(victim.read_text())["keys"]
+    target, keep = {"spatial-half": (".spatial.npy", 0.5), "pooled-half": (".pooled.npy", 0.5),
+                    "pooled-header": (".pooled.npy", 0.0005), "record-garbage": (".json", None),
+                    "spatial-empty": (".spatial.npy", 0.0)}[damage]
+    if keep is None:
+        (leaf / f"{name}{target}").write_text("{not json")
+    else:
+        _truncate(leaf / f"{name}{target}", keep)
+    cache = FeatureCache(leaf, reference.cache.key)
+    assert len(cache) == N - len(lost)
+    assert any(name in note and "corrupt" in note for note in cache.notes), cache.notes
+    assert not list(leaf.glob(f"{name}.*"))  # the damaged chunk's files are gone
+    assert all(h not in cache for h in lost)
+    r = extract(images, backbone, cache)
+    assert r.n_extracted == len(lost) and r.n_cached == N - len(lost)
+    assert set(chunk_files(leaf)) == set(chunk_files(reference.cache.dir))
+    for h in lost:
+        assert np.array_equal(cache.pooled([h])[0], expected[h][1])
+        assert np.array_equal(cache.spatial([h])[0], expected[h][0])
+
+
+def test_stray_temp_files_are_swept(reference, tmp_path: Path) -> None:
+    leaf = copy_cache(reference.cache, tmp_path)
+    chunk = sorted(leaf.glob("chunk-*.json"))[0].name[: -len(".json")]
+    strays = [leaf / f".{chunk}.spatial.npy.k3j2h1.tmp", leaf / f".{MANIFEST}.x9y8.tmp", leaf / ".chunk-0.json.q.tmp"]
+    for s in strays:
+        s.write_bytes(b"half-written")
+        os.utime(s, (time.time() - 7200, time.time() - 7200))  # left by a writer killed 2 h ago
+    young = leaf / f".{chunk}.pooled.npy.live.tmp"  # a live writer's: must survive
+    young.write_bytes(b"being written")
+    keep = leaf / "notes.txt"  # not ours to delete
+    keep.write_text("user file")
+    cache = FeatureCache(leaf, reference.cache.key)
+    assert not any(s.exists() for s in strays)
+    assert keep.exists() and young.exists()
+    assert len(cache) == N
+
+
+def test_arrays_without_commit_record_are_not_adopted(reference, backbone, images, tmp_path: Path) -> None:
+    leaf = copy_cache(reference.cache, tmp_path)
+    record = sorted(leaf.glob("chunk-*.json"))[2]
+    keys = json.loads(record.read_text())["keys"]
+    record.unlink()  # killed after the arrays, before the commit
+    cache = FeatureCache(leaf, reference.cache.key)
+    assert len(cache) == N - len(keys) and all(k not in cache for k in keys)
+    r = extract(images, backbone, cache)
+    assert r.n_extracted == len(keys)
+    ref = chunk_files(reference.cache.dir)
+    assert {k: v[1] for k, v in chunk_files(leaf).items()} == {k: v[1] for k, v in ref.items()}
+
+
+# -- undecodable images --------------------------------------------------------------------------
+
+def test_bad_image_reported_not_cached_not_retried(backbone, images, tmp_path: Path) -> None:
+    data = images[0].read_bytes()
+    bad = tmp_path / "broken-scan.jpeg"
+    bad.write_bytes(data[: len(data) // 2])
+    good = images[1:6]
+    paths = [*good[:2], bad, *good[2:]]
+    cache = open_cache(tmp_path / "cache", backbone, "fp32")
+    r = extract(paths, backbone, cache)
+    assert r.n_images == 6 and r.n_extracted == 5
+    assert len(r.failures) == 1
+    path, reason = r.failures[0]
+    assert path == str(bad) and "broken-scan.jpeg" in reason
+    h_bad = sha256_file(bad)
+    assert h_bad not in cache and len(cache) == 5
+    assert cache.failure(h_bad) == reason
+    assert cache.missing([h_bad]) == []
+    assert all(h_bad not in rec["keys"] for rec in records(cache.dir))
+    # rerun (a fresh process would open the cache again): nothing extracted, failure still reported
+    before = chunk_files(cache.dir)
+    again = open_cache(tmp_path / "cache", backbone, "fp32")
+    r2 = extract(paths, backbone, again)
+    assert r2.n_extracted == 0 and r2.n_cached == 5
+    assert r2.failures == [(str(bad), reason)]
+    assert chunk_files(cache.dir) == before
+    with pytest.raises(KeyError):
+        again.pooled([h_bad])
+
+
+def test_chunk_of_only_failures_is_remembered(backbone, tmp_path: Path) -> None:
+    bad = tmp_path / "not-an-image.jpeg"
+    bad.write_text("plain text, not a JPEG\n" * 10)
+    cache = open_cache(tmp_path / "cache", backbone, "fp32")
+    r = extract([bad], backbone, cache)
+    assert r.n_extracted == 0 and [p for p, _ in r.failures] == [str(bad)]
+    again = open_cache(tmp_path / "cache", backbone, "fp32")
+    assert again.notes == []
+    r2 = extract([bad], backbone, again)
+    assert r2.n_extracted == 0 and [p for p, _ in r2.failures] == [str(bad)]
+
+
+# -- shards --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, want", [(None, (0, 1)), ("", (0, 1)), ("0/1", (0, 1)), ("1/3", (1, 3)),
+                                        ("2/3", (2, 3)), ("7/8", (7, 8))])
+def test_parse_shard(text, want) -> None:
+    assert parse_shard(text) == want
+
+
+@pytest.mark.parametrize("text", ["3/3", "4/3", "-1/3", "1/0", "1", "1/2/3", "a/b", "1 of 3", "/", "1.0/2"])
+def test_parse_shard_rejects(text: str) -> None:
+    with pytest.raises(RetinaLensError, match="shard"):
+        parse_shard(text)
+
+
+def test_two_shards_into_one_cache_cover_all_once(backbone, images, hashes, expected, tmp_path: Path) -> None:
+    paths = images[:8]
+    want = sorted(set(sha256_files(paths)))
+    # both shards start together (each opens the cache before the other writes), as torchrun ranks do
+    a = open_cache(tmp_path, backbone, "fp32")
+    b = open_cache(tmp_path, backbone, "fp32")
+    ra = extract(paths, backbone, a, shard=(0, 2))
+    rb = extract(paths, backbone, b, shard=(1, 2))
+    assert ra.n_extracted + rb.n_extracted == len(want) and ra.n_extracted > 0 and rb.n_extracted > 0
+    merged = open_cache(tmp_path, backbone, "fp32")
+    assert merged.notes == [] and len(merged) == len(want)
+    keys = [k for rec in records(merged.dir) for k in rec["keys"]]
+    assert sorted(keys) == want  # every image exactly once
+    for h in want:
+        assert np.allclose(merged.pooled([h])[0], expected[h][1], atol=1e-4)
+
+
+def test_late_or_rerun_shard_still_covers_its_share(backbone, images, tmp_path: Path) -> None:
+    paths = images[:8]
+    want = set(sha256_files(paths))
+    extract(paths, backbone, open_cache(tmp_path, backbone, "fp32"), shard=(0, 2))
+    extract(paths, backbone, open_cache(tmp_path, backbone, "fp32"), shard=(1, 2))  # e.g. a retried rank
+    assert set(k for rec in records(open_cache(tmp_path, backbone, "fp32").dir) for k in rec["keys"]) == want
+
+
+def test_opening_cache_while_another_shard_writes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    key = CacheKey("synthetic", "0" * 64, {"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3}, "fp32", (8, 2, 2))
+    writer = FeatureCache(tmp_path, key)
+    state = {"opened": False}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if not state["opened"] and Path(dst).name.startswith("chunk-"):
+            state["opened"] = True
+            FeatureCache(tmp_path, key)  # another shard starts while this one has a temp file open
+        return real_replace(src, dst)
+
+    proxy = types.SimpleNamespace(**{n: getattr(os, n) for n in ("fdopen", "fsync", "chmod")}, replace=replace)
+    monkeypatch.setattr(io_mod, "os", proxy)
+    writer.write_chunk(["k1", "k2"], np.ones((2, 8), np.float32), np.ones((2, 2, 2, 8), np.float16))
+    assert state["opened"]
+    assert len(FeatureCache(tmp_path, key)) == 2
+
+
+# -- resume after kill -9 ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["after-commit", "mid-chunk"])
+def test_resume_after_kill9_is_bit_identical(reference, backbone, images, tmp_path: Path, mode: str) -> None:
+    root = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(CHILD), str(root), mode, "2", *map(str, images)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == -9, f"child was not killed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+    (leaf,) = [p for p in root.iterdir() if p.is_dir()]
+    assert leaf.name == reference.cache.dir.name
+    committed = 2 if mode == "after-commit" else 1
+    assert len(list(leaf.glob("chunk-*.json"))) == committed
+
+    cache = open_cache(root, backbone, "fp32")
+    assert len(cache) == 4 * committed
+    r = extract(images, backbone, cache)
+    assert (r.n_extracted, r.n_cached, r.failures) == (N - 4 * committed, 4 * committed, [])
+
+    final = open_cache(root, backbone, "fp32")
+    ref = reference.cache
+    keys = sorted(k for rec in records(leaf) for k in rec["keys"])
+    assert keys == sorted(k for rec in records(ref.dir) for k in rec["keys"]) and len(keys) == N
+    assert len(final) == N
+    for h in keys:
+        assert np.array_equal(final.pooled([h]), ref.pooled([h])), h[:12]
+        assert np.array_equal(final.spatial([h]), ref.spatial([h])), h[:12]
+    # same chunk files, byte for byte; no temp files left
+    assert sorted(p.name for p in leaf.iterdir() if p.name != MANIFEST) == \
+        sorted(p.name for p in ref.dir.iterdir() if p.name != MANIFEST)
+    assert {k: v[1] for k, v in chunk_files(leaf).items()} == {k: v[1] for k, v in chunk_files(ref.dir).items()}
