@@ -17,8 +17,8 @@ from .train.trainer import TrainConfig
 
 
 def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, weights: str | Path | None = None,
-            pretrained: bool = True, cache: str | Path | None = None, precision: str = "auto", batch_size: int = 32,
-            workers: int = 1, shard: tuple[int, int] = (0, 1), spatial: bool = True, patient_regex: str | None = None,
+            pretrained: bool = True, cache: str | Path | None = None, precision: str = "auto", batch_size: int = 16,
+            workers: int = 0, shard: tuple[int, int] = (0, 1), spatial: bool = True, patient_regex: str | None = None,
             images_dir: str | Path | None = None, progress: bool = False) -> tuple[FeatureCache, ExtractReport]:
     """`retinalens extract`: cache the features of every image of a dataset."""
     ds = discover(data, patient_regex=patient_regex, images_dir=images_dir)
@@ -31,7 +31,7 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, weights: str 
     return store, report
 
 
-def train(data: str | Path, out: str | Path, *, backbone: str = DEFAULT_BACKBONE, head: str = "conv",
+def train(data: str | Path, out: str | Path, *, backbone: str = DEFAULT_BACKBONE, head: str = "auto",
           epochs: int = 60, seed: int = 0, cache: str | Path | None = None, progress: bool = False,
           **train_options: Any) -> Bundle:
     """`retinalens train`: the simple form; build a RunConfig and call train_bundle for everything else."""

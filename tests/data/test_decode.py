@@ -254,9 +254,16 @@ def test_decompression_bomb_is_refused(monkeypatch: pytest.MonkeyPatch, oct_imag
 
 # -- preprocessing -----------------------------------------------------------------------------
 
+def normalized(pp: Preprocessing, source) -> torch.Tensor:
+    """The model's input for one image: load (uint8 HWC) then the batched normalisation."""
+    pixels = pp.load(source)
+    assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == (pp.size, pp.size, 3)
+    return pp.normalize(pixels[None])[0]
+
+
 def test_load_pure_grey_gives_mean_std_normalised_value() -> None:
     pp = Preprocessing(size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    x = pp.load(encoded(Image.new("RGB", (50, 40), (128, 128, 128))))
+    x = normalized(pp, encoded(Image.new("RGB", (50, 40), (128, 128, 128))))
     assert x.dtype == torch.float32 and tuple(x.shape) == (3, 32, 32)
     for c in range(3):
         expected = (128 / 255 - pp.mean[c]) / pp.std[c]
@@ -268,7 +275,7 @@ def test_load_pure_grey_gives_mean_std_normalised_value() -> None:
 def test_load_real_oct_shape_dtype_range(oct_images: list[Path]) -> None:
     pp = Preprocessing(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     for path in oct_images[::3]:
-        x = pp.load(path)
+        x = normalized(pp, path)
         assert x.dtype == torch.float32 and tuple(x.shape) == (3, 224, 224)
         assert torch.isfinite(x).all()
         assert x.min() >= -1.0 - 1e-6 and x.max() <= 1.0 + 1e-6
@@ -281,7 +288,7 @@ def test_load_squashes_whole_field_of_view_rather_than_cropping() -> None:
     img.paste((255, 0, 0), (0, 0, 100, 100))
     img.paste((0, 0, 255), (200, 0, 300, 100))
     pp = Preprocessing(size=30, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    x = pp.load(encoded(img))
+    x = normalized(pp, encoded(img))
     assert x[0, :, 2].mean() > 0.9 and x[2, :, 2].mean() < 0.1  # left edge still red
     assert x[2, :, -3].mean() > 0.9 and x[0, :, -3].mean() < 0.1  # right edge still blue
 

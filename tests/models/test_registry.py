@@ -45,7 +45,7 @@ def test_default_backbone_logits_equal_reference_implementation(backbone: Backbo
     ours, source = create_timm_model(resolve_spec("efficientnet_lite0"), None, True)
     ours.eval()
     assert "lite0" in source
-    x = torch.stack([backbone.preprocessing.load(p) for p in oct_images[:3]])
+    x = backbone.preprocessing.normalize(torch.stack([backbone.preprocessing.load(p) for p in oct_images[:3]]))
     with torch.no_grad():
         want, got = ref(x), ours(x)
     assert got.shape == want.shape == (3, 1000)
@@ -232,7 +232,7 @@ def test_encode_shapes_dtypes_and_pooling(backbone: Backbone, batch: torch.Tenso
 
 def test_encode_matches_eager_forward_features(backbone: Backbone, batch: torch.Tensor, fp32_features) -> None:
     spatial, pooled = fp32_features
-    eager = backbone(batch).float()  # forward(): plain forward_features, NCHW
+    eager = backbone(backbone.preprocessing.normalize(batch)).float()  # forward(): plain forward_features, NCHW
     assert eager.shape == (len(batch), 1280, 7, 7)
     torch.testing.assert_close(pooled, eager.mean(dim=(2, 3)), atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(spatial.float(), eager.permute(0, 2, 3, 1), atol=2e-2, rtol=2e-3)

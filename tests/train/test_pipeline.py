@@ -51,6 +51,23 @@ def test_linear_head_bundle(tmp_path, small_dataset, feature_cache):
     assert b.head_config.input_kind == "pooled"
 
 
+def test_auto_head_keeps_the_better_candidate_on_validation(tmp_path, small_dataset, feature_cache):
+    b = train_small_bundle(small_dataset, tmp_path / "auto", feature_cache, head="auto", epochs=6)
+    sel = b.manifest["training"]["head_selection"]
+    assert set(sel["candidates"]) == {"conv", "logreg"}
+    best = max(sel["candidates"], key=lambda k: (sel["candidates"][k]["val_acc"], -sel["candidates"][k]["val_loss"]))
+    assert sel["chosen"] == best == b.manifest["head"]["kind"]
+    assert b.manifest["validation"]["accuracy"] == pytest.approx(sel["candidates"][best]["val_acc"])
+    # never below the logistic-regression baseline on the same split
+    assert b.manifest["validation"]["accuracy"] >= b.manifest["training"]["baseline_logistic_regression"]["val_acc"]
+
+
+def test_logreg_bundle_predicts_like_its_validation_score(tmp_path, small_dataset, feature_cache):
+    b = train_small_bundle(small_dataset, tmp_path / "lr", feature_cache, head="logreg")
+    assert b.manifest["head"]["kind"] == "logreg" and b.head_config.input_kind == "pooled"
+    assert not (b.path / "curves.csv").exists()  # a fitted head has no epochs
+
+
 def test_unknown_head_is_a_clear_error(tmp_path, small_dataset, feature_cache):
     with pytest.raises(RetinaLensError, match="unknown head"):
         train_small_bundle(small_dataset, tmp_path / "x", feature_cache, head="transformer", epochs=1)

@@ -96,3 +96,37 @@ def test_curves_csv_and_png(tmp_path):
     assert lines[0] == "epoch,train_loss,train_acc,val_loss,val_acc,lr"
     assert len(lines) == 1 + len(r.history)
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_logistic_head_is_sklearn_folded_into_a_linear_layer(n_classes):
+    """The folded head (standardisation inside its weights) gives sklearn's own probabilities."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from retinalens.models.heads import head_probabilities
+    from retinalens.train.trainer import fit_logistic_head
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, n_classes, 200)
+    x = (rng.normal(size=(200, 16)) * rng.uniform(0.1, 10, 16) + rng.normal(0, 5, 16)).astype(np.float32)
+    x[np.arange(200), y] += 3.0
+    r = fit_logistic_head(x[:150], y[:150], x[150:], y[150:], num_classes=n_classes, feature_shape=(16, 1, 1), cs=(0.1,))
+    scaler = StandardScaler().fit(x[:150])
+    want = LogisticRegression(C=0.1, max_iter=3000, random_state=0).fit(scaler.transform(x[:150]), y[:150])
+    np.testing.assert_allclose(head_probabilities(r.head, x[150:]), want.predict_proba(scaler.transform(x[150:])), atol=1e-4)
+    assert r.val_metrics["val_acc"] == pytest.approx(float((want.predict(scaler.transform(x[150:])) == y[150:]).mean()))
+    assert not r.has_curves
+
+
+def test_logistic_head_picks_c_on_validation():
+    from retinalens.train.trainer import fit_logistic_head
+
+    xt, yt = separable(160, 0)
+    xv, yv = separable(60, 100)
+    pt, pv = xt.astype(np.float32).mean((1, 2)), xv.astype(np.float32).mean((1, 2))
+    results = {c: fit_logistic_head(pt, yt, pv, yv, num_classes=4, feature_shape=SHAPE, cs=(c,)).val_metrics
+               for c in (0.001, 0.1, 10.0)}
+    best = fit_logistic_head(pt, yt, pv, yv, num_classes=4, feature_shape=SHAPE, cs=(0.001, 0.1, 10.0)).val_metrics
+    top = max(results.values(), key=lambda m: (m["val_acc"], -m["val_loss"]))
+    assert best["C"] == top["C"] and best["val_acc"] == top["val_acc"]

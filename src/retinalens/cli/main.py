@@ -23,7 +23,7 @@ WeightsOpt = typer.Option(None, "--weights", help="Local weights file (.safetens
 RandomOpt = typer.Option(False, "--random-weights", help="Random backbone weights (for timing only).")
 CacheOpt = typer.Option(None, "--cache", help="Feature cache root (default $RETINALENS_CACHE or ~/.cache/retinalens/features).")
 PrecisionOpt = typer.Option("auto", "--precision", help="auto | fp32 | bf16 (auto: bf16 where the hardware has it).")
-WorkersOpt = typer.Option(1, "--workers", help="Image-decoding worker processes.")
+WorkersOpt = typer.Option(0, "--workers", help="Decoding processes (0: threads between backbone calls, best on few cores).")
 PatientOpt = typer.Option(None, "--patient-regex", help="Regex with a (?P<patient>...) group, matched on file names.")
 ImagesOpt = typer.Option(None, "--images", help="Folder of the images a labels CSV names.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
@@ -34,7 +34,7 @@ def extract(
     data: Path = typer.Argument(..., help="Dataset root, class-folder tree or labels CSV."),
     backbone: str = BackboneOpt, weights: Optional[Path] = WeightsOpt, random_weights: bool = RandomOpt,
     cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
-    batch_size: int = typer.Option(32, "--batch-size"),
+    batch_size: int = typer.Option(16, "--batch-size"),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: extract only this process's share (for many machines)."),
     spatial: bool = typer.Option(True, "--spatial/--no-spatial", help="Also store spatial maps (the conv head needs them)."),
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
@@ -55,7 +55,8 @@ def train(
     data: Path = typer.Argument(..., help="Dataset root (train/ and test/ used when present), class folders or CSV."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
     backbone: str = BackboneOpt, weights: Optional[Path] = WeightsOpt, random_weights: bool = RandomOpt,
-    head: str = typer.Option("conv", "--head", help="conv (the original 1x1-conv head) | linear (pooled)."),
+    head: str = typer.Option("auto", "--head", help="auto (conv and logreg, the better on validation) | conv "
+                             "(the original 1x1-conv head) | linear (pooled, SGD) | logreg (pooled, scikit-learn)."),
     hidden: int = typer.Option(0, "--hidden", help="Linear head: hidden units (0 = logistic regression)."),
     epochs: int = typer.Option(60, "--epochs"), seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(64, "--batch-size"), lr: float = typer.Option(1e-3, "--lr"),
@@ -114,7 +115,7 @@ def predict(
     inputs: list[str] = typer.Argument(..., help="Image files, folders or http(s) URLs."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write the results as CSV."),
-    batch_size: int = typer.Option(16, "--batch-size"), workers: int = typer.Option(0, "--workers"),
+    batch_size: int = typer.Option(16, "--batch-size"), workers: int = WorkersOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Class, probabilities and referral level for each image; failures are listed at the end."""

@@ -16,13 +16,13 @@ def run_demo(out: str | Path = "demo-out", *, progress: bool = True, epochs: int
     from .._io import atomic_write_bytes
     from ..predict.model import Model
     from ..train.pipeline import ExtractConfig, RunConfig, train_bundle
-    from ..train.trainer import TrainConfig
 
     out = Path(out).expanduser()
     say = console()
     say.rule("RetinaLens demo: OCT B-scans (Kermany et al., Cell 2018; CC BY 4.0)")
     start = time.perf_counter()
-    cfg = RunConfig(data=str(DEMO_DATA), extract=ExtractConfig(cache=str(out / "cache")), train=TrainConfig(epochs=epochs))
+    cfg = RunConfig(data=str(DEMO_DATA), extract=ExtractConfig(cache=str(out / "cache")))
+    cfg.train.epochs = epochs
     bundle = train_bundle(cfg, out / "bundle", progress=progress)
     model = Model(bundle)
     metrics = model.evaluate(DEMO_DATA, split="test", cache=out / "cache", json_path=out / "metrics.json",

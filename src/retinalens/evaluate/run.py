@@ -22,7 +22,7 @@ from .report import write_html_report
 
 def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "test", cache: str | Path | None = None,
                     json_path: str | Path | None = None, report_path: str | Path | None = None, n_boot: int = 1000,
-                    seed: int = 0, workers: int = 1, progress: bool = True, patient_regex: str | None = None,
+                    seed: int = 0, workers: int = 0, progress: bool = True, patient_regex: str | None = None,
                     images_dir: str | Path | None = None) -> dict[str, Any]:
     """Evaluate on DATA's `split` (a dataset root with splits) or on the whole of DATA (plain class folders)."""
     ds = discover(data, patient_regex=patient_regex, images_dir=images_dir)

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader
 
 from .._console import console, progress_bar
-from ..data.images import ImageFiles
+from ..data.images import ImageFiles, image_batches
 from ..errors import RetinaLensError
 from ..models.registry import Backbone
 from .cache import CacheKey, FeatureCache, default_cache_root
@@ -49,7 +48,7 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
 
 
 def extract_features(paths: list[Path], hashes: list[str], backbone: Backbone, cache: FeatureCache, *,
-                     precision: str = "fp32", batch_size: int = 32, chunk_size: int = 256, workers: int = 1,
+                     precision: str = "fp32", batch_size: int = 16, chunk_size: int = 256, workers: int = 0,
                      shard: tuple[int, int] = (0, 1), progress: bool = True) -> ExtractReport:
     """Extract features of the images the cache lacks. Bad images are recorded, never fatal."""
     if chunk_size % batch_size:
@@ -68,8 +67,7 @@ def extract_features(paths: list[Path], hashes: list[str], backbone: Backbone, c
     chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
     batches = [list(range(c * chunk_size + b, min(c * chunk_size + b + batch_size, c * chunk_size + len(chunk))))
                for c, chunk in enumerate(chunks) for b in range(0, len(chunk), batch_size)]
-    loader = DataLoader(ImageFiles([first_path[h] for h in todo], backbone.preprocessing), batch_sampler=batches,
-                        num_workers=workers, persistent_workers=False, prefetch_factor=4 if workers else None)
+    loader = image_batches(ImageFiles([first_path[h] for h in todo], backbone.preprocessing), batches, workers)
     c, h, w = cache.key.feature_shape
     start = time.perf_counter()
     with progress_bar(len(todo), f"extract {backbone.name}", progress) as advance:

@@ -133,12 +133,14 @@ def create_timm_model(spec: BackboneSpec, weights: str | Path | None, pretrained
 
 
 class _ForwardFeatures(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    """uint8 (N, S, S, 3) pixels -> normalised channels-last input -> spatial feature maps."""
+
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.pp = model, preprocessing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
+        return self.model.forward_features(self.pp.normalize(x))
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -186,6 +188,7 @@ class Backbone(nn.Module):
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float (N, 3, S, S) -> feature maps (N, C, H, W), eager (no trace, no bf16)."""
         return self.model.forward_features(x)
 
     def _frozen(self, precision: str, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -197,24 +200,28 @@ class Backbone(nn.Module):
 
                 with warnings.catch_warnings(), autocast(precision):
                     warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer notes
-                    traced = torch.jit.trace(_ForwardFeatures(self.model).eval(), x[:1], check_trace=False)
+                    traced = torch.jit.trace(_ForwardFeatures(self.model, self.preprocessing).eval(), x[:1],
+                                             check_trace=False)
                     self._compiled[precision] = torch.jit.freeze(traced)
             return self._compiled[precision]
 
     @torch.inference_mode()
     def encode(self, x: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch -> (spatial maps (N, H, W, C) float16, pooled vectors (N, C) float32).
+        """uint8 pixels (N, S, S, 3) from Preprocessing.load -> (spatial maps (N, H, W, C) float16,
+        pooled vectors (N, C) float32).
 
         The one path from pixels to features: the cache stores exactly this, and prediction runs
         exactly this, so a head sees the same numbers in training and in use.
         """
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
+            raise ValueError(f"encode takes uint8 (N, S, S, 3) pixels, got {tuple(x.shape)} {x.dtype}")
         device = next(self.model.parameters()).device
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        x = x.to(device)
         if device.type == "cpu":
             f = self._frozen(precision, x)(x).float()
         else:
             with autocast(precision, device.type):
-                f = self.model.forward_features(x).float()
+                f = _ForwardFeatures(self.model, self.preprocessing)(x).float()
         return f.permute(0, 2, 3, 1).to(torch.float16).cpu(), f.mean(dim=(2, 3)).cpu()
 
     def feature_shape(self) -> tuple[int, int, int]:

@@ -11,10 +11,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from .._console import progress_bar
-from ..data.images import ImageFiles
+from ..data.images import ImageFiles, image_batches
 from ..errors import RetinaLensError
 from ..models.bundle import Bundle, load_bundle
 from ..models.heads import head_probabilities
@@ -63,7 +62,8 @@ class Model:
         good: list[tuple[int, Input]] = [(k, i) for k, i in enumerate(inputs) if not i.error]
         if good:
             dataset = ImageFiles([i.item for _, i in good], self.backbone.preprocessing, [i.name for _, i in good])
-            loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+            order = list(range(len(good)))
+            loader = image_batches(dataset, [order[i:i + batch_size] for i in range(0, len(order), batch_size)], workers)
             with progress_bar(len(good), "predict", progress) as advance:
                 for x, idx, errors in loader:
                     probs = self.probabilities(x)

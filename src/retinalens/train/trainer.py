@@ -22,6 +22,7 @@ from torch import nn
 from .._console import progress_bar
 from ..errors import RetinaLensError
 from ..models.heads import HeadConfig, create_head
+from ..models.registry import autocast, resolve_precision
 
 CURVE_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
@@ -39,6 +40,7 @@ class TrainConfig:
     early_stopping: int = 15  # epochs without improvement before training stops (0 = never)
     monitor: str = "val_loss"  # or "val_acc": picks the best epoch and drives the LR schedule
     class_weights: bool = False  # weight the loss by inverse class frequency
+    precision: str = "auto"  # bf16 autocast where the CPU/GPU has bf16 units (2x faster conv head)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,6 +59,10 @@ class TrainResult:
     best_epoch: int
     history: list[dict[str, float]]
     val_metrics: dict[str, float]
+
+    @property
+    def has_curves(self) -> bool:
+        return len(self.history) > 1  # a fitted logistic head has no epochs to plot
 
     def curves_csv(self) -> str:
         buf = io.StringIO()
@@ -90,7 +96,10 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
         raise RetinaLensError("training needs images in both the train and the validation split")
     if cfg.monitor not in ("val_loss", "val_acc"):
         raise RetinaLensError(f"--monitor must be val_loss or val_acc, not {cfg.monitor!r}")
+    amp = resolve_precision(cfg.precision) == "bf16"
     xt, yt = torch.from_numpy(np.ascontiguousarray(x_train)), torch.from_numpy(y_train).long()
+    if amp and xt.dtype == torch.float16:
+        xt = xt.to(torch.bfloat16)  # once, up front: autocast would convert every batch again
     xv, yv = torch.from_numpy(np.ascontiguousarray(x_val)), torch.from_numpy(y_val).long()
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
         torch.manual_seed(cfg.seed)
@@ -111,10 +120,11 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
                 order = torch.randperm(len(yt), generator=gen)
                 total, correct, seen = 0.0, 0, 0
                 for i in range(0, len(order), cfg.batch_size):
-                    idx = order[i:i + cfg.batch_size]
+                    idx = order[i:i + cfg.batch_size].sort().values  # same batch, rows read in memory order
                     if len(idx) < 2 and cfg.head.kind == "conv":
                         continue  # BatchNorm cannot train on a single sample
-                    logits = head(xt[idx].float())
+                    with autocast("bf16" if amp else "fp32"):
+                        logits = head(xt[idx] if amp else xt[idx].float()).float()
                     loss = train_loss_fn(logits, yt[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -138,6 +148,48 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
     head.eval()
     row = history[best_epoch - 1]
     return TrainResult(head, best_epoch, history, {"val_loss": row["val_loss"], "val_acc": row["val_acc"]})
+
+
+def fit_logistic_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
+                      num_classes: int, feature_shape: tuple[int, int, int], seed: int = 0,
+                      cs: tuple[float, ...] = (0.01, 0.1, 1.0)) -> TrainResult:
+    """L2 logistic regression on standardised pooled vectors (scikit-learn; C chosen on validation),
+    folded into a plain linear head: bundles, evaluation and prediction need nothing new for it."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x_train)
+    zt, zv = scaler.transform(x_train), scaler.transform(x_val)
+    best: tuple[float, float, float, LogisticRegression] | None = None
+    for c in cs:
+        lr = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(zt, y_train)
+        p = _full_probs(lr, zv, num_classes)
+        acc = float((p.argmax(1) == y_val).mean())
+        loss = float(-np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-15, 1.0)).mean())  # cross-entropy, as SGD heads
+        if best is None or (acc, -loss) > (best[0], -best[1]):
+            best = (acc, loss, c, lr)
+    acc, loss, c, lr = best  # type: ignore[misc]
+    coef = np.zeros((num_classes, zt.shape[1]))
+    intercept = np.full(num_classes, -1e4)  # a class absent from train can never win
+    rows = lr.classes_.astype(int)
+    if len(rows) == 2:  # binary: sklearn keeps one logit; softmax over [0, z] is the same model
+        coef[rows[1]], intercept[rows[0]], intercept[rows[1]] = lr.coef_[0], 0.0, lr.intercept_[0]
+    else:
+        coef[rows], intercept[rows] = lr.coef_, lr.intercept_
+    head = create_head(HeadConfig(kind="logreg", dropout=0.0), feature_shape, num_classes)
+    linear = head.net[-1]
+    with torch.no_grad():  # standardisation folded in: w' = w / sd, b' = b - w . (mean / sd)
+        linear.weight.copy_(torch.from_numpy(coef / scaler.scale_).float())
+        linear.bias.copy_(torch.from_numpy(intercept - coef @ (scaler.mean_ / scaler.scale_)).float())
+    train_acc = float((lr.predict(zt) == y_train).mean())
+    row = {"epoch": 1, "train_loss": float("nan"), "train_acc": train_acc, "val_loss": loss, "val_acc": acc, "lr": 0.0}
+    return TrainResult(head.eval(), 1, [row], {"val_loss": loss, "val_acc": acc, "C": c})
+
+
+def _full_probs(lr: Any, z: np.ndarray, k: int) -> np.ndarray:
+    p = np.zeros((len(z), k))
+    p[:, lr.classes_.astype(int)] = lr.predict_proba(z)
+    return p
 
 
 def write_curves(result: TrainResult, folder: Path) -> None:
