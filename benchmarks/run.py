@@ -26,7 +26,7 @@ from retinalens.data.discover import discover
 from retinalens.data.hashing import sha256_files
 from retinalens.features.extract import extract_features, head_inputs, open_cache
 from retinalens.models.heads import HeadConfig, head_probabilities
-from retinalens.models.registry import create_backbone, resolve_precision
+from retinalens.models.registry import cpu_has_bf16, create_backbone, resolve_precision
 from retinalens.train.trainer import TrainConfig, fit_logistic_head, train_head
 
 KERAS_EXTRACT_IMG_S = 15.3
@@ -145,6 +145,13 @@ def compare_heads(oct_root: Path, cache: str, seeds: tuple[int, ...] = (0, 1, 2)
     return out
 
 
+def _cpu_model() -> str:
+    try:
+        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
@@ -158,7 +165,7 @@ def main() -> None:
     paths = [s.path for s in ds.samples]
     hashes = sha256_files(paths)
     precision = resolve_precision("auto")
-    res: dict = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+    res: dict = {"machine": {"cpus": os.cpu_count(), "processor": _cpu_model() + (" (AVX512-BF16 or AMX)" if cpu_has_bf16() else ""),
                              "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()},
                  "data": f"oct-kermany train+test ({len(paths)} images)"}
     rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
