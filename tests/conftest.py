@@ -34,28 +34,27 @@ def oct_root(shared_data: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def oct_images(oct_root: Path) -> list[Path]:
-    """Two real OCT B-scans per class from the train split (sorted, so the same files every run)."""
+def _per_class(oct_root: Path, n: int) -> list[Path]:
+    """The first n real OCT scans of each class in the train split (sorted: the same files every run)."""
     picked: list[Path] = []
     for cls in OCT_CLASSES:
         files = sorted((oct_root / "train" / cls).glob("*.jpeg"))
-        if len(files) < 2:
-            pytest.skip(f"{oct_root / 'train' / cls} holds fewer than 2 images")
-        picked += files[:2]
+        if len(files) < n:
+            pytest.skip(f"{oct_root / 'train' / cls} holds fewer than {n} images")
+        picked += files[:n]
     return picked
+
+
+@pytest.fixture(scope="session")
+def oct_images(oct_root: Path) -> list[Path]:
+    """Two real OCT B-scans per class from the train split."""
+    return _per_class(oct_root, 2)
 
 
 @pytest.fixture(scope="session")
 def oct_pool(oct_root: Path) -> list[Path]:
-    """A larger, deterministic pool of real OCT images (16: four per class) for cache tests."""
-    picked: list[Path] = []
-    for cls in OCT_CLASSES:
-        files = sorted((oct_root / "train" / cls).glob("*.jpeg"))
-        if len(files) < 4:
-            pytest.skip(f"{oct_root / 'train' / cls} holds fewer than 4 images")
-        picked += files[:4]
-    return picked
+    """A larger pool of real OCT images (16: four per class) for cache tests."""
+    return _per_class(oct_root, 4)
 
 
 @pytest.fixture(scope="session")

@@ -160,7 +160,16 @@ def test_pooled_only_cache(backbone, images, tmp_path: Path) -> None:
     assert np.array_equal(cache.pooled(hs), p.numpy())
     with pytest.raises(RetinaLensError, match="spatial"):
         cache.spatial(hs)
-    assert open_cache(tmp_path, backbone, "fp32", spatial=True).dir != cache.dir
+    # asking for spatial maps later rebuilds the same folder with them, and says so
+    upgraded = open_cache(tmp_path, backbone, "fp32", spatial=True)
+    assert upgraded.dir == cache.dir and len(upgraded) == 0 and upgraded.has_spatial
+    assert any("spatial" in n for n in upgraded.notes)
+
+
+def test_spatial_cache_serves_pooled_readers(reference, backbone) -> None:
+    """A pooled-only reader (a logistic-head bundle) reuses a cache that has maps: nothing re-extracted."""
+    cache = open_cache(reference.cache.dir.parent, backbone, "fp32", spatial=False)
+    assert cache.dir == reference.cache.dir and cache.has_spatial and len(cache) == N and not cache.notes
 
 
 # -- stale caches --------------------------------------------------------------------------------
@@ -168,9 +177,9 @@ def test_pooled_only_cache(backbone, images, tmp_path: Path) -> None:
 def _other_keys(key: CacheKey) -> list[CacheKey]:
     pp = dict(key.preprocessing)
     return [
-        CacheKey(key.backbone, key.weights_sha256, key.preprocessing, "bf16", key.feature_shape, key.spatial),
-        CacheKey(key.backbone, key.weights_sha256, pp | {"size": 256}, key.precision, key.feature_shape, key.spatial),
-        CacheKey(key.backbone, "f" * 64, key.preprocessing, key.precision, key.feature_shape, key.spatial),
+        CacheKey(key.backbone, key.weights_sha256, key.preprocessing, "bf16", key.feature_shape),
+        CacheKey(key.backbone, key.weights_sha256, pp | {"size": 256}, key.precision, key.feature_shape),
+        CacheKey(key.backbone, "f" * 64, key.preprocessing, key.precision, key.feature_shape),
     ]
 
 

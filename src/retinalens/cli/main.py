@@ -158,7 +158,7 @@ def print_metrics(m: dict[str, Any]) -> None:
     from rich.table import Table
 
     def ci(v: Any, c: Any) -> str:
-        return "n/a" if v is None else (f"{v:.3f}" + (f" [{c[0]:.3f}, {c[1]:.3f}]" if c else ""))
+        return "n/a" if v is None else (f"{v:.3f}" + (f" ({c[0]:.2f}-{c[1]:.2f})" if c else ""))
 
     t = Table(title=f"{m['n_images']} images, {m['n_patients']} patients (95% CI, patient bootstrap)")
     for col in ("class", "precision", "recall / sensitivity", "specificity", "f1", "support"):

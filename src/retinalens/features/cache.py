@@ -35,7 +35,6 @@ class CacheKey:
     preprocessing: dict[str, Any]
     precision: str
     feature_shape: tuple[int, int, int]  # (C, H, W)
-    spatial: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))  # tuples -> lists: compares equal to what JSON reads back
@@ -57,9 +56,12 @@ class FeatureCache:
     it is emptied and rebuilt, with `"error"` a RetinaLensError says so.
     """
 
-    def __init__(self, root: str | Path, key: CacheKey, *, on_mismatch: str = "rebuild") -> None:
+    def __init__(self, root: str | Path, key: CacheKey, *, spatial: bool = True, on_mismatch: str = "rebuild") -> None:
         root = Path(root).expanduser()
         self.key = key
+        # Whether chunks carry spatial maps. A folder that has them keeps them (pooled-only readers
+        # use the same folder); one without them is rebuilt when maps are asked for.
+        self.has_spatial = spatial
         self.dir = root if (root / MANIFEST).is_file() else root / f"{key.backbone}-{key.digest[:12]}"
         self.notes: list[str] = []  # what opening the cache had to fix, for the user
         self._index: dict[str, tuple[int, int]] = {}
@@ -80,16 +82,21 @@ class FeatureCache:
                 have = json.loads(manifest_path.read_text())
             except (OSError, json.JSONDecodeError):
                 have = None
-            if not have or {k: have.get(k) for k in want} != want:
-                described = _describe(have)
+            stale = not have or {k: have.get(k) for k in want} != want
+            described = _describe(have)
+            if not stale and self.has_spatial and not have.get("spatial", True):
+                stale, described = True, "pooled vectors only, and spatial maps are needed"
+            if stale:
                 if on_mismatch == "error":
                     raise RetinaLensError(
                         f"the feature cache at {self.dir} holds {described}, not features of backbone "
                         f"{self.key.backbone} (weights {self.key.weights_sha256[:12]}): pass another --cache folder")
                 self.notes.append(f"feature cache {self.dir} was stale ({described}); rebuilt")
                 self._clear()
+            else:
+                self.has_spatial = bool(have.get("spatial", True))
         sweep_temp_files(self.dir)
-        atomic_write_json(manifest_path, {**want, "created_by": "retinalens"})
+        atomic_write_json(manifest_path, {**want, "spatial": self.has_spatial, "created_by": "retinalens"})
         for record in sorted(self.dir.glob("chunk-*.json")):
             self._adopt(record)
 
@@ -107,7 +114,7 @@ class FeatureCache:
             c, h, w = self.key.feature_shape
             ok = pooled.shape == (len(keys), c) and pooled.dtype == np.float32
             spatial = None
-            if self.key.spatial:
+            if self.has_spatial:
                 spatial = np.load(self.dir / f"{name}.spatial.npy", mmap_mode="r", allow_pickle=False)
                 ok = ok and spatial.shape == (len(keys), h, w, c) and spatial.dtype == np.float16
             if not ok:
@@ -164,7 +171,7 @@ class FeatureCache:
         name = "chunk-" + hashlib.sha256("".join(keys + sorted(failed)).encode()).hexdigest()[:16]
         pooled = np.ascontiguousarray(pooled, dtype=np.float32)
         atomic_save_npy(self.dir / f"{name}.pooled.npy", pooled)
-        if self.key.spatial:
+        if self.has_spatial:
             assert spatial is not None
             atomic_save_npy(self.dir / f"{name}.spatial.npy", np.ascontiguousarray(spatial, dtype=np.float16))
         atomic_write_json(self.dir / f"{name}.json", {"keys": keys, "n": len(keys), "failed": failed})

@@ -72,7 +72,7 @@ def extract_features(paths: list[Path], hashes: list[str], backbone: Backbone, c
     start = time.perf_counter()
     with progress_bar(len(todo), f"extract {backbone.name}", progress) as advance:
         chunk_no, pooled, spatial, failed = 0, np.empty((chunk_size, c), np.float32), None, {}
-        if cache.key.spatial:
+        if cache.has_spatial:
             spatial = np.empty((chunk_size, h, w, c), np.float16)
         for x, idx, errors in loader:
             s, p = backbone.encode(x, precision)
@@ -100,8 +100,9 @@ def open_cache(root: str | Path | None, backbone: Backbone, precision: str, *, s
                on_mismatch: str = "rebuild") -> FeatureCache:
     """The cache for this backbone's features (root: --cache, or $RETINALENS_CACHE, or ~/.cache)."""
     key = CacheKey(backbone.name, backbone.weights_sha256, backbone.preprocessing.to_dict(), precision,
-                   backbone.feature_shape(), spatial)
-    return FeatureCache(root if root is not None else default_cache_root(), key, on_mismatch=on_mismatch)
+                   backbone.feature_shape())
+    return FeatureCache(root if root is not None else default_cache_root(), key, spatial=spatial,
+                        on_mismatch=on_mismatch)
 
 
 def head_inputs(cache: FeatureCache, hashes: list[str], input_kind: str) -> np.ndarray:

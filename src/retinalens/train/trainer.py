@@ -114,7 +114,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
             patience=cfg.lr_patience, min_lr=cfg.min_lr)
         gen = torch.Generator().manual_seed(cfg.seed)
         best, best_state, best_epoch, stale, history = math.nan, None, 0, 0, []
-        with progress_bar(cfg.epochs, "train head", progress) as advance:
+        with progress_bar(cfg.epochs, "train head", progress, unit="epoch") as advance:
             for epoch in range(1, cfg.epochs + 1):
                 head.train()
                 order = torch.randperm(len(yt), generator=gen)
