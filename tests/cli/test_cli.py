@@ -118,3 +118,13 @@ def test_help_lists_the_commands():
     assert r.returncode == 0
     for cmd in ("extract", "train", "evaluate", "predict", "demo"):
         assert cmd in r.stdout
+
+
+def test_output_paths_that_cannot_be_written_are_clear_errors(tmp_path, small_bundle, small_dataset):
+    (tmp_path / "taken").mkdir()
+    scans = small_dataset / "test" / "CNV"
+    assert_clean_error(cli("predict", small_bundle.path, scans, "--json", tmp_path / "taken", "-q"), "cannot write")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.tex").write_text("precious")
+    assert_clean_error(cli("train", small_dataset, "--out", tmp_path / "docs", "-q"), "not a RetinaLens bundle")
+    assert (tmp_path / "docs" / "thesis.tex").read_text() == "precious"

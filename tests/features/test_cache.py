@@ -434,3 +434,12 @@ def test_resume_after_kill9_is_bit_identical(reference, backbone, images, tmp_pa
     assert sorted(p.name for p in leaf.iterdir() if p.name != MANIFEST) == \
         sorted(p.name for p in ref.dir.iterdir() if p.name != MANIFEST)
     assert {k: v[1] for k, v in chunk_files(leaf).items()} == {k: v[1] for k, v in chunk_files(ref.dir).items()}
+
+
+def test_a_foreign_folder_with_a_manifest_is_never_emptied(backbone, tmp_path: Path) -> None:
+    """--cache pointed at a user's folder that happens to hold a manifest.json: used as a root."""
+    (tmp_path / MANIFEST).write_text('{"name": "my project"}')
+    (tmp_path / "notes.txt").write_text("mine")
+    cache = open_cache(tmp_path, backbone, "fp32")
+    assert cache.dir.parent == tmp_path and not cache.notes
+    assert (tmp_path / MANIFEST).read_text() == '{"name": "my project"}' and (tmp_path / "notes.txt").exists()

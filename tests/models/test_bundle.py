@@ -191,3 +191,18 @@ def test_failed_save_leaves_nothing_behind(tmp_path: Path, backbone: Backbone) -
     assert sorted(p.name for p in out.parent.iterdir()) == ["m"]
     assert _sha(out / MANIFEST) == before  # the old bundle is intact
     load_bundle(out)
+
+
+def test_never_replaces_a_file_or_a_foreign_folder(tmp_path):
+    from retinalens.models.bundle import check_output_folder
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.tex").write_text("precious")
+    for target in (tmp_path / "file", tmp_path / "docs"):
+        with pytest.raises(RetinaLensError):
+            check_output_folder(target)
+    assert (tmp_path / "docs" / "thesis.tex").read_text() == "precious"
+    (tmp_path / "empty").mkdir()
+    check_output_folder(tmp_path / "empty")  # new or empty folders are fine
+    check_output_folder(tmp_path / "new")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -62,7 +61,7 @@ class FeatureCache:
         # Whether chunks carry spatial maps. A folder that has them keeps them (pooled-only readers
         # use the same folder); one without them is rebuilt when maps are asked for.
         self.has_spatial = spatial
-        self.dir = root if (root / MANIFEST).is_file() else root / f"{key.backbone}-{key.digest[:12]}"
+        self.dir = root if _is_cache_folder(root) else root / f"{key.backbone}-{key.digest[:12]}"
         self.notes: list[str] = []  # what opening the cache had to fix, for the user
         self._index: dict[str, tuple[int, int]] = {}
         self._failed: dict[str, str] = {}  # images that cannot be decoded: sha256 -> reason
@@ -101,8 +100,9 @@ class FeatureCache:
             self._adopt(record)
 
     def _clear(self) -> None:
-        for p in self.dir.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        """Delete what this cache wrote, and nothing else that may share the folder."""
+        for p in [*self.dir.glob("chunk-*"), *self.dir.glob(".*.tmp"), self.dir / MANIFEST]:
+            p.unlink(missing_ok=True)
 
     def _adopt(self, record: Path) -> None:
         """Map a committed chunk; a chunk that fails any check is deleted and will be re-extracted."""
@@ -177,6 +177,15 @@ class FeatureCache:
         atomic_write_json(self.dir / f"{name}.json", {"keys": keys, "n": len(keys), "failed": failed})
         self._adopt(self.dir / f"{name}.json")
         return name
+
+
+def _is_cache_folder(folder: Path) -> bool:
+    """A folder whose manifest RetinaLens wrote, or (manifest damaged) that holds our chunks.
+    Any other folder with a manifest.json is not ours and is used as a root, never emptied."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("created_by") == "retinalens"
+    except (OSError, ValueError, AttributeError):
+        return (folder / MANIFEST).is_file() and any(folder.glob("chunk-*.json"))
 
 
 def _describe(manifest: dict[str, Any] | None) -> str:

@@ -101,8 +101,12 @@ def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_co
     from safetensors.torch import save_file
 
     out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    check_output_folder(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as exc:
+        raise RetinaLensError(f"cannot write the bundle at {out}: {exc.strerror or exc}") from None
     try:
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp / "head.safetensors"))
         save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(tmp / "backbone.safetensors"))
@@ -135,6 +139,14 @@ def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_co
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_output_folder(out: Path) -> None:
+    """A bundle may replace an older bundle, never a file or a folder of anything else."""
+    if out.is_file():
+        raise RetinaLensError(f"--out {out} is a file; give a folder for the bundle")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise RetinaLensError(f"--out {out} is a folder that is not a RetinaLens bundle; give a new or empty folder")
 
 
 def load_bundle(path: str | Path) -> Bundle:

@@ -17,7 +17,7 @@ from ..evaluate.metrics import classification_metrics
 from ..features.extract import extract_features, head_inputs, open_cache, print_extract_report
 from ..errors import RetinaLensError
 from ..models.heads import HEADS, HeadConfig, head_probabilities
-from ..models.bundle import Bundle, OCT_REFERRAL, load_bundle, save_bundle
+from ..models.bundle import Bundle, OCT_REFERRAL, check_output_folder, load_bundle, save_bundle
 from ..models.registry import DEFAULT_BACKBONE, create_backbone, resolve_precision
 from .trainer import TrainConfig, TrainResult, fit_logistic_head, train_head, write_curves
 
@@ -48,6 +48,7 @@ class RunConfig:
 
 def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> Bundle:
     say = console()
+    check_output_folder(Path(out).expanduser())  # before minutes of work, not after
     ds = discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir)
     hashes = sha256_files(s.path for s in ds.samples)
     splits = make_splits(ds, cfg.split, hashes)
