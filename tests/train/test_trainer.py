@@ -130,3 +130,9 @@ def test_logistic_head_picks_c_on_validation():
     best = fit_logistic_head(pt, yt, pv, yv, num_classes=4, feature_shape=SHAPE, cs=(0.001, 0.1, 10.0)).val_metrics
     top = max(results.values(), key=lambda m: (m["val_acc"], -m["val_loss"]))
     assert best["C"] == top["C"] and best["val_acc"] == top["val_acc"]
+
+
+@pytest.mark.parametrize("bad", [{"epochs": 0}, {"batch_size": 0}, {"lr": 0.0}, {"monitor": "val_f1"}])
+def test_bad_training_options_are_clear_errors(bad):
+    with pytest.raises(RetinaLensError):
+        fit(TrainConfig(**bad))

@@ -96,6 +96,8 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
         raise RetinaLensError("training needs images in both the train and the validation split")
     if cfg.monitor not in ("val_loss", "val_acc"):
         raise RetinaLensError(f"--monitor must be val_loss or val_acc, not {cfg.monitor!r}")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise RetinaLensError(f"need --epochs >= 1, --batch-size >= 1 and --lr > 0 (got {cfg.epochs}, {cfg.batch_size}, {cfg.lr})")
     amp = resolve_precision(cfg.precision) == "bf16"
     xt, yt = torch.from_numpy(np.ascontiguousarray(x_train)), torch.from_numpy(y_train).long()
     if amp and xt.dtype == torch.float16:
