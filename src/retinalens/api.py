@@ -32,11 +32,12 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, weights: str 
 
 
 def train(data: str | Path, out: str | Path, *, backbone: str = DEFAULT_BACKBONE, head: str = "auto",
-          epochs: int = 60, seed: int = 0, cache: str | Path | None = None, progress: bool = False,
-          **train_options: Any) -> Bundle:
+          task: str | None = None, epochs: int = 60, seed: int = 0, cache: str | Path | None = None,
+          images_dir: str | Path | None = None, progress: bool = False, **train_options: Any) -> Bundle:
     """`retinalens train`: the simple form; build a RunConfig and call train_bundle for everything else."""
     cfg = RunConfig(data=str(data), extract=ExtractConfig(backbone=backbone, cache=str(cache) if cache else None),
-                    train=TrainConfig(head=HeadConfig(kind=head), epochs=epochs, seed=seed, **train_options))
+                    train=TrainConfig(head=HeadConfig(kind=head), epochs=epochs, seed=seed, **train_options),
+                    task=task, images_dir=str(images_dir) if images_dir else None)
     cfg.split.seed = seed
     return train_bundle(cfg, out, progress=progress)
 

@@ -239,3 +239,20 @@ def test_roc_curves() -> None:
     assert roc_curves(y, probs, OCT)["urgent"] is None
     with pytest.raises(RetinaLensError):
         roc_curves(y, probs[:, :3], OCT)
+
+
+def test_quadratic_kappa_matches_sklearn_and_has_a_ci() -> None:
+    from sklearn.metrics import cohen_kappa_score
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 5, 300)
+    pred = np.clip(y + rng.integers(-1, 2, 300), 0, 4)  # mostly right, off by one grade at times
+    probs = np.full((300, 5), 0.02)
+    probs[np.arange(300), pred] = 0.92
+    names = ["0", "1", "2", "3", "4"]
+    m = classification_metrics(y, probs, names, positive_classes=["2", "3", "4"], n_boot=300, ordinal=True)
+    want = cohen_kappa_score(y, pred, weights="quadratic")
+    assert m["quadratic_kappa"] == pytest.approx(want, abs=1e-12)
+    lo, hi = m["quadratic_kappa_ci"]
+    assert lo < want < hi
+    assert "quadratic_kappa" not in classification_metrics(y, probs, names, n_boot=0)

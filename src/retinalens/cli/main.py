@@ -63,6 +63,8 @@ def train(
     class_weights: bool = typer.Option(False, "--class-weights", help="Weight the loss by inverse class frequency."),
     monitor: str = typer.Option("val_loss", "--monitor", help="val_loss | val_acc: picks the best epoch."),
     val_fraction: float = typer.Option(0.15, "--val-fraction", help="Share of train patients held out for validation."),
+    task: Optional[str] = typer.Option(None, "--task", help="referable | grade: DR grades 0-4 (CSV `level`); "
+                                       "default: the labels as they are (OCT classes)."),
     cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
 ) -> None:
@@ -73,7 +75,7 @@ def train(
     from ..train.trainer import TrainConfig
 
     cfg = RunConfig(
-        data=str(data), patient_regex=patient_regex, images_dir=str(images) if images else None,
+        data=str(data), patient_regex=patient_regex, images_dir=str(images) if images else None, task=task,
         extract=ExtractConfig(backbone=backbone, weights=str(weights) if weights else None, pretrained=not random_weights,
                               precision=precision, workers=workers, cache=str(cache) if cache else None),
         split=SplitConfig(val_fraction=val_fraction, seed=seed),
@@ -167,10 +169,11 @@ def print_metrics(m: dict[str, Any]) -> None:
         t.add_row(c, ci(r["precision"], r.get("precision_ci")), ci(r["recall"], r.get("recall_ci")),
                   ci(r["specificity"], r.get("specificity_ci")), ci(r["f1"], r.get("f1_ci")), str(r["support"]))
     console().print(t)
-    console().print(f"accuracy {ci(m['accuracy'], m.get('accuracy_ci'))}; macro ROC-AUC {ci(m['roc_auc_macro'], m.get('roc_auc_macro_ci'))}")
+    console().print(f"accuracy {ci(m['accuracy'], m.get('accuracy_ci'))}; macro ROC-AUC {ci(m['roc_auc_macro'], m.get('roc_auc_macro_ci'))}"
+                    + (f"; quadratic kappa {ci(m['quadratic_kappa'], m.get('quadratic_kappa_ci'))}" if "quadratic_kappa" in m else ""))
     u = m.get("urgent_referral")
     if u:
-        console().print(f"urgent referral ({'+'.join(u['positive_classes'])}): sensitivity {ci(u['sensitivity'], u.get('sensitivity_ci'))}, "
+        console().print(f"referral ({'+'.join(u['positive_classes'])}): sensitivity {ci(u['sensitivity'], u.get('sensitivity_ci'))}, "
                         f"specificity {ci(u['specificity'], u.get('specificity_ci'))}, AUC {ci(u['auc'], u.get('auc_ci'))}")
 
 

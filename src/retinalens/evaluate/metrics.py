@@ -37,6 +37,7 @@ def classification_metrics(
     level: float = 0.95,
     seed: int = 0,
     threshold: float = 0.5,
+    ordinal: bool = False,
 ) -> dict:
     """Accuracy, per-class rates, confusion matrix, ROC AUCs and the urgent-referral operating
     point, each with a patient-clustered percentile bootstrap CI.
@@ -44,14 +45,15 @@ def classification_metrics(
     Predictions are the argmax of `probs`; the urgent-referral flag is `score >= threshold` where
     the score sums the probabilities of `positive_classes`. `groups` holds one patient id per image
     (None: every image is its own patient). Undefined values (e.g. precision of a class that is never
-    predicted) are None, so the result is plain JSON.
+    predicted) are None, so the result is plain JSON. `ordinal` (classes in order, e.g. DR grades)
+    adds the quadratic weighted kappa.
     """
     y, p, names = _check_inputs(y_true, probs, classes)
     patient, n_patients = _patient_index(groups, y.size)
     positives = _positive_indices(positive_classes, names)
     _check_bootstrap(n_boot, level, seed, threshold)
 
-    problem = _Problem.build(y, p, patient, n_patients, positives, threshold)
+    problem = _Problem.build(y, p, patient, n_patients, positives, threshold, ordinal)
     point = {key: values[0] for key, values in problem.evaluate(np.ones((1, n_patients))).items()}
     boot = _bootstrap(problem, n_patients, y.size, n_boot, seed)
 
@@ -95,6 +97,7 @@ def classification_metrics(
         "per_class": per_class,
         "confusion_matrix": problem.patient_cm.sum(axis=0).reshape(k, k).astype(int).tolist(),
         "urgent_referral": urgent,
+        **({"quadratic_kappa": value("quadratic_kappa"), "quadratic_kappa_ci": ci("quadratic_kappa")} if ordinal else {}),
         "ci": {"method": CI_METHOD, "n_boot": int(n_boot), "level": float(level), "seed": int(seed)},
     }
 
@@ -212,6 +215,17 @@ def _class_rates(cm: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def _quadratic_kappa(cm: np.ndarray) -> np.ndarray:
+    """Cohen's kappa with quadratic weights (B,) from confusion matrices (B, K, K): 1 - observed
+    over chance-expected squared grade distance (the Kaggle 2015 DR metric)."""
+    k = cm.shape[1]
+    i, j = np.indices((k, k))
+    w = (i - j) ** 2 / max(k - 1, 1) ** 2
+    n = cm.sum(axis=(1, 2))
+    expected = cm.sum(axis=2)[:, :, None] * cm.sum(axis=1)[:, None, :] / np.where(n > 0, n, 1)[:, None, None]
+    return 1 - _ratio((w * cm).sum(axis=(1, 2)), (w * expected).sum(axis=(1, 2)))
+
+
 @dataclass(frozen=True)
 class _Ranked:
     """One score sorted once, so the ROC AUC under any weighting of the images is a few vector ops."""
@@ -248,6 +262,7 @@ class _Problem:
     macro_classes: list[int]  # classes with positives and negatives: the macro AUC averages these
     urgent_cm: np.ndarray | None  # (P, 4) counts of (truly urgent, flagged) pairs per patient
     urgent_score: _Ranked | None
+    ordinal: bool = False
 
     @classmethod
     def build(
@@ -258,6 +273,7 @@ class _Problem:
         n_patients: int,
         positives: list[int],
         threshold: float,
+        ordinal: bool = False,
     ) -> _Problem:
         k = p.shape[1]
 
@@ -281,6 +297,7 @@ class _Problem:
             macro_classes=[c for c in range(k) if 0 < support[c] < y.size],
             urgent_cm=urgent_cm,
             urgent_score=urgent_score,
+            ordinal=ordinal,
         )
 
     def evaluate(self, weights: np.ndarray) -> dict[_Key, np.ndarray]:
@@ -301,6 +318,8 @@ class _Problem:
             if self.macro_classes
             else np.full(len(weights), np.nan)
         )
+        if self.ordinal:
+            out[("quadratic_kappa",)] = _quadratic_kappa(cm)
         if self.urgent_cm is not None and self.urgent_score is not None:
             # Class 1 of the 2x2 table is "urgent": its recall is the sensitivity, and the recall
             # of class 0 (non-urgent correctly not flagged) is the specificity.

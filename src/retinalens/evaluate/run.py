@@ -12,6 +12,7 @@ from .._console import console
 from .._io import atomic_write_json
 from ..data.discover import discover
 from ..data.hashing import sha256_files
+from ..data.tasks import apply_task, get_task
 from ..errors import RetinaLensError
 from ..features.extract import extract_features, head_inputs, open_cache
 from ..models.bundle import Bundle
@@ -28,6 +29,8 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
     ds = discover(data, patient_regex=patient_regex, images_dir=images_dir)
     if ds.splits and split:
         ds = ds.subset(split)
+    task = get_task(bundle.manifest.get("task"))  # a DR bundle reads grades 0-4 and maps them itself
+    ds, dropped = apply_task(ds, task)
     unknown = sorted(set(ds.classes) - set(bundle.classes))
     if unknown:
         raise RetinaLensError(f"{ds.root}: classes {', '.join(unknown)} are not among the model's ({', '.join(bundle.classes)})")
@@ -43,12 +46,16 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
     probs = head_probabilities(bundle.head, head_inputs(store, [hashes[i] for i in keep], bundle.head_config.input_kind))
     index = {c: k for k, c in enumerate(bundle.classes)}
     y = np.array([index[ds.samples[i].label] for i in keep], dtype=np.int64)
-    urgent = [c for c, level in bundle.referral.items() if level == "urgent"]
     metrics = classification_metrics(y, probs, bundle.classes, [ds.samples[i].patient for i in keep],
-                                     positive_classes=urgent or None, n_boot=n_boot, seed=seed)
+                                     positive_classes=bundle.positive_classes or None, n_boot=n_boot, seed=seed,
+                                     ordinal=bool(task and task.ordinal))
+    if task and metrics["urgent_referral"]:  # DR tasks: the referable decision, at the top level too
+        for key in ("auc", "sensitivity", "specificity"):
+            metrics[key], metrics[f"{key}_ci"] = metrics["urgent_referral"][key], metrics["urgent_referral"][f"{key}_ci"]
     metrics["data"] = {"path": str(ds.root), "split": split if ds.layout == "split-folders" or split in ds.splits else None,
                        "per_class": ds.class_counts()}
-    metrics["failures"] = [{"input": p, "error": r} for p, r in report.failures]
+    metrics["failures"] = [{"input": p, "error": r} for p, r in report.failures] + [
+        {"input": d["path"], "error": d["reason"]} for d in dropped]
     metrics["overlap_with_training"] = _overlap(bundle, {hashes[i] for i in keep})
     metrics["model"] = {"path": str(bundle.path), "backbone": bundle.manifest["backbone"]["name"],
                         "head": bundle.head_config.kind}

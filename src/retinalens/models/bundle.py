@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from .._io import atomic_write_json
+from ..data.tasks import Task
 from ..data.transforms import Preprocessing
 from ..errors import RetinaLensError
 from .heads import HeadConfig, create_head
@@ -70,6 +71,10 @@ class Bundle:
         return dict(self.manifest.get("referral", {}))
 
     @property
+    def positive_classes(self) -> list[str]:
+        return list(self.manifest.get("positive_classes", [c for c, lv in self.referral.items() if lv == "urgent"]))
+
+    @property
     def head_config(self) -> HeadConfig:
         return HeadConfig.from_dict(self.manifest["head"])
 
@@ -96,7 +101,7 @@ class Bundle:
 def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_config: HeadConfig,
                 classes: list[str], precision: str, feature_shape: tuple[int, int, int],
                 sections: dict[str, Any], files: dict[str, bytes] | None = None,
-                referral: dict[str, str | None] | None = None) -> Path:
+                referral: dict[str, str | None] | None = None, task: Task | None = None) -> Path:
     """Write the bundle into a temp folder beside `out`, then swap it in: never half a bundle."""
     from safetensors.torch import save_file
 
@@ -115,9 +120,11 @@ def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_co
         manifest = {
             "format": BUNDLE_FORMAT,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "task": "oct" if set(classes) == set(OCT_REFERRAL) else "classes",
+            "task": task.name if task else ("oct" if set(classes) == set(OCT_REFERRAL) else "classes"),
             "classes": classes,
             "referral": referral or default_referral(classes),
+            # the referral decision that evaluation reports as sensitivity / specificity / AUC
+            "positive_classes": list(task.positive_classes) if task else [c for c in classes if OCT_REFERRAL.get(c.upper()) == "urgent"],
             "backbone": backbone.describe(),
             "features": {"precision": precision, "feature_shape": list(feature_shape), "dtype": "float16"},
             "head": head_config.to_dict(),

@@ -13,6 +13,7 @@ from .._console import console
 from ..data.discover import discover
 from ..data.hashing import sha256_files
 from ..data.splits import SplitConfig, make_splits
+from ..data.tasks import apply_task, get_task
 from ..evaluate.metrics import classification_metrics
 from ..features.extract import extract_features, head_inputs, open_cache, print_extract_report
 from ..errors import RetinaLensError
@@ -44,12 +45,16 @@ class RunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(head=HeadConfig(kind="auto")))
     patient_regex: str | None = None
     images_dir: str | None = None
+    task: str | None = None  # None: the labels as they are (OCT classes); "referable" or "grade": DR grades 0-4
 
 
 def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> Bundle:
     say = console()
     check_output_folder(Path(out).expanduser())  # before minutes of work, not after
-    ds = discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir)
+    task = get_task(cfg.task)
+    ds, dropped = apply_task(discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir), task)
+    for d in dropped:
+        say.print(f"[red]skipped[/] {d['path']}: {d['reason']}")
     hashes = sha256_files(s.path for s in ds.samples)
     splits = make_splits(ds, cfg.split, hashes)
     summary = splits.summary(ds)
@@ -96,10 +101,10 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> B
     result = results[chosen]
     head_config = replace(cfg.train.head, kind=chosen, dropout=0.0 if chosen == "logreg" else cfg.train.head.dropout)
     val_x = head_inputs(cache, [hashes[i] for i in idx["val"]], head_config.input_kind)
-    urgent = [c for c in ds.classes if OCT_REFERRAL.get(c.upper()) == "urgent"]
+    positives = list(task.positive_classes) if task else [c for c in ds.classes if OCT_REFERRAL.get(c.upper()) == "urgent"]
     val_metrics = classification_metrics(y["val"], head_probabilities(result.head, val_x), ds.classes,
-                                         [ds.samples[i].patient for i in idx["val"]],
-                                         positive_classes=urgent or None, n_boot=200, seed=cfg.train.seed)
+                                         [ds.samples[i].patient for i in idx["val"]], positive_classes=positives or None,
+                                         n_boot=200, seed=cfg.train.seed, ordinal=bool(task and task.ordinal))
     selection = {kd: {"val_acc": r.val_metrics["val_acc"], "val_loss": r.val_metrics["val_loss"]} for kd, r in results.items()}
     say.print("validation accuracy: " + ", ".join(f"{kd} head {v['val_acc']:.3f}" for kd, v in selection.items())
               + f"; logistic-regression baseline {baseline['val_acc']:.3f}; using the {chosen} head")
@@ -117,7 +122,8 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> B
     files = {"config.json": json.dumps(_jsonable(asdict(cfg)), indent=2).encode(),
              "splits.json": json.dumps({"sha256": split_hashes, "removed": splits.removed}, indent=1).encode()}
     path = save_bundle(out, backbone=backbone, head=result.head, head_config=head_config, classes=ds.classes,
-                       precision=precision, feature_shape=shape, sections=sections, files=files)
+                       precision=precision, feature_shape=shape, sections=sections, files=files, task=task,
+                       referral=dict(task.referral) if task else None)
     if result.has_curves:
         write_curves(result, path)
     return load_bundle(path)
