@@ -268,7 +268,8 @@ def prepare_fundus(src: str | Path, dst: str | Path, size: int = 256, contrast: 
         if folder.is_dir():
             sweep_temp_files(folder)
 
-    report = PrepareReport(dropped=dropped, report_path=dst / REPORT_NAME)
+    n_images = len(jobs) + len(dropped)  # dropped so far: named in the CSV but missing, or a duplicate name
+    report = PrepareReport(dropped=list(dropped), report_path=dst / REPORT_NAME)
     done = [j for j in jobs if _complete(j.output, size)]
     done_set = set(done)
     todo = [(j, True) for j in jobs if j not in done_set]
@@ -292,7 +293,7 @@ def prepare_fundus(src: str | Path, dst: str | Path, size: int = 256, contrast: 
         _write_labels(dst / "labels.csv", rows, {j.name for j in kept})
     atomic_write_json(dst / REPORT_NAME, {
         "source": str(src), "layout": layout, "settings": settings, "complete": True,
-        "counts": {"images": len(jobs) + len(dropped), "kept": report.kept, "prepared": report.prepared,
+        "counts": {"images": n_images, "kept": report.kept, "prepared": report.prepared,
                    "skipped_existing": report.skipped_existing, "dropped": len(report.dropped)},
         "dropped": [{"image": str(p), "reason": r} for p, r in report.dropped],
         "crop_boxes": report.crop_boxes,

@@ -41,7 +41,7 @@ TASKS = {
 
 
 def get_task(name: str | None) -> Task | None:
-    if name is None or name == "classes":
+    if name in (None, "oct", "classes"):  # the labels as they are (what a bundle records then)
         return None
     if name not in TASKS:
         raise RetinaLensError(f"unknown task '{name}': use {', '.join(TASKS)} (or none: the labels as they are)")
