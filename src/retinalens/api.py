@@ -7,6 +7,7 @@ from typing import Any
 
 from .data.discover import discover
 from .data.hashing import sha256_files
+from .data.splits import SplitConfig
 from .features.cache import FeatureCache
 from .features.extract import ExtractReport, extract_features, open_cache
 from .models.bundle import Bundle, load_bundle
@@ -31,14 +32,19 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, weights: str 
     return store, report
 
 
-def train(data: str | Path, out: str | Path, *, backbone: str = DEFAULT_BACKBONE, head: str = "auto",
-          task: str | None = None, epochs: int = 60, seed: int = 0, cache: str | Path | None = None,
-          images_dir: str | Path | None = None, progress: bool = False, **train_options: Any) -> Bundle:
-    """`retinalens train`: the simple form; build a RunConfig and call train_bundle for everything else."""
-    cfg = RunConfig(data=str(data), extract=ExtractConfig(backbone=backbone, cache=str(cache) if cache else None),
-                    train=TrainConfig(head=HeadConfig(kind=head), epochs=epochs, seed=seed, **train_options),
-                    task=task, images_dir=str(images_dir) if images_dir else None)
-    cfg.split.seed = seed
+def train(data: str | Path, out: str | Path, *, backbone: str = DEFAULT_BACKBONE, weights: str | Path | None = None,
+          pretrained: bool = True, head: str = "auto", hidden: int = 0, task: str | None = None, epochs: int = 60,
+          seed: int = 0, cache: str | Path | None = None, precision: str = "auto", workers: int = 0,
+          val_fraction: float = 0.15, patient_regex: str | None = None, images_dir: str | Path | None = None,
+          progress: bool = False, **train_options: Any) -> Bundle:
+    """`retinalens train`, option for option (`precision` is the features', as on the CLI); further
+    TrainConfig fields (lr, batch_size, class_weights, monitor, ...) pass through `train_options`."""
+    cfg = RunConfig(
+        data=str(data), task=task, patient_regex=patient_regex, images_dir=str(images_dir) if images_dir else None,
+        extract=ExtractConfig(backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained,
+                              precision=precision, workers=workers, cache=str(cache) if cache else None),
+        split=SplitConfig(val_fraction=val_fraction, seed=seed),
+        train=TrainConfig(head=HeadConfig(kind=head, hidden=hidden), epochs=epochs, seed=seed, **train_options))
     return train_bundle(cfg, out, progress=progress)
 
 

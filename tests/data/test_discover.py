@@ -235,3 +235,21 @@ def test_list_images(tmp_path: Path, make_png) -> None:
         list_images(tmp_path / "void")
     with pytest.raises(RetinaLensError):
         list_images(tmp_path / "missing")
+
+
+def test_split_folder_without_class_folders_is_an_error(tmp_path: Path, make_png) -> None:
+    make_png(tmp_path / "train" / "CNV" / "a.png", 1)
+    make_png(tmp_path / "train" / "NORMAL" / "b.png", 2)
+    make_png(tmp_path / "test" / "c.png", 3)  # loose images: not a class layout
+    with pytest.raises(RetinaLensError, match="test have no class folders"):
+        discover(tmp_path)
+
+
+def test_csv_rows_must_name_images_and_carry_labels(tmp_path: Path, make_png) -> None:
+    make_png(tmp_path / "a.png", 1)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(RetinaLensError, match="not found: notes.txt"):
+        discover(_write_csv(tmp_path / "l.csv", ["image", "label"], [["a.png", "X"], ["notes.txt", "Y"]]))
+    make_png(tmp_path / "b.png", 2)
+    with pytest.raises(RetinaLensError, match="no label"):
+        discover(_write_csv(tmp_path / "m.csv", ["image", "label"], [["a.png", "X"], ["b.png", ""]]))

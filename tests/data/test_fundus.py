@@ -21,9 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage as ndi
-from typer.testing import CliRunner
 
-from retinalens.cli.prepare import prepare_app
 from retinalens.data.decode import decode_image
 from retinalens.data.discover import discover
 from retinalens.data.fundus import FOV, UnusableFundusError, find_fov, prepare_fundus, prepare_image
@@ -313,6 +311,16 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path, make_pn
     assert not (tmp_path / "out").exists()
 
 
+def test_two_sources_with_one_output_name_keep_the_first(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    eye = fundus_like(400, 300, 200, 150, 140)[0]
+    eye.save(src / "eye.jpg")
+    eye.save(src / "eye.png")
+    report = prepare_fundus(src, tmp_path / "out", size=64, workers=1, progress=False)
+    assert report.kept == 1 and report.dropped == [(src / "eye.png", "same output name as eye.jpg (eye.jpeg)")]
+
+
 def test_a_destination_prepared_with_other_settings_is_refused(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -347,22 +355,31 @@ def test_contrast_normalises_inside_the_disc_and_keeps_the_outside_black(shared_
 
 # -- command line -----------------------------------------------------------------------------
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """`retinalens ...` as users run it: the real entry point, in its own process."""
+    return subprocess.run([sys.executable, "-m", "retinalens.cli.main", *args], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT / "src"), COLUMNS="200"))
+
+
 def test_cli_prepares_and_reports(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     fundus_like(400, 300, 200, 150, 140)[0].save(src / "eye.png")
     Image.new("RGB", (400, 300)).save(src / "black.png")
-    runner = CliRunner()
-    r = runner.invoke(prepare_app, ["fundus", str(src), str(tmp_path / "out"), "--size", "64", "--workers", "1", "-q"])
-    assert r.exit_code == 0, r.output
-    assert "prepared 1 images" in r.output and "1 new" in r.output and "dropped 1" in r.output
-    assert "black.png: near-black" in r.output
+    r = _cli("prepare", "fundus", str(src), str(tmp_path / "out"), "--size", "64", "--workers", "1", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "prepared 1 images" in r.stderr and "1 new" in r.stderr and "dropped 1" in r.stderr
+    assert "black.png: near-black" in r.stderr
     assert (tmp_path / "out" / "eye.jpeg").is_file()
 
-    r = runner.invoke(prepare_app, ["fundus", str(tmp_path / "nope"), str(tmp_path / "out2"), "-q"])
-    assert r.exit_code == 2
-    assert "error:" in r.output and "no such file" in r.output and "Traceback" not in r.output
+    r = _cli("prepare", "fundus", str(tmp_path / "nope"), str(tmp_path / "out2"), "-q")
+    assert r.returncode == 2
+    assert "error:" in r.stderr and "no such file" in r.stderr and "Traceback" not in r.stderr + r.stdout
     assert not (tmp_path / "out2").exists()
+
+    r = _cli("prepare", "fundus", str(src), str(tmp_path / "out"), "--size", "64", "-q")  # a rerun skips the image
+    assert r.returncode == 0, r.stderr
+    assert "(0 new, 1 already there)" in r.stderr
 
 
 def test_importing_the_cli_module_is_cheap() -> None:

@@ -184,24 +184,24 @@ def _other_keys(key: CacheKey) -> list[CacheKey]:
 
 
 @pytest.mark.parametrize("which", ["precision", "preprocessing", "weights"])
-def test_stale_cache_folder_is_rebuilt_with_note(reference, tmp_path: Path, which: str) -> None:
+def test_cache_folder_of_other_features_is_kept_and_a_sibling_used(reference, tmp_path: Path, which: str) -> None:
     leaf = copy_cache(reference.cache, tmp_path)
+    before = chunk_files(leaf)
     other = _other_keys(reference.cache.key)[["precision", "preprocessing", "weights"].index(which)]
-    cache = FeatureCache(leaf, other)  # the leaf itself: it holds a manifest of another key
-    assert cache.dir == leaf
-    assert len(cache) == 0
-    assert len(cache.notes) == 1 and "stale" in cache.notes[0] and str(leaf) in cache.notes[0]
-    assert not list(leaf.glob("chunk-*"))
-    assert json.loads((leaf / MANIFEST).read_text())["key"] == other.to_dict()
-    # and it is a sound cache for the new key from now on
-    again = FeatureCache(leaf, other)
-    assert again.notes == []
+    cache = FeatureCache(leaf, other)  # --cache named that folder itself: it holds another key's features
+    assert cache.dir != leaf and cache.dir.parent == leaf.parent and len(cache) == 0
+    assert len(cache.notes) == 1 and str(leaf) in cache.notes[0]
+    assert {"precision": "precision", "preprocessing": "preprocessing", "weights": "weights_sha256"}[which] in cache.notes[0]
+    assert chunk_files(leaf) == before  # features somebody built on purpose are never wiped
+    assert json.loads((cache.dir / MANIFEST).read_text())["key"] == other.to_dict()
+    again = FeatureCache(cache.dir, other)  # and the new folder is a sound cache for its key
+    assert again.notes == [] and again.dir == cache.dir
 
 
 def test_stale_cache_via_open_cache(reference, backbone, tmp_path: Path) -> None:
     leaf = copy_cache(reference.cache, tmp_path)
     cache = open_cache(leaf, backbone, "bf16")
-    assert cache.dir == leaf and len(cache) == 0 and any("stale" in n for n in cache.notes)
+    assert cache.dir != leaf and len(cache) == 0 and any("precision fp32, not bf16" in n for n in cache.notes)
     r = extract_features([], [], backbone, cache, progress=False)
     assert r.notes == cache.notes  # the report carries the note to the user
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -13,6 +12,7 @@ import typer
 
 from .._console import console
 from ..errors import RetinaLensError
+from .prepare import prepare_app
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="RetinaLens: deep-learning triage of retinal images (OCT B-scans, fundus photos).")
@@ -27,6 +27,9 @@ WorkersOpt = typer.Option(0, "--workers", help="Decoding processes (0: threads b
 PatientOpt = typer.Option(None, "--patient-regex", help="Regex with a (?P<patient>...) group, matched on file names.")
 ImagesOpt = typer.Option(None, "--images", help="Folder of the images a labels CSV names.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+app.add_typer(prepare_app, name="prepare")
 
 
 @app.command()
@@ -69,20 +72,12 @@ def train(
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Train a head on cached features (extracting what the cache lacks) and write a model bundle."""
-    from ..data.splits import SplitConfig
-    from ..models.heads import HeadConfig
-    from ..train.pipeline import ExtractConfig, RunConfig, train_bundle
-    from ..train.trainer import TrainConfig
+    from ..api import train as run_train
 
-    cfg = RunConfig(
-        data=str(data), patient_regex=patient_regex, images_dir=str(images) if images else None, task=task,
-        extract=ExtractConfig(backbone=backbone, weights=str(weights) if weights else None, pretrained=not random_weights,
-                              precision=precision, workers=workers, cache=str(cache) if cache else None),
-        split=SplitConfig(val_fraction=val_fraction, seed=seed),
-        train=TrainConfig(head=HeadConfig(kind=head, hidden=hidden), epochs=epochs, batch_size=batch_size, lr=lr,
-                          class_weights=class_weights, monitor=monitor, seed=seed),
-    )
-    bundle = train_bundle(cfg, out, progress=not quiet)
+    bundle = run_train(data, out, backbone=backbone, weights=weights, pretrained=not random_weights, head=head,
+                       hidden=hidden, task=task, epochs=epochs, seed=seed, cache=cache, precision=precision,
+                       workers=workers, val_fraction=val_fraction, patient_regex=patient_regex, images_dir=images,
+                       progress=not quiet, batch_size=batch_size, lr=lr, class_weights=class_weights, monitor=monitor)
     console().print(f"[green]bundle written:[/] {bundle.path}")
 
 
@@ -126,7 +121,10 @@ def predict(
 
     model = load(bundle)
     results = model.predict_many(inputs, batch_size=batch_size, workers=workers, progress=not quiet)
-    print_predictions(results, model.classes)
+    if sys.stdout.isatty():
+        print_predictions(results, model.classes)
+    else:  # piped or redirected: whole CSV rows, never a table cut to 80 columns
+        sys.stdout.write(predictions_csv(results, model.classes))
     if json_out:
         atomic_write_json(json_out, results)
     if csv_out:
@@ -135,7 +133,7 @@ def predict(
     for r in failed:
         console().print(f"[red]failed[/] {r['error']}")
     if failed and len(failed) == len(results):
-        raise typer.Exit(2)
+        raise RetinaLensError(f"none of the {len(results)} input(s) could be read")
 
 
 @app.command()
@@ -206,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=args, prog_name="retinalens", standalone_mode=True)
     except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+        code = int(exc.code or 0) if not isinstance(exc.code, str) else 1
+        if code == 130:  # typer turns Ctrl-C into a silent exit 130
+            console().print("interrupted: what was finished is kept (the feature cache resumes on the next run)")
+        return code
     except RetinaLensError as exc:
         console().print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2

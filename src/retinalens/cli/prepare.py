@@ -12,7 +12,6 @@ from typing import Optional
 import typer
 
 from .._console import console
-from ..errors import RetinaLensError
 
 prepare_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                           help="Prepare raw images for training (crop, square, resize).")
@@ -38,11 +37,8 @@ def fundus(
     from ..data.fundus import prepare_fundus
 
     out = console()
-    try:
-        report = prepare_fundus(src, dst, size=size, contrast=contrast, workers=workers, progress=not quiet, fmt=fmt)
-    except RetinaLensError as exc:  # bad input: one line, exit 2 (as the main CLI does), never a traceback
-        out.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    # Bad input raises RetinaLensError, which the main CLI's entry point turns into one line, exit 2.
+    report = prepare_fundus(src, dst, size=size, contrast=contrast, workers=workers, progress=not quiet, fmt=fmt)
     for path, reason in report.dropped:
         out.print(f"[yellow]dropped[/] {path}: {reason}", highlight=False, soft_wrap=True)
     out.print(f"prepared {report.kept} images in {dst} ({report.prepared} new, {report.skipped_existing} already there), "

@@ -96,6 +96,9 @@ def _from_csv(csv_path: Path, parser: PatientParser, images_dir: Path | None) ->
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise RetinaLensError(f"{csv_path}: {len(missing)} image(s) named in the CSV were not found: {shown}")
+    unlabelled = [s.path.name for s in samples if not s.label]
+    if unlabelled:
+        raise RetinaLensError(f"{csv_path}: {len(unlabelled)} row(s) have no label, e.g. {unlabelled[0]}")
     return samples
 
 
@@ -104,7 +107,7 @@ def _resolve(name: str, search: list[Path]) -> Path | None:
         return None
     for d in search:
         p = d / name
-        if p.is_file():
+        if p.is_file() and is_image_file(p):
             return p
         for suffix in (".jpeg", ".jpg", ".png", ".tif"):  # Kaggle's CSV names images without extension
             if (q := p.with_name(p.name + suffix)).is_file():
@@ -125,7 +128,11 @@ def discover(path: str | Path, *, patient_regex: str | None = None, images_dir: 
         layout = "csv"
     else:
         split_dirs = {SPLIT_NAMES[d.name.lower()]: d for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES}
-        if split_dirs and all(_class_dirs(d) for d in split_dirs.values()):
+        bare = sorted(d.name for d in split_dirs.values() if not _class_dirs(d))
+        if split_dirs and bare and any(_class_dirs(d) for d in split_dirs.values()):
+            raise RetinaLensError(f"{root}: split folder(s) {', '.join(bare)} have no class folders "
+                                  "(expected ROOT/SPLIT/CLASS/*.jpeg in every split)")
+        if split_dirs and not bare:
             samples = [s for split, d in sorted(split_dirs.items()) for s in _from_class_folders(d, parser, split, root)]
             layout = "split-folders"
         elif _class_dirs(root):

@@ -72,9 +72,9 @@ def _carve(idx: list[int], ds: Dataset, fraction: float, seed: int) -> tuple[lis
 
 def make_splits(ds: Dataset, cfg: SplitConfig | None = None, hashes: list[str] | None = None) -> Splits:
     cfg = cfg or SplitConfig()
-    for name in ("val_fraction", "test_fraction"):
-        if not 0 < getattr(cfg, name) < 1:
-            raise RetinaLensError(f"{name.replace('_', '-')} must be between 0 and 1, got {getattr(cfg, name)}")
+    for name in ("val_fraction", "test_fraction"):  # a grouped k-fold carves 1/k: at most a half
+        if not 0 < getattr(cfg, name) <= 0.5:
+            raise RetinaLensError(f"{name.replace('_', '-')} must be between 0 and 0.5, got {getattr(cfg, name)}")
     hashes = hashes if hashes is not None else sha256_files(s.path for s in ds.samples)
     removed: list[dict[str, Any]] = []
     given = {i: s.split for i, s in enumerate(ds.samples)}

@@ -66,7 +66,9 @@ class Preprocessing:
 
     def load(self, source: ImageSource, *, name: str | None = None) -> torch.Tensor:
         """Decode + resize: the path from a file (or bytes) to the model's uint8 input."""
-        return self.pixels(decode_image(source, draft_size=self.size, name=name, keep_grey=True))
+        # No JPEG draft decoding here: it changes pixels (and predictions) with the file format and
+        # resolution, and the same scan must give the same answer as JPEG, PNG or a larger export.
+        return self.pixels(decode_image(source, name=name, keep_grey=True))
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (N, S, S, 3) -> float32 (N, 3, S, S), channels-last in memory, mean/std applied."""

@@ -61,8 +61,17 @@ class FeatureCache:
         # Whether chunks carry spatial maps. A folder that has them keeps them (pooled-only readers
         # use the same folder); one without them is rebuilt when maps are asked for.
         self.has_spatial = spatial
-        self.dir = root if _is_cache_folder(root) else root / f"{key.backbone}-{key.digest[:12]}"
         self.notes: list[str] = []  # what opening the cache had to fix, for the user
+        keyed = f"{key.backbone}-{key.digest[:12]}"
+        if _is_cache_folder(root) and root.name != keyed and _manifest_key(root) not in (None, key.to_dict()):
+            # --cache named one cache folder, built for other features. `extract`/`train` go next
+            # to it (never wiping features somebody built on purpose); `evaluate` refuses.
+            if on_mismatch == "error":
+                raise RetinaLensError(f"the feature cache at {root} holds {_difference(_manifest_key(root), key)}; "
+                                      "pass another --cache folder")
+            self.notes.append(f"{root} holds {_difference(_manifest_key(root), key)}; using {root.parent / keyed}")
+            root = root.parent
+        self.dir = root if _is_cache_folder(root) else root / keyed
         self._index: dict[str, tuple[int, int]] = {}
         self._failed: dict[str, str] = {}  # images that cannot be decoded: sha256 -> reason
         self._chunks: list[tuple[str, np.ndarray, np.ndarray | None]] = []
@@ -186,6 +195,26 @@ def _is_cache_folder(folder: Path) -> bool:
         return json.loads((folder / MANIFEST).read_text()).get("created_by") == "retinalens"
     except (OSError, ValueError, AttributeError):
         return (folder / MANIFEST).is_file() and any(folder.glob("chunk-*.json"))
+
+
+def _manifest_key(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _difference(have: dict[str, Any] | None, want: CacheKey) -> str:
+    """'features of X with precision fp32, not bf16': just what differs."""
+    if not have:
+        return "an unreadable manifest"
+    diffs = [f"{k} {_short(have.get(k))}, not {_short(v)}" for k, v in want.to_dict().items() if have.get(k) != v]
+    return f"features of {have.get('backbone')} with " + "; ".join(diffs)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return text[:12] if len(text) == 64 else text  # a sha256: its first 12 characters
 
 
 def _describe(manifest: dict[str, Any] | None) -> str:

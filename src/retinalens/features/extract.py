@@ -51,6 +51,8 @@ def extract_features(paths: list[Path], hashes: list[str], backbone: Backbone, c
                      precision: str = "fp32", batch_size: int = 16, chunk_size: int = 256, workers: int = 0,
                      shard: tuple[int, int] = (0, 1), progress: bool = True) -> ExtractReport:
     """Extract features of the images the cache lacks. Bad images are recorded, never fatal."""
+    if batch_size < 1 or chunk_size < 1 or workers < 0:
+        raise RetinaLensError(f"need --batch-size >= 1 and --workers >= 0 (got {batch_size}, {workers})")
     if chunk_size % batch_size:
         chunk_size = max(batch_size, chunk_size // batch_size * batch_size)  # batches must not cross chunks
     first_path = {}
@@ -107,7 +109,11 @@ def open_cache(root: str | Path | None, backbone: Backbone, precision: str, *, s
 
 def head_inputs(cache: FeatureCache, hashes: list[str], input_kind: str) -> np.ndarray:
     """What a head eats: spatial maps for the conv head, pooled vectors for the pooled head."""
-    return cache.spatial(hashes) if input_kind == "spatial" else cache.pooled(hashes)
+    x = cache.spatial(hashes) if input_kind == "spatial" else cache.pooled(hashes)
+    if not np.isfinite(x).all():  # bytes damaged on disk behind a sound header
+        raise RetinaLensError(f"the feature cache at {cache.dir} holds non-finite values (damaged on disk); "
+                              "delete that folder and run again")
+    return x
 
 
 def print_extract_report(report: ExtractReport) -> None:

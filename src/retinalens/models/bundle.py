@@ -12,6 +12,7 @@ import json
 import platform
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
@@ -107,6 +108,9 @@ def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_co
 
     out = Path(out).expanduser()
     check_output_folder(out)
+    for stale in out.parent.glob(f".{out.name}.*.tmp") if out.parent.is_dir() else ():
+        if time.time() - stale.stat().st_mtime > 3600:  # left by a run killed over an hour ago
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -134,6 +138,9 @@ def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_co
             "files": {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))},
         }
         atomic_write_json(tmp / MANIFEST, manifest)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared, like every output
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -171,6 +178,8 @@ def load_bundle(path: str | Path) -> Bundle:
         head_cfg = HeadConfig.from_dict(manifest["head"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RetinaLensError(f"{path}: unreadable bundle manifest ({type(exc).__name__}: {exc})") from None
+    if not isinstance(fmt, int):
+        raise RetinaLensError(f"{path}: unreadable bundle manifest (format {fmt!r} is not a number)")
     if fmt > BUNDLE_FORMAT:
         raise RetinaLensError(f"{path}: bundle format {fmt} is newer than this RetinaLens understands ({BUNDLE_FORMAT})")
     for name, digest in manifest.get("files", {}).items():

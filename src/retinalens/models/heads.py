@@ -90,9 +90,15 @@ HEADS: dict[str, type[nn.Module]] = {"conv": ConvHead, "linear": PooledHead, "lo
 
 
 def create_head(cfg: HeadConfig, feature_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    if cfg.kind not in HEADS:
-        raise RetinaLensError(f"unknown head '{cfg.kind}': use one of {', '.join(HEADS)}")
+    check_head_config(cfg)
     return HEADS[cfg.kind](tuple(feature_shape), num_classes, cfg)
+
+
+def check_head_config(cfg: HeadConfig, allowed: tuple[str, ...] = tuple(HEADS)) -> None:
+    if cfg.kind not in allowed:
+        raise RetinaLensError(f"unknown head '{cfg.kind}': use one of {', '.join(allowed)}")
+    if cfg.channels < 1 or cfg.hidden < 0 or not 0 <= cfg.dropout < 1:
+        raise RetinaLensError(f"head sizes must be positive and dropout in [0, 1) (got {cfg})")
 
 
 @torch.no_grad()

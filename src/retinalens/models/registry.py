@@ -79,7 +79,8 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         # weights_only: tensors only, never arbitrary pickled objects.
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here is a bad file
-        raise RetinaLensError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+        raise RetinaLensError(f"{path}: cannot read weights ({type(exc).__name__}; a tensors-only "
+                              ".safetensors or .pth file is expected)") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -109,11 +110,25 @@ def _classifier_prefix(model: nn.Module) -> str:
     return get.get("classifier", "classifier") if isinstance(get, dict) else "classifier"
 
 
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def create_timm_model(spec: BackboneSpec, weights: str | Path | None, pretrained: bool) -> tuple[nn.Module, str]:
     """The timm model with ImageNet classifier and its weights; returns (model, source description)."""
     import timm
 
     if weights is None and pretrained and spec.default_weights == "hub":
+        if not _hub_reachable():  # the hub client would retry for about a minute before giving up
+            raise RetinaLensError(
+                f"ImageNet weights for '{spec.name}' come from the model hub, which cannot be reached from here; "
+                "pass --weights FILE (a local .safetensors/.pth), or --random-weights for timing")
         try:
             return timm.create_model(spec.timm_name, pretrained=True), f"timm hub ({spec.timm_name})"
         except Exception as exc:  # noqa: BLE001 - offline, hub down, no such weights

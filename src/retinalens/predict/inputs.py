@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -26,13 +28,25 @@ def is_url(text: str) -> bool:
 
 
 def fetch_url(url: str, *, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
-    """Download an image; refuses bodies over max_bytes (whatever Content-Length claims)."""
+    """Download an image within `timeout` seconds in all (not per read: a server trickling bytes
+    cannot hold us), refusing bodies over max_bytes and bodies shorter than they declared."""
+    deadline = time.monotonic() + timeout
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "retinalens"}), timeout=timeout) as r:
             declared = r.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise RetinaLensError(f"{url}: {int(declared):,} bytes exceeds the {max_bytes:,}-byte limit")
-            data = r.read(max_bytes + 1)
+            blocks, size = [], 0
+            while block := r.read1(65536):
+                blocks.append(block)
+                size += len(block)
+                if size > max_bytes:
+                    break
+                if time.monotonic() > deadline:
+                    raise RetinaLensError(f"{url}: download took longer than {timeout:g} s")
+            data = b"".join(blocks)
+            if declared and declared.isdigit() and len(data) < int(declared):
+                raise RetinaLensError(f"{url}: download cut short ({len(data):,} of {int(declared):,} bytes)")
     except urllib.error.HTTPError as exc:
         raise RetinaLensError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
@@ -54,6 +68,8 @@ def expand_inputs(sources: list[str | Path | bytes]) -> list[Input]:
                 out.append(Input(src, fetch_url(src)))
             except RetinaLensError as exc:
                 out.append(Input(src, None, str(exc)))
+        elif isinstance(src, str) and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", src):
+            out.append(Input(src, None, f"{src}: only http:// and https:// URLs are supported"))
         else:
             try:
                 out += [Input(str(p), p) for p in list_images(src)]

@@ -16,11 +16,10 @@ from ..data.splits import SplitConfig, make_splits
 from ..data.tasks import apply_task, get_task
 from ..evaluate.metrics import classification_metrics
 from ..features.extract import extract_features, head_inputs, open_cache, print_extract_report
-from ..errors import RetinaLensError
-from ..models.heads import HEADS, HeadConfig, head_probabilities
+from ..models.heads import HEADS, HeadConfig, check_head_config, head_probabilities
 from ..models.bundle import Bundle, OCT_REFERRAL, check_output_folder, load_bundle, save_bundle
-from ..models.registry import DEFAULT_BACKBONE, create_backbone, resolve_precision
-from .trainer import TrainConfig, TrainResult, fit_logistic_head, train_head, write_curves
+from ..models.registry import DEFAULT_BACKBONE, create_backbone, resolve_precision, resolve_spec
+from .trainer import TrainConfig, TrainResult, check_train_config, fit_logistic_head, train_head, write_curves
 
 
 @dataclass
@@ -50,7 +49,12 @@ class RunConfig:
 
 def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> Bundle:
     say = console()
-    check_output_folder(Path(out).expanduser())  # before minutes of work, not after
+    # Everything that can be wrong with the options is found before minutes of work, not after.
+    check_output_folder(Path(out).expanduser())
+    check_head_config(cfg.train.head, ("auto", *HEADS))
+    check_train_config(cfg.train)
+    resolve_precision(cfg.extract.precision)
+    resolve_spec(cfg.extract.backbone)
     task = get_task(cfg.task)
     ds, dropped = apply_task(discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir), task)
     for d in dropped:
@@ -64,9 +68,6 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> B
         say.print(f"removed {len(splits.removed)} image(s) to keep splits disjoint: {summary['removed']['reasons']}")
 
     candidates = ("conv", "logreg") if cfg.train.head.kind == "auto" else (cfg.train.head.kind,)
-    for kind in candidates:
-        if kind not in HEADS:
-            raise RetinaLensError(f"unknown head '{kind}': use auto, {', '.join(HEADS)}")
     x = cfg.extract
     backbone = create_backbone(x.backbone, weights=x.weights, pretrained=x.pretrained)
     precision = resolve_precision(x.precision)
@@ -124,8 +125,9 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> B
     path = save_bundle(out, backbone=backbone, head=result.head, head_config=head_config, classes=ds.classes,
                        precision=precision, feature_shape=shape, sections=sections, files=files, task=task,
                        referral=dict(task.referral) if task else None)
-    if result.has_curves:
-        write_curves(result, path)
+    trained = next((r for r in (result, *results.values()) if r.has_curves), None)
+    if trained is not None:  # a fitted logistic head has no epochs; show the trained candidate's
+        write_curves(trained, path)
     return load_bundle(path)
 
 

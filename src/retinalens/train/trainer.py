@@ -72,6 +72,15 @@ class TrainResult:
         return buf.getvalue()
 
 
+def check_train_config(cfg: TrainConfig) -> None:
+    """Every option checked before any work is done (train_bundle calls this before extracting)."""
+    if cfg.monitor not in ("val_loss", "val_acc"):
+        raise RetinaLensError(f"--monitor must be val_loss or val_acc, not {cfg.monitor!r}")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise RetinaLensError(f"need --epochs >= 1, --batch-size >= 1 and --lr > 0 (got {cfg.epochs}, {cfg.batch_size}, {cfg.lr})")
+    resolve_precision(cfg.precision)
+
+
 def _class_weights(y: torch.Tensor, k: int) -> torch.Tensor:
     counts = torch.bincount(y, minlength=k).float().clamp(min=1)
     return counts.sum() / (k * counts)
@@ -94,10 +103,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
     """x_*: (N, H, W, C) float16 maps for the conv head, (N, C) float32 vectors for the pooled head."""
     if len(y_train) == 0 or len(y_val) == 0:
         raise RetinaLensError("training needs images in both the train and the validation split")
-    if cfg.monitor not in ("val_loss", "val_acc"):
-        raise RetinaLensError(f"--monitor must be val_loss or val_acc, not {cfg.monitor!r}")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise RetinaLensError(f"need --epochs >= 1, --batch-size >= 1 and --lr > 0 (got {cfg.epochs}, {cfg.batch_size}, {cfg.lr})")
+    check_train_config(cfg)
     amp = resolve_precision(cfg.precision) == "bf16"
     xt, yt = torch.from_numpy(np.ascontiguousarray(x_train)), torch.from_numpy(y_train).long()
     if amp and xt.dtype == torch.float16:
@@ -113,7 +119,9 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
         better = (lambda a, b: a < b) if cfg.monitor == "val_loss" else (lambda a, b: a > b)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min" if cfg.monitor == "val_loss" else "max", factor=cfg.lr_factor,
-            patience=cfg.lr_patience, min_lr=cfg.min_lr)
+            # PyTorch reduces once more than `patience` epochs are flat: patience - 1 halves the
+            # rate after exactly `lr_patience` flat epochs, as Keras and the original did
+            patience=max(cfg.lr_patience - 1, 0), min_lr=cfg.min_lr)
         gen = torch.Generator().manual_seed(cfg.seed)
         best, best_state, best_epoch, stale, history = math.nan, None, 0, 0, []
         with progress_bar(cfg.epochs, "train head", progress, unit="epoch") as advance:
