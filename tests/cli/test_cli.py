@@ -128,3 +128,22 @@ def test_output_paths_that_cannot_be_written_are_clear_errors(tmp_path, small_bu
     (tmp_path / "docs" / "thesis.tex").write_text("precious")
     assert_clean_error(cli("train", small_dataset, "--out", tmp_path / "docs", "-q"), "not a RetinaLens bundle")
     assert (tmp_path / "docs" / "thesis.tex").read_text() == "precious"
+
+
+def test_ctrl_c_says_so_and_keeps_the_work(tmp_path, oct_root):
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    # 748 scans are three cache chunks: interrupted after the first is committed, mid-way through the rest
+    proc = subprocess.Popen([sys.executable, "-m", "retinalens.cli.main", "extract", str(oct_root),
+                             "--cache", str(tmp_path / "c")], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((tmp_path / "c").glob("*/chunk-*.json")):
+        time.sleep(0.2)  # wait for the first committed chunk
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    r = cli("extract", oct_root, "--cache", tmp_path / "c", "-q")
+    assert r.returncode == 0 and "256 already cached" in r.stderr, r.stderr  # the rerun continues

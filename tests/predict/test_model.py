@@ -79,3 +79,41 @@ def test_url_timeout_is_an_error_not_a_hang():
             inputs.fetch_url(f"http://127.0.0.1:{s.getsockname()[1]}/x.jpeg", timeout=0.5)
     finally:
         s.close()
+
+
+def test_a_trickling_server_cannot_hold_a_download_past_its_deadline():
+    """10 bytes a second with a large Content-Length: the deadline is for the whole download."""
+    import socket
+    import time
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = srv.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        while not stop.is_set():
+            try:
+                conn.sendall(b"x" * 10)
+            except OSError:
+                break
+            time.sleep(0.1)
+        conn.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(retinalens.RetinaLensError, match="longer than"):
+            inputs.fetch_url(f"http://127.0.0.1:{srv.getsockname()[1]}/x.jpeg", timeout=1.0)
+        assert time.monotonic() - start < 5  # bounded by the deadline, not by the per-read timeout
+    finally:
+        stop.set()
+        srv.close()
+
+
+def test_other_url_schemes_are_refused(model):
+    [r] = model.predict_many(["ftp://127.0.0.1/x.jpeg"])
+    assert r["input"] == "ftp://127.0.0.1/x.jpeg" and "http" in r["error"]
