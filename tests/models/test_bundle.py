@@ -206,3 +206,11 @@ def test_never_replaces_a_file_or_a_foreign_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     check_output_folder(tmp_path / "empty")  # new or empty folders are fine
     check_output_folder(tmp_path / "new")
+
+
+def test_an_unwritable_destination_is_refused_up_front(tmp_path):
+    from retinalens.models.bundle import check_output_folder
+
+    (tmp_path / "afile.txt").write_text("x")
+    with pytest.raises(RetinaLensError, match="cannot create"):
+        check_output_folder(tmp_path / "afile.txt" / "sub")  # a file where a folder must be

@@ -9,6 +9,7 @@ Every weights file is hashed in the manifest and checked on load.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -161,6 +162,9 @@ def check_output_folder(out: Path) -> None:
         raise RetinaLensError(f"--out {out} is a file; give a folder for the bundle")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise RetinaLensError(f"--out {out} is a folder that is not a RetinaLens bundle; give a new or empty folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())  # where the bundle's folders will be made
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise RetinaLensError(f"--out {out}: cannot create it ({existing} is not a writable folder)")
 
 
 def load_bundle(path: str | Path) -> Bundle:
