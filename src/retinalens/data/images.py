@@ -13,7 +13,7 @@ from typing import Iterator, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from ..errors import ImageDecodeError
+from ..errors import ImageDecodeError, RetinaLensError
 from .transforms import Preprocessing
 
 ImageItem = Union[Path, bytes]
@@ -38,6 +38,12 @@ def _background_priority(_: int) -> None:
     """Worker processes yield the cores to the backbone's threads: a worker competing on equal
     terms stalls every parallel region of the backbone (measured on 2 cores)."""
     os.nice(10)
+
+
+def check_batching(batch_size: int, workers: int) -> None:
+    """The options every batched command takes, checked once for all of them."""
+    if batch_size < 1 or workers < 0:
+        raise RetinaLensError(f"need --batch-size >= 1 and --workers >= 0 (got {batch_size}, {workers})")
 
 
 def image_batches(dataset: ImageFiles, batches: list[list[int]], workers: int = 0,

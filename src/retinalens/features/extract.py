@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .._console import console, progress_bar
-from ..data.images import ImageFiles, image_batches
+from ..data.images import ImageFiles, check_batching, image_batches
 from ..errors import RetinaLensError
 from ..models.registry import Backbone
 from .cache import CacheKey, FeatureCache, default_cache_root
@@ -51,8 +51,7 @@ def extract_features(paths: list[Path], hashes: list[str], backbone: Backbone, c
                      precision: str = "fp32", batch_size: int = 16, chunk_size: int = 256, workers: int = 0,
                      shard: tuple[int, int] = (0, 1), progress: bool = True) -> ExtractReport:
     """Extract features of the images the cache lacks. Bad images are recorded, never fatal."""
-    if batch_size < 1 or chunk_size < 1 or workers < 0:
-        raise RetinaLensError(f"need --batch-size >= 1 and --workers >= 0 (got {batch_size}, {workers})")
+    check_batching(batch_size, workers)
     if chunk_size % batch_size:
         chunk_size = max(batch_size, chunk_size // batch_size * batch_size)  # batches must not cross chunks
     first_path = {}

@@ -41,6 +41,11 @@ def default_referral(classes: list[str]) -> dict[str, str | None]:
     return {c: OCT_REFERRAL.get(c.upper()) for c in classes}
 
 
+def positive_classes_for(classes: list[str], task: Task | None) -> list[str]:
+    """The classes whose detection is the referral decision: the task's, or the urgent OCT ones."""
+    return list(task.positive_classes) if task else [c for c in classes if OCT_REFERRAL.get(c.upper()) == "urgent"]
+
+
 def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("retinalens", "torch", "timm", "numpy", "pillow", "safetensors", "scikit-learn"):
@@ -129,7 +134,7 @@ def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_co
             "classes": classes,
             "referral": referral or default_referral(classes),
             # the referral decision that evaluation reports as sensitivity / specificity / AUC
-            "positive_classes": list(task.positive_classes) if task else [c for c in classes if OCT_REFERRAL.get(c.upper()) == "urgent"],
+            "positive_classes": positive_classes_for(classes, task),
             "backbone": backbone.describe(),
             "features": {"precision": precision, "feature_shape": list(feature_shape), "dtype": "float16"},
             "head": head_config.to_dict(),

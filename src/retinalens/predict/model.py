@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .._console import progress_bar
-from ..data.images import ImageFiles, image_batches
+from ..data.images import ImageFiles, check_batching, image_batches
 from ..errors import RetinaLensError
 from ..models.bundle import Bundle, load_bundle
 from ..models.heads import head_probabilities
@@ -57,8 +57,7 @@ class Model:
     def predict_many(self, sources: Sequence[str | Path | bytes], *, batch_size: int = 16, workers: int = 0,
                      progress: bool = False) -> list[dict[str, Any]]:
         """Many images / folders / URLs. Bad inputs get an `error` entry; the rest still complete."""
-        if batch_size < 1 or workers < 0:
-            raise RetinaLensError(f"need --batch-size >= 1 and --workers >= 0 (got {batch_size}, {workers})")
+        check_batching(batch_size, workers)
         inputs = expand_inputs(list(sources))
         results: list[dict[str, Any] | None] = [{"input": i.name, "error": i.error} if i.error else None for i in inputs]
         good: list[tuple[int, Input]] = [(k, i) for k, i in enumerate(inputs) if not i.error]

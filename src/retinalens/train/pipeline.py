@@ -17,7 +17,7 @@ from ..data.tasks import apply_task, get_task
 from ..evaluate.metrics import classification_metrics
 from ..features.extract import extract_features, head_inputs, open_cache, print_extract_report
 from ..models.heads import HEADS, HeadConfig, check_head_config, head_probabilities
-from ..models.bundle import Bundle, OCT_REFERRAL, check_output_folder, load_bundle, save_bundle
+from ..models.bundle import Bundle, check_output_folder, load_bundle, positive_classes_for, save_bundle
 from ..models.registry import DEFAULT_BACKBONE, create_backbone, resolve_precision, resolve_spec
 from .trainer import TrainConfig, TrainResult, check_train_config, fit_logistic_head, train_head, write_curves
 
@@ -102,7 +102,7 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> B
     result = results[chosen]
     head_config = replace(cfg.train.head, kind=chosen, dropout=0.0 if chosen == "logreg" else cfg.train.head.dropout)
     val_x = head_inputs(cache, [hashes[i] for i in idx["val"]], head_config.input_kind)
-    positives = list(task.positive_classes) if task else [c for c in ds.classes if OCT_REFERRAL.get(c.upper()) == "urgent"]
+    positives = positive_classes_for(ds.classes, task)
     val_metrics = classification_metrics(y["val"], head_probabilities(result.head, val_x), ds.classes,
                                          [ds.samples[i].patient for i in idx["val"]], positive_classes=positives or None,
                                          n_boot=200, seed=cfg.train.seed, ordinal=bool(task and task.ordinal))
