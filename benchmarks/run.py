@@ -8,6 +8,7 @@ Reference points (the original Keras pipeline, measured on the same 2-core machi
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -32,6 +33,8 @@ from retinalens.train.trainer import TrainConfig, fit_logistic_head, train_head
 KERAS_EXTRACT_IMG_S = 15.3
 KERAS_HEAD_US = 420.0
 ROOT = Path(__file__).resolve().parents[1]
+# "core" is this file; every other section is benchmarks/bench_<name>.py with run(shared_data) -> dict.
+SECTIONS = ("core", "training", "export", "explain", "trust", "serve")
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
@@ -146,40 +149,15 @@ def compare_heads(oct_root: Path, cache: str, seeds: tuple[int, ...] = (0, 1, 2)
 
 
 def bench_fundus(shared: Path, work: Path) -> dict:
-    """Referable DR on IDRiD + Kaggle together: a patient-grouped, stratified test split written into a
-    labels CSV (`split` column), the default pipeline trained on the rest, evaluated on that test split."""
-    import csv
+    """Referable DR on IDRiD + Kaggle together (the raw photos): a patient-grouped, stratified test
+    split in the labels CSV, the default pipeline trained on the rest, evaluated on that test split."""
+    from bench_training import fundus_split_csv, referable_summary
 
-    from retinalens.data.splits import SplitConfig, make_splits
-    from retinalens.data.tasks import TASKS, apply_task
-
-    rows = []
-    for folder, labels in (("fundus-kaggle-dr", "trainLabels.csv"), ("fundus-idrid", "labels.csv")):
-        ds = discover(shared / folder / labels)
-        rows += [(s.path, s.label, f"{folder}:{s.patient}") for s in ds.samples]
-    combined = work / "fundus.csv"
-    with open(combined, "w", newline="") as f:
-        csv.writer(f).writerows([("image", "level", "patient"), *((str(p), g, pt) for p, g, pt in rows)])
-    ds, _ = apply_task(discover(combined), TASKS["referable"])
-    splits = make_splits(ds, SplitConfig(test_fraction=0.2, seed=0))
-    which = {i: name for name in ("train", "val", "test") for i in splits.indices(name)}
-    with open(combined, "w", newline="") as f:  # val goes back to train: `train` carves its own
-        csv.writer(f).writerows([("image", "level", "patient", "split"),
-                                 *((str(p), g, pt, "test" if which.get(i) == "test" else "train")
-                                   for i, (p, g, pt) in enumerate(rows) if i in which)])
+    combined, n = fundus_split_csv(shared, work)
     t = time.perf_counter()
     bundle = retinalens.train(combined, work / "dr-bundle", task="referable", cache=work / "dr-cache")
-    seconds = time.perf_counter() - t
-    m = retinalens.evaluate(bundle, combined, split="test", cache=work / "dr-cache")
-    sel = bundle.manifest["training"]["head_selection"]
-    return {"data": f"IDRiD + Kaggle DR sample ({len(rows)} photos), referable = grade >= 2, "
-                    "patient-grouped stratified 20% test split",
-            "n_test_images": m["n_images"], "n_test_patients": m["n_patients"],
-            "test_auc": m["auc"], "test_auc_ci": m["auc_ci"],
-            "test_sensitivity": m["sensitivity"], "test_specificity": m["specificity"], "threshold": 0.5,
-            "test_accuracy": m["accuracy"], "head": sel["chosen"], "val_acc": sel["candidates"],
-            "baseline_logistic_regression_val_acc": bundle.manifest["training"]["baseline_logistic_regression"]["val_acc"],
-            "train_seconds": round(seconds, 1)}
+    return {"data": f"IDRiD + Kaggle DR sample ({n} photos), referable = grade >= 2, patient-grouped stratified 20% test split"} \
+        | referable_summary(bundle, combined, work / "dr-cache", time.perf_counter() - t)
 
 
 def _cpu_model() -> str:
@@ -194,7 +172,34 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     ap.add_argument("--data", default=os.environ.get("RETINALENS_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}; "
+                    "the others keep their figures from an existing --out file")
     args = ap.parse_args()
+    only = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        sys.exit(f"unknown sections {unknown}: use {', '.join(SECTIONS)}")
+    out = Path(args.out)
+    res = json.loads(out.read_text()) if out.is_file() else {}
+    if "core" in only:
+        res.update(core(args))
+    for name in only[:]:
+        if name != "core":  # each of the other sections is one module, benchmarks/bench_<name>.py
+            res[name] = importlib.import_module(f"bench_{name}").run(Path(args.data))
+            print(name, json.dumps(res[name]), flush=True)
+    res["machine"] = machine()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"written {out}")
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "processor": _cpu_model() + (" (AVX512-BF16 or AMX)" if cpu_has_bf16() else ""),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def core(args: argparse.Namespace) -> dict:
+    """Extraction, head training, latency, memory, heads vs baseline, fundus (the core's figures)."""
     oct_root = Path(args.data) / "oct-kermany"
     if not oct_root.is_dir():
         sys.exit(f"benchmarks need the real OCT data at {oct_root} (set RETINALENS_SHARED_DATA)")
@@ -202,9 +207,7 @@ def main() -> None:
     paths = [s.path for s in ds.samples]
     hashes = sha256_files(paths)
     precision = resolve_precision("auto")
-    res: dict = {"machine": {"cpus": os.cpu_count(), "processor": _cpu_model() + (" (AVX512-BF16 or AMX)" if cpu_has_bf16() else ""),
-                             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()},
-                 "data": f"oct-kermany train+test ({len(paths)} images)"}
+    res: dict = {"data": f"oct-kermany train+test ({len(paths)} images)"}
     rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
     res["matmul_gflops"] = {k: round(v, 1) for k, v in rates.items()}
     print("matmul GFLOP/s", res["matmul_gflops"], flush=True)
@@ -254,9 +257,7 @@ def main() -> None:
         "original_head_x_keras>=2": res["head_training"]["original_head_on_inception_8x8x2048"]["x_keras"],
         "single_image_latency_median_ms<50": res["single_image_latency_ms"]["median"],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    print(f"written {args.out}")
+    return res
 
 
 if __name__ == "__main__":

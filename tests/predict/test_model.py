@@ -31,7 +31,7 @@ def a_scan(small_dataset: Path, cls: str = "DME") -> Path:
 
 def test_predict_one_image(model, small_dataset):
     r = retinalens.load(model.bundle.path).predict(str(a_scan(small_dataset)))
-    assert set(r) == {"input", "label", "probabilities", "referral"}
+    assert set(r) == {"input", "label", "probabilities", "referral", "p_referral", "refer", "gate"}
     assert r["label"] in model.classes and r["label"] == max(r["probabilities"], key=r["probabilities"].get)
     assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert r["referral"] == model.bundle.referral[r["label"]]

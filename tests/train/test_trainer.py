@@ -4,7 +4,7 @@ import torch
 
 from retinalens.errors import RetinaLensError
 from retinalens.models.heads import HeadConfig
-from retinalens.train.trainer import TrainConfig, _class_weights, train_head, write_curves
+from retinalens.train.trainer import TrainConfig, class_weights_for, train_head, write_curves
 
 SHAPE = (16, 3, 3)  # small (C, H, W) maps keep these tests fast
 
@@ -79,7 +79,7 @@ def test_linear_head_learns_separable_data():
 
 
 def test_class_weights_are_inverse_frequency():
-    w = _class_weights(torch.tensor([0, 0, 0, 1]), 2)
+    w = class_weights_for(torch.tensor([0, 0, 0, 1]), 2)
     assert w[1] / w[0] == pytest.approx(3.0)
 
 

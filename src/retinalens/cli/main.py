@@ -13,6 +13,11 @@ import typer
 from .._console import console
 from ..errors import RetinaLensError
 from .prepare import prepare_app
+from .retrain import retrain
+from .serve import serve
+from .explain import explain
+from .report import report
+from .export import export
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="RetinaLens: deep-learning triage of retinal images (OCT B-scans, fundus photos).")
@@ -30,6 +35,11 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
 app.add_typer(prepare_app, name="prepare")
+app.command()(retrain)
+app.command()(serve)
+app.command()(explain)
+app.command()(report)
+app.command()(export)
 
 
 @app.command()
@@ -57,27 +67,46 @@ def extract(
 def train(
     data: Path = typer.Argument(..., help="Dataset root (train/ and test/ used when present), class folders or CSV."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
+    mode: str = typer.Option("bottleneck", "--mode", help="bottleneck (head on cached features) | frozen (frozen "
+                             "backbone + GAP + Dense 64, trained on augmented images) | finetune (also the last "
+                             "--unfreeze backbone groups) | scratch (every weight, e.g. --backbone eyenet)."),
     backbone: str = BackboneOpt, weights: Optional[Path] = WeightsOpt, random_weights: bool = RandomOpt,
-    head: str = typer.Option("auto", "--head", help="auto (conv and logreg, the better on validation) | conv "
-                             "(the original 1x1-conv head) | linear (pooled, SGD) | logreg (pooled, scikit-learn)."),
+    head: str = typer.Option("auto", "--head", help="auto (bottleneck: conv and logreg, the better on validation; "
+                             "image modes: the method's own head) | conv | linear | logreg | dense."),
     hidden: int = typer.Option(0, "--hidden", help="Linear head: hidden units (0 = logistic regression)."),
-    epochs: int = typer.Option(60, "--epochs"), seed: int = typer.Option(0, "--seed"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Default by mode: bottleneck 60, frozen 20, "
+                                         "finetune 15, scratch 30 (early stopping may end sooner)."),
+    seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(64, "--batch-size"), lr: float = typer.Option(1e-3, "--lr"),
-    class_weights: bool = typer.Option(False, "--class-weights", help="Weight the loss by inverse class frequency."),
+    balance: str = typer.Option("none", "--balance", help="none | oversample (image modes: minority classes "
+                                "rotated 90/120/180/270 and mirrored) | weights (inverse-frequency loss weights)."),
+    class_weights: bool = typer.Option(False, "--class-weights", help="Same as --balance weights."),
     monitor: str = typer.Option("val_loss", "--monitor", help="val_loss | val_acc: picks the best epoch."),
     val_fraction: float = typer.Option(0.15, "--val-fraction", help="Share of train patients held out for validation."),
     task: Optional[str] = typer.Option(None, "--task", help="referable | grade: DR grades 0-4 (CSV `level`); "
                                        "default: the labels as they are (OCT classes)."),
+    unfreeze: int = typer.Option(2, "--unfreeze", help="finetune: backbone parameter groups (stages) to train."),
+    backbone_lr_scale: float = typer.Option(0.1, "--backbone-lr-scale", help="finetune: their LR relative to --lr."),
+    warmup_epochs: int = typer.Option(1, "--warmup-epochs", help="finetune: head-only epochs first."),
+    augment: str = typer.Option("auto", "--augment", help="Image modes: auto (fundus for --task, else oct) | oct | "
+                                "fundus | none."),
+    resume: bool = typer.Option(False, "--resume", help="Image modes: continue an interrupted run from its checkpoint."),
+    device: str = typer.Option("auto", "--device", help="Image modes: auto (CUDA when present) | cpu | cuda[:N]."),
+    target_sensitivity: float = typer.Option(0.95, "--target-sensitivity", help="The referral threshold is the "
+                                             "highest that reaches this sensitivity on validation."),
     cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
 ) -> None:
-    """Train a head on cached features (extracting what the cache lacks) and write a model bundle."""
+    """Train a model and write a bundle: a head on cached features, or a network on images."""
     from ..api import train as run_train
 
-    bundle = run_train(data, out, backbone=backbone, weights=weights, pretrained=not random_weights, head=head,
-                       hidden=hidden, task=task, epochs=epochs, seed=seed, cache=cache, precision=precision,
+    bundle = run_train(data, out, mode=mode, backbone=backbone, weights=weights, pretrained=not random_weights,
+                       head=head, hidden=hidden, task=task, epochs=epochs, seed=seed, cache=cache, precision=precision,
                        workers=workers, val_fraction=val_fraction, patient_regex=patient_regex, images_dir=images,
-                       progress=not quiet, batch_size=batch_size, lr=lr, class_weights=class_weights, monitor=monitor)
+                       progress=not quiet, batch_size=batch_size, lr=lr, monitor=monitor,
+                       balance="weights" if class_weights and balance == "none" else balance, unfreeze=unfreeze,
+                       backbone_lr_scale=backbone_lr_scale, warmup_epochs=warmup_epochs, augment=augment,
+                       device=device, resume=resume, target_sensitivity=target_sensitivity)
     console().print(f"[green]bundle written:[/] {bundle.path}")
 
 
@@ -113,13 +142,15 @@ def predict(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write the results as CSV."),
     batch_size: int = typer.Option(16, "--batch-size"), workers: int = WorkersOpt,
+    runtime: str = typer.Option("auto", "--runtime", help="torch | onnx (onnxruntime, fp32) | auto (onnx for fp32 "
+                                "bundles on the CPU, where it measured faster; torch for bf16 bundles)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Class, probabilities and referral level for each image; failures are listed at the end."""
     from .._io import atomic_write_bytes, atomic_write_json
     from ..predict.model import load
 
-    model = load(bundle)
+    model = load(bundle, runtime=runtime)
     results = model.predict_many(inputs, batch_size=batch_size, workers=workers, progress=not quiet)
     if sys.stdout.isatty():
         print_predictions(results, model.classes)
@@ -132,6 +163,7 @@ def predict(
     failed = [r for r in results if "error" in r]
     for r in failed:
         console().print(f"[red]failed[/] {r['error']}")
+    print_gate_summary(results, gated=model.gate is not None)
     if failed and len(failed) == len(results):
         raise RetinaLensError(f"none of the {len(results)} input(s) could be read")
 
@@ -173,27 +205,61 @@ def print_metrics(m: dict[str, Any]) -> None:
     if u:
         console().print(f"referral ({'+'.join(u['positive_classes'])}): sensitivity {ci(u['sensitivity'], u.get('sensitivity_ci'))}, "
                         f"specificity {ci(u['specificity'], u.get('specificity_ci'))}, AUC {ci(u['auc'], u.get('auc_ci'))}")
+    op, cal, gate = m.get("operating_point"), m.get("calibration"), m.get("gate")
+    if op:
+        console().print(f"at the operating point (threshold {op['threshold']:.3f}, chosen for sensitivity "
+                        f"{op['target_sensitivity']:.2f} on validation): sensitivity {ci(op['sensitivity'], op.get('sensitivity_ci'))}, "
+                        f"specificity {ci(op['specificity'], op.get('specificity_ci'))}")
+    if cal:
+        console().print(f"calibration: temperature {cal['temperature']:.2f}, ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}")
+    if gate:
+        console().print(f"quality gate: {gate['n_rejected']} of {gate['n_checked']} ungradable ({gate['rejection_rate']:.1%})"
+                        + (f": {', '.join(f'{k} {v}' for k, v in gate['reasons'].items())}" if gate["reasons"] else ""))
 
 
 def print_predictions(results: list[dict[str, Any]], classes: list[str]) -> None:
     from rich.table import Table
 
     t = Table()
-    for col in ("input", "label", "referral", *classes):
+    for col in ("input", "label", "referral", "refer", "gate", *classes):
         t.add_column(col)
     for r in results:
         if "error" not in r:
-            t.add_row(r["input"], r["label"], r["referral"] or "", *(f"{r['probabilities'][c]:.3f}" for c in classes))
+            gate = r.get("gate", {"ok": True})
+            t.add_row(r["input"], r["label"] or "-", r["referral"] or "", _yes_no(r.get("refer")),
+                      "ok" if gate["ok"] else f"ungradable: {gate['reason']}",
+                      *(f"{r['probabilities'][c]:.3f}" for c in classes))
     console(stdout=True).print(t)
+
+
+def _yes_no(value: bool | None) -> str:
+    return "" if value is None else ("yes" if value else "no")
+
+
+def print_gate_summary(results: list[dict[str, Any]], gated: bool) -> None:
+    """'N of M ungradable (reasons)' on stderr; a note when the bundle has no gate."""
+    from ..gate import summarize
+
+    checked = [r["gate"] for r in results if "gate" in r]
+    if not gated:
+        console().print("note: this bundle has no quality gate (it predates it): every readable image is graded")
+    elif checked:
+        s = summarize(checked)
+        console().print(f"{s['n_rejected']} of {s['n_checked']} ungradable"
+                        + (" (" + ", ".join(f"{k} {v}" for k, v in s["reasons"].items()) + ")" if s["reasons"] else ""))
 
 
 def predictions_csv(results: list[dict[str, Any]], classes: list[str]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["input", "label", "referral", *[f"p_{c}" for c in classes], "error"])
+    w.writerow(["input", "label", "referral", *[f"p_{c}" for c in classes], "p_referral", "refer", "gate", "gate_reason",
+                "error"])
     for r in results:
-        p = r.get("probabilities", {})
-        w.writerow([r["input"], r.get("label", ""), r.get("referral") or "", *[p.get(c, "") for c in classes], r.get("error", "")])
+        p, gate = r.get("probabilities", {}), r.get("gate")
+        w.writerow([r["input"], r.get("label") or "", r.get("referral") or "", *[p.get(c, "") for c in classes],
+                    "" if r.get("p_referral") is None else r["p_referral"], _yes_no(r.get("refer")),
+                    "" if gate is None else ("ok" if gate["ok"] else "ungradable"), (gate or {}).get("reason") or "",
+                    r.get("error", "")])
     return buf.getvalue()
 
 
@@ -209,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             console().print("interrupted: what was finished is kept (the feature cache resumes on the next run)")
         return code
     except RetinaLensError as exc:
-        console().print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape  # a message may hold brackets (pip extras, file names): print them as they are
+
+        console().print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console().print("interrupted")

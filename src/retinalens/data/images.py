@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -46,12 +46,13 @@ def check_batching(batch_size: int, workers: int) -> None:
         raise RetinaLensError(f"need --batch-size >= 1 and --workers >= 0 (got {batch_size}, {workers})")
 
 
-def image_batches(dataset: ImageFiles, batches: list[list[int]], workers: int = 0,
-                  threads: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """Yield (pixels uint8 (N, S, S, 3), indices, errors) for each list of indices in `batches`."""
+def image_batches(dataset: Dataset, batches: Sequence[Sequence[Any]], workers: int = 0,
+                  threads: int | None = None, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Yield (pixels uint8 (N, S, S, 3), indices, errors) for each list of dataset keys in `batches`.
+    `pin_memory`: page-locked batches, for fast copies to a GPU."""
     if workers > 0:
         yield from DataLoader(dataset, batch_sampler=batches, num_workers=workers, prefetch_factor=4,
-                              worker_init_fn=_background_priority)
+                              worker_init_fn=_background_priority, pin_memory=pin_memory)
         return
     with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1)) as pool:
         for batch in batches:

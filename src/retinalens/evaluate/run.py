@@ -15,8 +15,10 @@ from ..data.hashing import sha256_files
 from ..data.tasks import apply_task, get_task
 from ..errors import RetinaLensError
 from ..features.extract import extract_features, head_inputs, open_cache
+from ..gate.trust import trust_metrics
 from ..models.bundle import Bundle
 from ..models.heads import head_probabilities
+from .calibration import bundle_temperature, calibrated
 from .metrics import classification_metrics
 from .report import write_html_report
 
@@ -43,7 +45,8 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
     keep = [i for i, h in enumerate(hashes) if h in store]
     if not keep:
         raise RetinaLensError(f"{ds.root}: none of the {len(ds)} images could be read")
-    probs = head_probabilities(bundle.head, head_inputs(store, [hashes[i] for i in keep], bundle.head_config.input_kind))
+    raw_probs = head_probabilities(bundle.head, head_inputs(store, [hashes[i] for i in keep], bundle.head_config.input_kind))
+    probs = calibrated(raw_probs, bundle_temperature(bundle.manifest))  # what prediction gives
     index = {c: k for k, c in enumerate(bundle.classes)}
     y = np.array([index[ds.samples[i].label] for i in keep], dtype=np.int64)
     metrics = classification_metrics(y, probs, bundle.classes, [ds.samples[i].patient for i in keep],
@@ -52,6 +55,10 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
     if task and metrics["urgent_referral"]:  # DR tasks: the referable decision, at the top level too
         for key in ("auc", "sensitivity", "specificity"):
             metrics[key], metrics[f"{key}_ci"] = metrics["urgent_referral"][key], metrics["urgent_referral"][f"{key}_ci"]
+    # Calibration before/after, the referral operating point and the quality gate (None where the bundle lacks one).
+    metrics |= trust_metrics(bundle, raw_probs, y, [ds.samples[i].patient for i in keep],
+                             [ds.samples[i].path for i in keep], store.pooled([hashes[i] for i in keep]),
+                             n_boot=n_boot, seed=seed, workers=workers)
     metrics["data"] = {"path": str(ds.root), "split": split if ds.layout == "split-folders" or split in ds.splits else None,
                        "per_class": ds.class_counts()}
     metrics["failures"] = [{"input": p, "error": r} for p, r in report.failures] + [
@@ -68,7 +75,8 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
         curves = bundle.path / "curves.csv"
         write_html_report(report_path, metrics, y_true=y, probs=probs, model=bundle.manifest,
                           curves_csv=curves if curves.is_file() else None,
-                          title=f"RetinaLens evaluation: {ds.root.name}")
+                          title=f"RetinaLens evaluation: {ds.root.name}",
+                          bundle=bundle, images=[ds.samples[i].path for i in keep])  # gallery of mistakes
     return metrics
 
 

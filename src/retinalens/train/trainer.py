@@ -81,7 +81,7 @@ def check_train_config(cfg: TrainConfig) -> None:
     resolve_precision(cfg.precision)
 
 
-def _class_weights(y: torch.Tensor, k: int) -> torch.Tensor:
+def class_weights_for(y: torch.Tensor, k: int) -> torch.Tensor:
     counts = torch.bincount(y, minlength=k).float().clamp(min=1)
     return counts.sum() / (k * counts)
 
@@ -112,7 +112,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         head = create_head(cfg.head, feature_shape, num_classes)
-        weight = _class_weights(yt, num_classes) if cfg.class_weights else None
+        weight = class_weights_for(yt, num_classes) if cfg.class_weights else None
         train_loss_fn = nn.CrossEntropyLoss(weight=weight)
         val_loss_fn = nn.CrossEntropyLoss()  # validation loss stays unweighted: it chooses the model
         opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,0 +1,119 @@
+"""Web app throughput and latency: `retinalens serve` in its own process, real OCT scans over loopback HTTP.
+
+POST /api/predict with one scan per request from C concurrent clients (C = 1, 4, 16): requests/s and
+latency percentiles; then Grad-CAM heat maps and feedback posts one at a time. The server does all it
+does in production: sniffs, predicts, stores each image (content-addressed, fsync) and each record
+(SQLite, synchronous commit). The clients run in this process, on the same 2 cores as the server.
+Targets from the issue: >= 20 requests/s and p95 < 300 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+import retinalens
+from retinalens.demo import DEMO_DATA
+from retinalens.serve.server import ServerProcess
+
+ROUNDS = ((1, 60), (4, 160), (16, 320))  # (concurrent clients, requests)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _summary(latencies_s: list[float], wall_s: float, errors: int) -> dict:
+    ms = [t * 1000 for t in latencies_s]
+    return {"requests": len(ms) + errors, "errors": errors, "requests_per_s": round(len(ms) / wall_s, 1),
+            "p50_ms": round(statistics.median(ms), 1), "p95_ms": round(_percentile(ms, 0.95), 1),
+            "max_ms": round(max(ms), 1)}
+
+
+def _predict_load(url: str, images: list[bytes], clients: int, n: int) -> tuple[dict, list[str]]:
+    latencies: list[float] = []
+    ids: list[str] = []
+    errors = 0
+
+    def worker(k: int) -> None:
+        nonlocal errors
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for i in range(k, n, clients):
+                t = time.perf_counter()
+                r = client.post("/api/predict", files=[("files", ("scan.jpeg", images[i % len(images)], "image/jpeg"))])
+                if r.status_code == 200 and "id" in r.json()["results"][0]:
+                    latencies.append(time.perf_counter() - t)
+                    ids.append(r.json()["results"][0]["id"])
+                else:
+                    errors += 1
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(worker, range(clients)))
+    return _summary(latencies, time.perf_counter() - start, errors), ids
+
+
+def _serial(url: str, calls: list[tuple[str, str, dict]]) -> dict:
+    latencies, errors = [], 0
+    with httpx.Client(base_url=url, timeout=60) as client:
+        start = time.perf_counter()
+        for method, path, kwargs in calls:
+            t = time.perf_counter()
+            ok = client.request(method, path, **kwargs).status_code == 200
+            latencies.append(time.perf_counter() - t) if ok else None
+            errors += not ok
+        return _summary(latencies, time.perf_counter() - start, errors)
+
+
+def _bundle(shared_data: Path | None, work: Path) -> tuple[Path, str, list[Path]]:
+    """The default pipeline's bundle on oct-kermany/train (its test scans as requests), else the demo data's."""
+    root = shared_data / "oct-kermany" if shared_data else None
+    if root is not None and (root / "train").is_dir():
+        data, what = root / "train", "default pipeline on oct-kermany/train; requests: oct-kermany/test scans"
+        scans = sorted((root / "test").rglob("*.jpeg"))
+    else:
+        data, what = DEMO_DATA / "train", "default pipeline on the bundled demo scans; requests: demo test scans"
+        scans = sorted((DEMO_DATA / "test").rglob("*.jpeg"))
+    bundle = retinalens.train(data, work / "bundle", cache=work / "cache", progress=False)
+    return bundle.path, what, scans
+
+
+def run(shared_data: Path | None) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        bundle, what, scans = _bundle(shared_data, work)
+        images = [p.read_bytes() for p in scans]
+        out: dict = {"bundle": what, "images": len(images),
+                     "mean_image_kb": round(sum(map(len, images)) / len(images) / 1024, 1),
+                     "load_average_1min_before": round(os.getloadavg()[0], 2)}
+        with ServerProcess(bundle, "--db", str(work / "feedback.db"), "--log-level", "warning") as server:
+            _predict_load(server.url, images, 4, 16)  # warm-up: first calls build graphs and caches
+            ids: list[str] = []
+            for clients, n in ROUNDS:
+                out[f"predict_{clients}_clients"], got = _predict_load(server.url, images, clients, n)
+                ids += got
+                print(f"predict, {clients} clients:", out[f"predict_{clients}_clients"], file=sys.stderr, flush=True)
+            out["heatmap_serial"] = _serial(server.url, [("GET", f"/api/analyses/{i}/heatmap.png", {}) for i in ids[:20]])
+            print("heat map:", out["heatmap_serial"], file=sys.stderr, flush=True)
+            classes = ("CNV", "DME", "DRUSEN", "NORMAL")
+            out["feedback_serial"] = _serial(server.url, [
+                ("POST", "/api/feedback", {"json": {"analysis_id": i, "label": classes[k % 4]}}) for k, i in enumerate(ids[:50])])
+            print("feedback:", out["feedback_serial"], file=sys.stderr, flush=True)
+        out["load_average_1min_after"] = round(os.getloadavg()[0], 2)  # other work on the machine, for context
+        best = out[f"predict_{ROUNDS[-1][0]}_clients"]
+        out["targets"] = {"requests_per_s_ge_20": best["requests_per_s"] >= 20, "p95_lt_300ms": best["p95_ms"] < 300}
+    return out
+
+
+if __name__ == "__main__":
+    shared = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    print(json.dumps(run(shared), indent=2))

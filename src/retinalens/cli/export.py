@@ -1,0 +1,27 @@
+"""`retinalens export BUNDLE --format onnx|torchscript|coreml [--out FILE]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .._console import console
+
+
+def export(
+    bundle: Path = typer.Argument(..., help="Model bundle folder."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | torchscript | coreml (extra 'coreml')."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="File to write (a .mlpackage folder for coreml); "
+                                       "default: BUNDLE's name with the format's suffix, in the current folder."),
+) -> None:
+    """Export backbone + head + preprocessing as one graph (uint8 pixels in, probabilities and pooled
+    features out, dynamic batch), with a FILE.json sidecar holding classes, preprocessing and provenance."""
+    from rich.markup import escape
+
+    from ..export.formats import export_bundle, sidecar_path
+
+    path = export_bundle(bundle, fmt, out)
+    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    console().print(f"[green]exported:[/] {escape(str(path))} ({size / 1e6:.1f} MB); "
+                    f"metadata: {escape(str(sidecar_path(path)))}")

@@ -1,0 +1,30 @@
+"""`retinalens report`: the full self-contained HTML report of a bundle on a labelled dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .._console import console
+
+
+def report(
+    bundle: Path = typer.Argument(..., help="Model bundle folder."),
+    data: Path = typer.Argument(..., help="Dataset root (its --split is used) or a class-folder tree (used whole)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The HTML file to write."),
+    split: str = typer.Option("test", "--split"),
+    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the confidence intervals."),
+    cache: Path | None = typer.Option(None, "--cache", help="Feature cache root (as for evaluate)."),
+    patient_regex: str | None = typer.Option(None, "--patient-regex", help="Regex with a (?P<patient>...) group."),
+    images: Path | None = typer.Option(None, "--images", help="Folder of the images a labels CSV names."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Data, curves, confusion matrix, ROC, calibration, operating point, gate, misclassified images with
+    heat maps, and a model card: one HTML file (the same as `evaluate --report`)."""
+    from ..evaluate.run import evaluate_bundle
+    from ..models.bundle import load_bundle
+
+    m = evaluate_bundle(load_bundle(bundle), data, split=split, cache=cache, report_path=out, n_boot=n_boot,
+                        progress=not quiet, patient_regex=patient_regex, images_dir=images)
+    console().print(f"{m['n_images']} images, accuracy {m['accuracy']:.3f}; report: {out}", highlight=False, soft_wrap=True)

@@ -1,0 +1,223 @@
+"""Grad-CAM heat maps: where in the image the model found the evidence for a class.
+
+    with Explainer(retinalens.load("bundle")) as ex:
+        e = ex.explain("scan.jpeg")              # predicted class; or target_class="DME"
+        e.label, e.class_name, e.heatmap         # (H, W) float32 in [0, 1], the image's own size
+        open("scan.cam.png", "wb").write(e.overlay_png())
+
+The prediction (label, probabilities) comes from the same path as `Model.predict`; the heat map
+from pytorch-grad-cam on an fp32 eager copy of the bundle (see `net.py`). `BaseExplainer` holds
+everything but the CAM method, which a subclass picks in `create_cam`, as pytorch-grad-cam's
+BaseCAM subclasses pick their channel weights.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..data.decode import decode_image
+from ..errors import RetinaLensError
+from ..predict.inputs import expand_inputs
+from .net import ExplainNet, enable_grad_on_output, target_layer
+
+if TYPE_CHECKING:
+    from pytorch_grad_cam.base_cam import BaseCAM
+    from typing_extensions import Self
+
+    from ..models.bundle import Bundle
+    from ..predict.model import Model
+
+OVERLAY_ALPHA = 0.6  # heat-map opacity where the map is 1; cold regions show the scan untouched
+
+
+@dataclass
+class Explanation:
+    """One image's heat map: `heatmap` (H, W) float32 in [0, 1] and `overlay` (RGB) at the image's size."""
+
+    input: str
+    label: str  # the predicted class
+    class_name: str  # the class the heat map explains (the predicted one unless asked otherwise)
+    heatmap: np.ndarray
+    overlay: Image.Image
+    probabilities: dict[str, float] = field(default_factory=dict)
+    image: Image.Image | None = None  # the decoded RGB image the overlay was drawn on
+
+    def overlay_png(self) -> bytes:
+        buffer = io.BytesIO()
+        self.overlay.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+class BaseExplainer:
+    """Class-activation heat maps for a model bundle. Subclasses override `create_cam`.
+
+    A context manager: the fp32 copy of the network and its hooks live between `__enter__` and
+    `__exit__` (used outside `with`, they are made on first use and freed by `close()`).
+    Not thread-safe: one Explainer per thread (the hooks keep per-call state). The Model it wraps
+    stays untouched and may keep serving predictions in other threads.
+    """
+
+    def __init__(self, model: Model | Bundle) -> None:
+        from ..predict.model import Model
+
+        self.model = model if isinstance(model, Model) else Model(model)
+        self._net: ExplainNet | None = None
+        self._layer: nn.Module | None = None
+        self._reshape: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+
+    def create_cam(self, net: nn.Module, layers: list[nn.Module],
+                   reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None) -> BaseCAM:
+        """The pytorch-grad-cam method to run (a BaseCAM, used as a context manager per batch)."""
+        raise NotImplementedError
+
+    @property
+    def classes(self) -> list[str]:
+        return self.model.classes
+
+    def __enter__(self) -> Self:
+        self._open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open(self) -> ExplainNet:
+        if self._net is None:
+            with torch.inference_mode(False):  # copies made inside a caller's inference mode could not train
+                net = ExplainNet.from_bundle(self.model.bundle)
+            self._layer, self._reshape = target_layer(net)
+            self._hook = enable_grad_on_output(self._layer)
+            self._net = net
+        return self._net
+
+    def close(self) -> None:
+        """Remove the hooks and drop the network copy (a later call makes them again)."""
+        if self._hook is not None:
+            self._hook.remove()
+        self._net = self._layer = self._reshape = self._hook = None
+
+    def class_index(self, name: str) -> int:
+        if name not in self.classes:
+            raise RetinaLensError(f"unknown class '{name}': use one of {', '.join(self.classes)}")
+        return self.classes.index(name)
+
+    def heatmaps(self, pixels: torch.Tensor, class_indices: list[int] | None = None) -> np.ndarray:
+        """uint8 pixels (N, S, S, 3) from Preprocessing.load -> heat maps float32 (N, S, S) in [0, 1],
+        each for its class in `class_indices` (default: the predicted class)."""
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        size = self.model.bundle.preprocessing.size
+        if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8 or tuple(pixels.shape[1:]) != (size, size, 3):
+            got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise RetinaLensError(f"heatmaps takes uint8 pixels (N, {size}, {size}, 3), got {got}")
+        if len(pixels) == 0:
+            return np.zeros((0, size, size), dtype=np.float32)
+        if class_indices is None:
+            class_indices = np.argmax(self.model.probabilities(pixels), axis=1).tolist()
+        if len(class_indices) != len(pixels) or not all(0 <= int(k) < len(self.classes) for k in class_indices):
+            raise RetinaLensError(f"need one class index in 0..{len(self.classes) - 1} per image "
+                                  f"(got {list(class_indices)} for {len(pixels)} images)")
+        net = self._open()
+        maps = None
+        targets = [ClassifierOutputTarget(int(k)) for k in class_indices]
+        # inference_mode(False): a caller inside torch.inference_mode still gets gradients here.
+        with torch.inference_mode(False), torch.enable_grad():
+            x = pixels.permute(0, 3, 1, 2).float()
+            with self.create_cam(net, [self._layer], self._reshape) as cam:  # hooks released on exit
+                maps = cam(input_tensor=x, targets=targets)
+        if maps is None:  # pytorch-grad-cam's __exit__ swallows an IndexError; never return nothing
+            raise RuntimeError("Grad-CAM produced no heat map")
+        return np.clip(np.nan_to_num(maps, nan=0.0), 0.0, 1.0).astype(np.float32)
+
+    def explain(self, source: str | Path | bytes, target_class: str | None = None) -> Explanation:
+        """One image (path, URL or bytes) -> Explanation. An unreadable image raises RetinaLensError."""
+        results = list(self.explain_many([source], target_class))
+        if len(results) != 1:
+            raise RetinaLensError(f"{source} holds {len(results)} images: use explain_many")
+        if isinstance(results[0], dict):
+            raise RetinaLensError(results[0]["error"])
+        return results[0]
+
+    def explain_many(self, sources: Sequence[str | Path | bytes], target_class: str | None = None, *,
+                     batch_size: int = 16, max_side: int | None = None) -> Iterator[Explanation | dict[str, Any]]:
+        """Files, folders, URLs or bytes, in batches, in input order: an Explanation per image, or
+        {input, error} for one that cannot be read (the rest go on). `max_side` shrinks the
+        image (and its heat map) to at most that many pixels a side, e.g. for thumbnails."""
+        if batch_size < 1:
+            raise RetinaLensError(f"need --batch-size >= 1 (got {batch_size})")
+        target = None if target_class is None else self.class_index(target_class)
+        inputs = expand_inputs(list(sources))
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start:start + batch_size]
+            decoded: list[tuple[str, Image.Image, torch.Tensor] | dict[str, Any]] = []
+            for inp in chunk:
+                try:
+                    if inp.error:
+                        raise RetinaLensError(inp.error)
+                    image = decode_image(inp.item, name=inp.name, keep_grey=True)
+                    pixels = self.model.bundle.preprocessing.pixels(image)
+                    image = image.convert("RGB")
+                    if max_side:
+                        image.thumbnail((max_side, max_side))
+                    decoded.append((inp.name, image, pixels))
+                except RetinaLensError as exc:
+                    decoded.append({"input": inp.name, "error": str(exc)})
+            good = [d for d in decoded if not isinstance(d, dict)]
+            made: Iterator[Explanation] = iter(())
+            if good:
+                batch = torch.stack([pixels for _, _, pixels in good])
+                probs = self.model.probabilities(batch)  # the prediction Model.predict gives
+                explained = np.argmax(probs, axis=1).tolist() if target is None else [target] * len(good)
+                maps = self.heatmaps(batch, explained)
+                made = (self._explanation(name, image, heat, p, k)
+                        for (name, image, _), heat, p, k in zip(good, maps, probs, explained))
+            for d in decoded:
+                yield d if isinstance(d, dict) else next(made)
+
+    def _explanation(self, name: str, image: Image.Image, heat: np.ndarray, probs: np.ndarray,
+                     explained: int) -> Explanation:
+        heatmap = resize_heatmap(heat, image.size)
+        return Explanation(input=name, label=self.classes[int(np.argmax(probs))], class_name=self.classes[explained],
+                           heatmap=heatmap, overlay=overlay_heatmap(image, heatmap),
+                           probabilities={c: float(p) for c, p in zip(self.classes, probs)}, image=image)
+
+
+class Explainer(BaseExplainer):
+    """Grad-CAM (Selvaraju et al. 2017) on the bundle: `Explainer(model)`, model a Model or a Bundle.
+
+    Not thread-safe: use one Explainer per thread.
+    """
+
+    def create_cam(self, net: nn.Module, layers: list[nn.Module],
+                   reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None) -> BaseCAM:
+        from pytorch_grad_cam import GradCAM
+
+        return GradCAM(model=net, target_layers=layers, reshape_transform=reshape_transform)
+
+
+def resize_heatmap(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A (S, S) map -> (H, W) for an image of PIL size (W, H), bilinear, still in [0, 1]."""
+    if heat.shape[::-1] == tuple(size):
+        return heat.astype(np.float32)
+    resized = Image.fromarray(heat.astype(np.float32)).resize(size, Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Image.Image:
+    """The jet-coloured map blended over the RGB image, more opaque where the map is hotter."""
+    from matplotlib import colormaps
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    colour = colormaps["jet"](heatmap)[..., :3].astype(np.float32) * 255.0
+    weight = (alpha * heatmap)[..., None]
+    return Image.fromarray(np.rint(rgb * (1.0 - weight) + colour * weight).astype(np.uint8))

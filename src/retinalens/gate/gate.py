@@ -1,0 +1,175 @@
+"""The gate: ordered checks on image statistics and on the distance of the backbone's pooled features
+to the training set, with thresholds fitted on validation and stored in the bundle.
+
+Feature check: the Mahalanobis distance to the training features' mean under a Ledoit-Wolf shrinkage
+covariance (a full covariance of 1280 features from a few hundred images is singular; shrinkage makes
+it invertible and stable). Its mean and precision matrix are `gate.safetensors` in the bundle, hashed
+in the manifest like every weights file. Measured on the real OCT and fundus sets (README, Quality
+gate): fundus photos lie several times further from OCT training features than any OCT scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..errors import RetinaLensError
+from .statistics import image_statistics
+
+if TYPE_CHECKING:
+    from ..models.bundle import Bundle
+
+GATE_FILE = "gate.safetensors"
+GATE_VERSION = 1
+# What a bundle without a gate (trained before it existed) answers for every image.
+NO_GATE: dict[str, Any] = {"ok": True, "reason": None, "scores": {}}
+MIN_VALIDATION = 5  # fewer validation images cannot place a threshold
+QUANTILES = (0.005, 0.995)  # of validation statistics, widened by the margins below
+DISTANCE_QUANTILE, DISTANCE_Z = 0.99, 2.576  # empirical 99th percentile, or 99.5th of a log-normal fit
+MAX_TRAIN_ROWS = 20_000  # enough for a stable covariance; bounds fitting time on large sets
+
+# (statistic, side, reason, bound from the validation quantiles (lo, hi)), checked in this order: the
+# first failing check is the reason given. Margins are wide on purpose: these checks are for images no
+# one could grade (the feature distance catches subtler strangers). Sharpness is a log10 variance:
+# -0.6 is 4x less Laplacian variance than the blurriest validation image, +0.3 twice the noisiest's.
+_RULES: tuple[tuple[str, str, str, Callable[[float, float], float]], ...] = (
+    ("brightness", "below", "too_dark", lambda lo, hi: lo / 2),
+    ("brightness", "above", "overexposed", lambda lo, hi: hi + (1 - hi) / 2),
+    ("clipped", "above", "overexposed", lambda lo, hi: hi + (1 - hi) / 2),
+    # Colour tells the modality (grey OCT, red/orange fundus), not the quality: a colour model rejects
+    # only (nearly) grey images (dull fundus photos reach 0.04), a grey model any but a tint.
+    ("saturation", "below", "wrong_modality", lambda lo, hi: min(lo / 2, 0.02)),  # grey OCT to a fundus model
+    ("saturation", "above", "wrong_modality", lambda lo, hi: 0.1 + 1.5 * hi),  # a colour photo to an OCT model
+    ("sharpness", "below", "blurred", lambda lo, hi: lo - 0.6),
+    ("sharpness", "above", "noisy", lambda lo, hi: hi + 0.3),
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    score: str
+    side: str  # "below" | "above": the side that is rejected
+    threshold: float
+    reason: str
+
+    def fails(self, values: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):  # NaN (no value) fails nothing
+            return values < self.threshold if self.side == "below" else values > self.threshold
+
+
+@dataclass
+class Gate:
+    checks: list[Check]
+    mean: np.ndarray | None = None  # (C,) float32: the training features' mean
+    precision: np.ndarray | None = None  # (C, C) float32: inverse shrinkage covariance
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> Gate | None:
+        """The bundle's gate, or None for a bundle without one."""
+        section = bundle.manifest.get("gate")
+        if not section:
+            return None
+        try:
+            checks = [Check(**c) for c in section["checks"]]
+            arrays: dict[str, np.ndarray] = {}
+            if section.get("features"):
+                from safetensors.numpy import load_file
+
+                arrays = load_file(str(bundle.path / section["features"]["file"]))
+            return cls(checks, *(arrays[k].astype(np.float32) if k in arrays else None for k in ("mean", "precision")))
+        except (KeyError, TypeError, OSError, ValueError) as exc:
+            raise RetinaLensError(f"{bundle.path}: unreadable quality gate ({type(exc).__name__}: {exc})") from None
+
+    def distance(self, pooled: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Mahalanobis distance of pooled features (N, C) to the training features (float32: 4x faster than
+        float64, and distances near a threshold of ~100 need nowhere near 7 digits)."""
+        x = np.asarray(pooled, dtype=np.float32)
+        if self.mean is None or self.precision is None:
+            return np.full(len(x), np.nan)
+        z = x - self.mean
+        return np.sqrt(np.clip(np.einsum("ij,ij->i", z @ self.precision, z, dtype=np.float64), 0, None))
+
+    def scores(self, pixels: torch.Tensor | np.ndarray, pooled: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        return image_statistics(pixels) | {"distance": self.distance(pooled)}
+
+    def verdicts(self, scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """One {"ok", "reason", "scores"} per row of `scores`."""
+        n = len(next(iter(scores.values()))) if scores else 0
+        reasons: list[str | None] = [None] * n
+        for check in self.checks:
+            if check.score in scores:
+                for i in np.flatnonzero(check.fails(scores[check.score])):
+                    reasons[i] = reasons[i] or check.reason
+        return [{"ok": r is None, "reason": r,
+                 "scores": {k: float(v[i]) for k, v in scores.items() if not np.isnan(v[i])}}
+                for i, r in enumerate(reasons)]
+
+    def check(self, pixels: torch.Tensor | np.ndarray, pooled: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
+        """uint8 pixels (N, S, S, 3) and their pooled features (N, C) -> one verdict per image."""
+        return self.verdicts(self.scores(pixels, pooled))
+
+
+def summarize(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"n_checked", "n_rejected", "rejection_rate", "reasons": {reason: count}} of some verdicts."""
+    reasons: dict[str, int] = {}
+    for v in verdicts:
+        if not v["ok"]:
+            reasons[v["reason"]] = reasons.get(v["reason"], 0) + 1
+    n, rejected = len(verdicts), sum(reasons.values())
+    return {"n_checked": n, "n_rejected": rejected, "rejection_rate": rejected / n if n else None,
+            "reasons": dict(sorted(reasons.items()))}
+
+
+def fit_gate(stats: dict[str, np.ndarray], train_pooled: np.ndarray,
+             val_pooled: np.ndarray, seed: int = 0) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+    """The manifest's `gate` section and its file, from validation image statistics (one row per
+    validation image; NaN: not read), training features (the distribution) and validation features
+    (the distance threshold). None when there is too little data to place thresholds."""
+    from safetensors.numpy import save
+
+    read = ~np.isnan(stats["brightness"])
+    if len(read) != len(val_pooled):
+        raise ValueError(f"{len(read)} rows of statistics for {len(val_pooled)} validation images")
+    if read.sum() < MIN_VALIDATION or len(val_pooled) < MIN_VALIDATION or len(train_pooled) < 2:
+        return None
+    checks = []
+    for name, side, reason, bound in _RULES:
+        lo, hi = np.quantile(stats[name][read], QUANTILES)
+        checks.append(Check(name, side, round(float(bound(lo, hi)), 6), reason))
+    mean, precision, shrinkage = _fit_features(train_pooled, seed)
+    # Thresholds come from what will be stored (float32), so validation sees exactly what prediction will.
+    gate = Gate(checks, mean.astype(np.float32), precision.astype(np.float32))
+    d_val = gate.distance(val_pooled)
+    log_d = np.log(np.clip(d_val, 1e-12, None))
+    threshold = max(float(np.quantile(d_val, DISTANCE_QUANTILE)), float(np.exp(log_d.mean() + DISTANCE_Z * log_d.std(ddof=1))))
+    gate.checks.append(Check("distance", "above", round(threshold, 4), "out_of_distribution"))
+    val_scores = {k: v[read] for k, v in (stats | {"distance": d_val}).items()}
+    section = {
+        "version": GATE_VERSION,
+        "checks": [asdict(c) for c in gate.checks],
+        "features": {"file": GATE_FILE, "kind": "mahalanobis", "covariance": "Ledoit-Wolf shrinkage",
+                     "shrinkage": round(shrinkage, 6), "n_train": int(min(len(train_pooled), MAX_TRAIN_ROWS)),
+                     "dim": int(mean.shape[0])},
+        "fitted_on": {"statistics": f"validation quantiles {QUANTILES[0]}/{QUANTILES[1]} with margins",
+                      "distance": f"max(validation {DISTANCE_QUANTILE:.0%} quantile, log-normal z={DISTANCE_Z})",
+                      "n_validation": int(read.sum())},
+        "validation": summarize(gate.verdicts(val_scores)),
+    }
+    files = {GATE_FILE: save({"mean": mean.astype(np.float32), "precision": precision.astype(np.float32)})}
+    return section, files
+
+
+def _fit_features(train_pooled: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    from sklearn.covariance import LedoitWolf
+
+    x = np.asarray(train_pooled, dtype=np.float64)
+    if len(x) > MAX_TRAIN_ROWS:
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), MAX_TRAIN_ROWS, replace=False))]
+    lw = LedoitWolf(store_precision=False).fit(x)
+    # Shrinkage keeps the covariance well conditioned, so a plain inverse is exact enough (and several
+    # times faster than the pseudo-inverse by eigendecomposition that sklearn would use).
+    return lw.location_, np.linalg.inv(lw.covariance_), float(lw.shrinkage_)

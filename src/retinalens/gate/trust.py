@@ -1,0 +1,107 @@
+"""Everything a bundle needs to be trusted in use, fitted on its validation split in one call:
+calibration (temperature), the referral operating point and the quality / out-of-distribution gate.
+Both training paths (bottleneck and image modes) call `fit_trust` just before saving the bundle."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._console import console
+from ..data.transforms import Preprocessing
+from ..evaluate.calibration import (
+    DEFAULT_TARGET_SENSITIVITY,
+    bundle_temperature,
+    calibrated,
+    calibration_report,
+    fit_calibration,
+    operating_point_report,
+    positive_score,
+    referral_threshold,
+)
+from .gate import MIN_VALIDATION, Gate, fit_gate, summarize
+from .statistics import STATISTICS, file_statistics
+
+if TYPE_CHECKING:
+    from ..models.bundle import Bundle
+
+MAX_STATISTICS_IMAGES = 2000  # validation images decoded again for the statistics (evenly spaced beyond this)
+
+
+def fit_trust(*, val_probs: np.ndarray, val_y: np.ndarray, classes: Sequence[str], positive_classes: Sequence[str],
+              train_pooled: np.ndarray, val_pooled: np.ndarray, val_paths: Sequence[Path],
+              preprocessing: Preprocessing, target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
+              workers: int = 0, seed: int = 0) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Manifest sections {"calibration", "thresholds", "gate"} and the bundle files they need.
+
+    val_probs: the head's (uncalibrated) probabilities on validation; val_y: class indices;
+    train_pooled / val_pooled: the bundle backbone's pooled features; val_paths: the validation
+    images (decoded again for the image statistics), in the order of the other validation arrays.
+    """
+    say = console()
+    val_y = np.asarray(val_y)
+    if len(val_y) == 0:
+        say.print("[yellow]note: no validation images, so no calibration, referral threshold or quality gate[/]")
+        return {}, {}
+    calibration = fit_calibration(val_probs, val_y)
+    probs = calibrated(val_probs, calibration["temperature"])
+    ece = f"validation ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f}"
+    notes = [f"calibration T={calibration['temperature']:.2f} ({ece})"]
+
+    thresholds: dict[str, Any] = {}
+    positives = [list(classes).index(c) for c in positive_classes]
+    is_pos = np.isin(val_y, positives)
+    if positives and is_pos.any():
+        thresholds["referral"] = referral_threshold(positive_score(probs, classes, positive_classes), is_pos,
+                                                    target_sensitivity) | {"positive_classes": list(positive_classes)}
+        r = thresholds["referral"]
+        notes.append(f"referral threshold {r['threshold']:.3f} (validation sensitivity {r['val_sensitivity']:.3f}"
+                     + (f", specificity {r['val_specificity']:.3f})" if r["val_specificity"] is not None else ")"))
+    elif positives:
+        notes.append("no referral threshold (no referable image in validation)")
+
+    sections: dict[str, Any] = {"calibration": calibration, "thresholds": thresholds}
+    files: dict[str, bytes] = {}
+    stats = _validation_statistics(list(val_paths), preprocessing, workers)
+    fitted = fit_gate(stats, train_pooled, val_pooled, seed=seed)
+    if fitted is None:
+        notes.append(f"no quality gate (it needs at least {MIN_VALIDATION} readable validation images)")
+    else:
+        sections["gate"], files = fitted
+        v = sections["gate"]["validation"]
+        notes.append(f"quality gate: {v['n_rejected']} of {v['n_checked']} validation images ungradable")
+    say.print("; ".join(notes))
+    return sections, files
+
+
+def _validation_statistics(paths: list[Path], preprocessing: Preprocessing, workers: int) -> dict[str, np.ndarray]:
+    """Image statistics of the validation images (NaN rows beyond the evenly spaced sample)."""
+    n = len(paths)
+    rows = np.arange(n) if n <= MAX_STATISTICS_IMAGES else np.linspace(0, n - 1, MAX_STATISTICS_IMAGES).round().astype(int)
+    sample, _ = file_statistics([paths[i] for i in rows], preprocessing, workers=workers)
+    out = {k: np.full(n, np.nan) for k in STATISTICS}
+    for k in STATISTICS:
+        out[k][rows] = sample[k]
+    return out
+
+
+def trust_metrics(bundle: Bundle, raw_probs: np.ndarray, y: np.ndarray, groups: Sequence[str], paths: Sequence[Path],
+                  pooled: np.ndarray, *, n_boot: int, seed: int, workers: int = 0) -> dict[str, Any]:
+    """metrics["calibration"], ["operating_point"] and ["gate"] of an evaluation: each None when the
+    bundle has no temperature, referral threshold or gate (a bundle from before they existed)."""
+    temperature = bundle_temperature(bundle.manifest)
+    referral = bundle.manifest.get("thresholds", {}).get("referral")
+    gate = Gate.from_bundle(bundle)
+    out: dict[str, Any] = {
+        "calibration": calibration_report(raw_probs, y, temperature) if temperature is not None else None,
+        "operating_point": operating_point_report(calibrated(raw_probs, temperature), y, bundle.classes, referral,
+                                                  groups, n_boot=n_boot, seed=seed) if referral else None,
+        "gate": None,
+    }
+    if gate is not None:
+        stats, _ = file_statistics(list(paths), bundle.preprocessing, workers=workers)
+        out["gate"] = summarize(gate.verdicts(stats | {"distance": gate.distance(pooled)}))
+    return out

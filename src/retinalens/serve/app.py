@@ -1,0 +1,131 @@
+"""The FastAPI application: one HTML page, the model card, the REST API.
+
+    POST /api/predict            multipart, one or many files -> class, probabilities, referral, gate
+    GET  /api/analyses/{id}      the stored record;  GET /api/analyses/{id}/heatmap.png  the Grad-CAM overlay
+    POST /api/feedback           {"analysis_id", "label"}: a clinician confirms or corrects a label
+    GET  /api/model              the model card;  GET /healthz;  GET /openapi.json (the contract), /docs
+
+Blocking work runs in threads, so that the event loop keeps serving while a model runs: inference
+through the batcher (images of concurrent requests together, `threads` model calls at a time), heat
+maps one at a time under the service's lock, the database in anyio's default pool.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations, which name
+# fastapi.Request from the lazily imported module, so they must be real objects.
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from ..errors import RetinaLensError
+from ._deps import require
+from .batching import Batcher
+from .feedback import UnknownAnalysis
+from .limits import BodyLimit
+from .pages import docs_page, index_page, model_card_page
+from .service import ServeConfig, Service
+
+_PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["files"],
+    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                             "description": "One or more images (JPEG, PNG, TIFF, BMP, WebP; judged by content)."}}}}}}}
+
+
+def create_app(cfg: ServeConfig, service: Service | None = None) -> Any:
+    """The ASGI app. Loads the model and opens the feedback store now, so that bad input fails before serving."""
+    fastapi = require("fastapi")
+    anyio = require("anyio")
+    responses = require("fastapi.responses")
+    from starlette.datastructures import UploadFile
+
+    service = service or Service(cfg)
+    batcher = Batcher(service.predict, calls=cfg.threads)
+
+    @asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = fastapi.FastAPI(
+        title="RetinaLens", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+        description="Deep-learning triage of retinal images. Research only, not a medical device.")
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_upload_bytes)
+    app.state.service = service
+
+    def http_error(status: int, message: str) -> Any:
+        return fastapi.HTTPException(status_code=status, detail=message)
+
+    @app.get("/", response_class=responses.HTMLResponse, include_in_schema=False)
+    async def index() -> str:
+        return index_page(service.model_card())
+
+    @app.get("/model", response_class=responses.HTMLResponse, include_in_schema=False)
+    async def model_page() -> str:
+        return model_card_page(service.model_card())
+
+    @app.get("/docs", response_class=responses.HTMLResponse, include_in_schema=False)
+    async def docs() -> str:
+        return docs_page(app.openapi())
+
+    @app.get("/healthz", summary="Liveness: the model is loaded")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "model": service.version.sha256}
+
+    @app.get("/api/model", summary="The model card (from the bundle manifest) and the upload limits")
+    async def model_card() -> dict[str, Any]:
+        return service.model_card()
+
+    @app.post("/api/predict", summary="Analyse one or many images", openapi_extra=_PREDICT_BODY,
+              responses={400: {"description": "no files, or too many"}, 413: {"description": "over the upload limit"}})
+    async def predict(request: fastapi.Request) -> dict[str, Any]:
+        form = await request.form(max_files=cfg.max_files, max_fields=cfg.max_files)
+        try:
+            uploads = [(value.filename, await value.read()) for _, value in form.multi_items()
+                       if isinstance(value, UploadFile)]
+        finally:
+            await form.close()
+        if not uploads:
+            raise http_error(400, "no files: send images as multipart/form-data field 'files'")
+        sniffed = service.sniff(uploads)  # reads headers only: cheap enough for the event loop
+        predictions = await batcher.predict([u.data for u in sniffed if not u.error])
+        results = await anyio.to_thread.run_sync(service.record, sniffed, predictions)
+        return {"model": service.version.sha256, "results": results}
+
+    @app.get("/api/analyses/{analysis_id}", summary="A stored analysis with its latest feedback",
+             responses={404: {"description": "no such analysis"}})
+    async def analysis(analysis_id: str) -> dict[str, Any]:
+        try:
+            return await anyio.to_thread.run_sync(service.analysis, analysis_id)
+        except UnknownAnalysis as exc:
+            raise http_error(404, str(exc)) from None
+
+    @app.get("/api/analyses/{analysis_id}/heatmap.png", summary="Grad-CAM overlay for the predicted class",
+             response_class=responses.Response,
+             responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such analysis"}})
+    async def heatmap(analysis_id: str) -> Any:
+        try:
+            png = await anyio.to_thread.run_sync(service.heatmap_png, analysis_id)
+        except UnknownAnalysis as exc:
+            raise http_error(404, str(exc)) from None
+        return responses.Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.post("/api/feedback", summary="Confirm or correct the label of an analysed image",
+              responses={404: {"description": "no such analysis"},
+                         422: {"description": "a label that is not one of the model's classes, or a malformed body"}})
+    async def feedback(analysis_id: str = fastapi.Body(..., max_length=64),
+                       label: str = fastapi.Body(..., max_length=64)) -> dict[str, Any]:
+        try:
+            return await anyio.to_thread.run_sync(service.feedback, analysis_id, label)
+        except UnknownAnalysis as exc:
+            raise http_error(404, str(exc)) from None
+        except RetinaLensError as exc:
+            raise http_error(422, str(exc)) from None
+
+    return app
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

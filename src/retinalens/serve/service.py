@@ -1,0 +1,198 @@
+"""What the web app does, without the web: one loaded model, the feedback store, heat maps.
+
+One `Service` per process holds the one `Model` (loaded once, shared by every request: prediction is
+read-only and thread-safe) and the feedback store. Grad-CAM hooks and backpropagates through the
+backbone, which is not thread-safe, so heat maps are made one at a time under a lock.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImageDecodeError, RetinaLensError
+from ..evaluate.report import (
+    INTENDED_USE,  # one wording for the report's model card and the web app's
+)
+from .feedback import FeedbackStore, ModelVersion, UnknownAnalysis
+from .uploads import display_name, sniff_image
+
+HEATMAP_SIDE = 1024  # a fundus photo's full-size overlay would be megabytes of PNG for a page that shows ~500 px
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+@dataclass
+class ServeConfig:
+    bundle: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db: str | None = None  # SQLAlchemy URL or SQLite file path; None: default_db()
+    images: Path | None = None  # feedback images; None: `images/` beside an SQLite file
+    max_upload_mb: float = 20.0  # per request, all files together
+    threads: int = 1  # model calls at a time (each batches the images of concurrent requests and uses every core)
+    max_files: int = 32  # per request
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.max_upload_mb > 0:
+            raise RetinaLensError(f"--max-upload-mb must be positive (got {self.max_upload_mb})")
+        if self.threads < 1:
+            raise RetinaLensError(f"--workers-threads must be at least 1 (got {self.threads})")
+        if not 0 <= self.port <= 65535:
+            raise RetinaLensError(f"--port must be 0-65535 (got {self.port})")
+        if self.log_level not in LOG_LEVELS:
+            raise RetinaLensError(f"--log-level must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r})")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@dataclass
+class Upload:
+    index: int  # position in the request
+    name: str  # the client's file name, for display only
+    data: bytes
+    extension: str = ""  # from the sniffed format
+    error: str = ""
+
+
+def default_db() -> Path:
+    """$XDG_DATA_HOME/retinalens/feedback/feedback.db (default ~/.local/share/...)."""
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "retinalens" / "feedback" / "feedback.db"
+
+
+def jsonable(obj: Any) -> Any:
+    """Results -> plain JSON (numpy scalars to numbers, NaN to null), for responses and the database."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()  # numpy scalar
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj if obj is None or isinstance(obj, (str, int, float, bool)) else str(obj)
+
+
+class Service:
+    def __init__(self, cfg: ServeConfig) -> None:
+        from ..predict.model import load
+
+        self.cfg = cfg
+        self.store = FeedbackStore(cfg.db or default_db(), cfg.images)  # first: a bad --db fails in a second
+        try:
+            self.model = load(cfg.bundle)  # the one model of this process
+        except BaseException:
+            self.store.close()
+            raise
+        self.version = ModelVersion.of_bundle(self.model.bundle.path, self.model.manifest)
+        self._cam_lock = threading.Lock()
+        self._explainer: Any = None  # retinalens.explain.Explainer, made on the first heat map
+
+    # -- prediction --------------------------------------------------------------------------------
+
+    def sniff(self, files: list[tuple[str | None, bytes]]) -> list[Upload]:
+        """Client files (name, bytes) -> uploads, each with its real format or the reason it is refused."""
+        uploads = []
+        for i, (filename, data) in enumerate(files):
+            upload = Upload(i, display_name(filename, i), data)
+            try:
+                upload.extension = sniff_image(data)
+            except ImageDecodeError as exc:
+                upload.error = str(exc)
+            uploads.append(upload)
+        return uploads
+
+    def predict(self, images: list[bytes]) -> list[dict[str, Any]]:
+        """The model on sniffed images (a batch, possibly from several requests): one result each."""
+        return self.model.predict_many(images) if images else []
+
+    def record(self, uploads: list[Upload], predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store each analysed image and its prediction; one result per upload (errors per file)."""
+        results = []
+        good = iter(predictions)
+        for upload in uploads:
+            result: dict[str, Any] = {"index": upload.index, "name": upload.name}
+            pred = {"error": upload.error} if upload.error else next(good)
+            if "error" in pred:  # the decoder's message names the input "image", never the client's name
+                results.append(result | {"error": str(pred["error"])})
+                continue
+            pred = jsonable({k: v for k, v in pred.items() if k != "input"})
+            analysis_id = self.store.add_analysis(upload.data, upload.extension, pred, self.version)
+            results.append(result | {"id": analysis_id, **pred, "heatmap": f"/api/analyses/{analysis_id}/heatmap.png"})
+        return results
+
+    def heatmap_png(self, analysis_id: str) -> bytes:
+        """The Grad-CAM overlay of an analysed image for its predicted class (for the most likely one
+        when the quality gate refused a label), at most HEATMAP_SIDE pixels a side."""
+        record = self.analysis(analysis_id)
+        data = self.store.image_path(record).read_bytes()
+        # A database kept across models may hold a label this model does not have: explain its own best then.
+        target = record["predicted"] if record["predicted"] in self.model.classes else None
+        with self._cam_lock:  # one at a time: the explainer's hooks keep per-call state
+            if self._explainer is None:  # its fp32 copy of the network is made once, on first use
+                from ..explain import Explainer
+
+                self._explainer = Explainer(self.model).__enter__()
+            explanation = next(iter(self._explainer.explain_many([data], target, max_side=HEATMAP_SIDE)))
+        if isinstance(explanation, dict):  # cannot happen for a stored image that was analysed; say so if it does
+            raise RetinaLensError(f"analysis {analysis_id}: {explanation['error']}")
+        return explanation.overlay_png()
+
+    # -- records -----------------------------------------------------------------------------------
+
+    def analysis(self, analysis_id: str) -> dict[str, Any]:
+        record = self.store.analysis(analysis_id)
+        if record is None:
+            raise UnknownAnalysis(f"no analysis with id {analysis_id!r}")
+        return record
+
+    def feedback(self, analysis_id: str, label: str) -> dict[str, Any]:
+        return self.store.add_feedback(analysis_id, label)
+
+    # -- the model card ----------------------------------------------------------------------------
+
+    def model_card(self) -> dict[str, Any]:
+        """What the bundle manifest says about the model, for people (no local paths, no run config),
+        and the upload limits the page checks before sending."""
+        m = self.model.manifest
+        training = m.get("training", {})
+        backbone = m.get("backbone", {})
+        return jsonable({
+            "name": self.model.bundle.path.name,
+            "intended_use": INTENDED_USE,
+            "version": {"manifest_sha256": self.version.sha256, "created": self.version.created},
+            "task": m.get("task"),
+            "classes": self.model.classes,
+            "referral": self.model.bundle.referral,
+            "positive_classes": self.model.bundle.positive_classes,
+            "backbone": {k: backbone.get(k) for k in ("name", "timm_name", "weights_source", "weights_sha256",
+                                                      "preprocessing")},
+            "precision": m.get("features", {}).get("precision"),
+            "head": m.get("head"),
+            "training_data": {"layout": training.get("layout"), "splits": training.get("splits"),
+                              "extract_failures": training.get("extract_failures")},
+            "head_selection": training.get("head_selection"),
+            "baseline_logistic_regression": training.get("baseline_logistic_regression"),
+            "validation": m.get("validation"),
+            "test_metrics": m.get("metrics") or None,
+            "thresholds": m.get("thresholds") or None,
+            "calibration": m.get("calibration"),
+            "quality_gate": m.get("gate"),
+            "lineage": m.get("lineage"),
+            "library_versions": m.get("library_versions"),
+            "limits": {"max_upload_bytes": self.cfg.max_upload_bytes, "max_files": self.cfg.max_files},
+        })
+
+    def close(self) -> None:
+        with self._cam_lock:
+            if self._explainer is not None:
+                self._explainer.close()
+                self._explainer = None
+        self.store.close()

@@ -1,0 +1,163 @@
+"""Retraining with clinicians' feedback: `retinalens retrain BUNDLE --feedback DB --out NEW`.
+
+The candidate is the parent's run again (its config.json), on the parent's data plus the images a
+clinician confirmed or corrected that pass the parent's quality gate. The validation and test splits
+are the parent's, image for image (splits.json), so the two models are compared on the same images;
+feedback goes to train only, and an image already in validation or test is never added. The
+candidate is promoted (written to NEW) only if it is not worse than the parent on validation; test
+figures are reported for both and never decide. Features of the original images come from the cache,
+so only the new images pass through the backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._console import console
+from .._io import atomic_write_json
+from ..data.discover import Dataset, Sample
+from ..data.hashing import sha256_file
+from ..data.splits import Splits
+from ..errors import RetinaLensError
+from ..evaluate.metrics import classification_metrics
+from ..features.extract import extract_features, head_inputs, open_cache
+from ..models.bundle import Bundle, check_output_folder, load_bundle
+from ..models.heads import head_probabilities
+from .pipeline import RunConfig, _Data, _prepare, run_config_from_dict, train_bundle
+
+
+@dataclass
+class Feedback:
+    """The confirmed images that went into training, and those left out with the reason."""
+
+    added: list[Sample]
+    hashes: list[str]
+    left_out: list[dict[str, str]]
+
+
+def retrain(bundle_path: str | Path, feedback: str | Path, out: str | Path, *, images_dir: str | Path | None = None,
+            cache: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train a candidate with the feedback, compare it with its parent, promote it if not worse."""
+    from ..predict.model import Model
+    from ..serve.feedback import FeedbackStore
+
+    out = Path(out).expanduser()
+    check_output_folder(out)
+    parent = load_bundle(bundle_path)
+    cfg = _parent_config(parent, cache)
+    base = _prepare(cfg)
+    with FeedbackStore(feedback, images_dir) as store:
+        confirmed = store.confirmed()
+    if not confirmed:
+        raise RetinaLensError(f"{feedback}: no image has a confirmed or corrected label yet; nothing to retrain on")
+    fb = _screen(Model(parent), confirmed, base, parent)
+    say = console()
+    for item in fb.left_out:
+        say.print(f"[yellow]left out[/] {item['image']}: {item['reason']}", highlight=False)
+    if not fb.added:
+        raise RetinaLensError(f"none of the {len(confirmed)} confirmed image(s) can be added (see above)")
+    data = _with_feedback(base, fb, parent)
+    version = int(parent.manifest.get("lineage", {}).get("version", 1))
+    lineage = {"version": version + 1,
+               "parent": {"path": str(parent.path), "manifest_sha256": sha256_file(parent.path / "manifest.json"),
+                          "version": version},
+               "feedback": {"images_added": len(fb.added), "left_out": len(fb.left_out)}}
+    candidate_dir = out.with_name(f"{out.name}.candidate")
+    shutil.rmtree(candidate_dir, ignore_errors=True)
+    candidate = train_bundle(cfg, candidate_dir, progress=progress, data=data, lineage=lineage)
+
+    compared = {split: {"parent": _split_metrics(parent, data, split, cfg, progress),
+                        "candidate": _split_metrics(candidate, data, split, cfg, progress)} for split in ("val", "test")}
+    promoted = compared["val"]["candidate"]["accuracy"] >= compared["val"]["parent"]["accuracy"]
+    target = out if promoted else out.with_name(f"{out.name}.rejected")
+    if (target / "manifest.json").is_file():  # an older bundle there (check_output_folder allowed it)
+        shutil.rmtree(target)
+    candidate_dir.rename(target)
+    report = {"promoted": promoted, "bundle": str(target), "parent": str(parent.path),
+              "rule": "promoted when validation accuracy is not lower than the parent's (test is reported, never used)",
+              "version": version + 1, "feedback": {"added": len(fb.added), "left_out": fb.left_out},
+              "splits": {k: v["n_images"] for k, v in data.summary.items() if k != "removed"},
+              "compared": compared}
+    atomic_write_json(target / "retrain_report.json", report)
+    return report
+
+
+def _parent_config(parent: Bundle, cache: str | Path | None) -> RunConfig:
+    path = parent.path / "config.json"
+    try:
+        cfg = run_config_from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RetinaLensError(f"{path}: cannot read the run's config to retrain it ({type(exc).__name__})") from None
+    if not Path(cfg.data).exists():
+        raise RetinaLensError(f"{parent.path} was trained on {cfg.data}, which is not here: retraining needs it")
+    extract = replace(cfg.extract, cache=str(cache)) if cache else cfg.extract
+    return replace(cfg, extract=extract, resume=False)
+
+
+def _screen(model: Any, confirmed: list[Any], base: _Data, parent: Bundle) -> Feedback:
+    """Keep confirmed images that decode, pass the parent's gate, and are not in validation or test."""
+    held_out = {base.hashes[i] for split in ("val", "test") for i in base.splits.indices(split)}
+    known = set(base.hashes)
+    results = model.predict_many([c.image for c in confirmed])
+    added, hashes, left_out = [], [], []
+    for c, r in zip(confirmed, results):
+        reason = None
+        if "error" in r:
+            reason = r["error"]
+        elif not r.get("gate", {}).get("ok", True):
+            reason = f"ungradable: {r['gate'].get('reason')}"
+        elif c.label not in parent.classes:
+            reason = f"label {c.label!r} is not one of the model's classes"
+        if reason is None:
+            h = sha256_file(c.image)
+            if h in held_out:
+                reason = "already in the validation or test split"
+            elif h in known or h in hashes:
+                reason = "already in the training data"
+            else:
+                added.append(Sample(Path(c.image), c.label, f"feedback:{h[:16]}"))
+                hashes.append(h)
+                continue
+        left_out.append({"image": str(c.image), "reason": reason})
+    return Feedback(added, hashes, left_out)
+
+
+def _with_feedback(base: _Data, fb: Feedback, parent: Bundle) -> _Data:
+    """The parent's splits, image for image, with the feedback added to train."""
+    path = parent.path / "splits.json"
+    try:
+        saved = {k: set(v) for k, v in json.loads(path.read_text())["sha256"].items()}
+    except (OSError, ValueError, KeyError) as exc:
+        raise RetinaLensError(f"{path}: cannot read the parent's splits ({type(exc).__name__})") from None
+    ds = Dataset(base.ds.root, base.ds.layout, base.ds.samples + fb.added, base.ds.classes)
+    hashes = base.hashes + fb.hashes
+    n = len(base.hashes)
+    idx = {name: [i for i, h in enumerate(hashes[:n]) if h in saved.get(name, set())] for name in ("train", "val", "test")}
+    splits = Splits(idx["train"] + list(range(n, len(hashes))), idx["val"], idx["test"], hashes, base.splits.removed)
+    return _Data(ds, base.task, hashes, splits, splits.summary(ds))
+
+
+def _split_metrics(bundle: Bundle, data: _Data, split: str, cfg: RunConfig, progress: bool) -> dict[str, Any]:
+    """Accuracy (with CI) and the referral AUC of a bundle on one of the shared splits."""
+    idx = data.splits.indices(split)
+    if not idx:
+        return {"accuracy": None, "n_images": 0}
+    paths, hashes = [data.ds.samples[i].path for i in idx], [data.hashes[i] for i in idx]
+    store = open_cache(cfg.extract.cache, bundle.backbone, bundle.precision,
+                       spatial=bundle.head_config.input_kind == "spatial")
+    extract_features(paths, hashes, bundle.backbone, store, precision=bundle.precision, progress=progress)
+    keep = [j for j, h in enumerate(hashes) if h in store]
+    probs = head_probabilities(bundle.head, head_inputs(store, [hashes[j] for j in keep], bundle.head_config.input_kind))
+    k = {c: j for j, c in enumerate(bundle.classes)}
+    y = np.array([k[data.ds.samples[idx[j]].label] for j in keep])
+    m = classification_metrics(y, probs, bundle.classes, [data.ds.samples[idx[j]].patient for j in keep],
+                               positive_classes=bundle.positive_classes or None, n_boot=200, seed=0)
+    ref = m.get("urgent_referral") or {}
+    return {"accuracy": m["accuracy"], "accuracy_ci": m["accuracy_ci"], "referral_auc": ref.get("auc"),
+            "n_images": m["n_images"]}

@@ -1,0 +1,86 @@
+"""Retraining with feedback: real images in a real SQLite feedback store, the parent's splits kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import retinalens
+from retinalens.cli.main import main
+from retinalens.data.hashing import sha256_file
+from retinalens.demo import DEMO_DATA
+from retinalens.train.retrain import retrain
+
+
+def _store(path: Path):
+    from retinalens.serve.feedback import FeedbackStore
+
+    return FeedbackStore(path)
+
+
+def _confirm(store, model, bundle_path: Path, image: Path, label: str) -> None:
+    from retinalens.serve.feedback import ModelVersion
+
+    result = model.predict(image)
+    aid = store.add_analysis(image.read_bytes(), image.suffix.lstrip("."), result,
+                             ModelVersion.of_bundle(bundle_path, model.manifest))
+    store.add_feedback(aid, label)
+
+
+def test_retrain_adds_feedback_to_train_only_and_compares_on_the_parents_splits(tmp_path, small_bundle, small_dataset,
+                                                                                 feature_cache):
+    model = retinalens.load(small_bundle.path)
+    # Real scans the parent never saw (small_dataset holds the first 12 per class of the demo's train).
+    new = [(f, c.name) for c in sorted((DEMO_DATA / "train").iterdir()) for f in sorted(c.glob("*.jpeg"))[12:15]]
+    held_out = next((small_dataset / "test" / "CNV").glob("*.jpeg"))
+    black = tmp_path / "black.png"
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(black)
+    db = tmp_path / "fb" / "feedback.db"
+    with _store(db) as store:
+        for f, label in new:
+            _confirm(store, model, small_bundle.path, f, label)
+        _confirm(store, model, small_bundle.path, held_out, "CNV")
+        _confirm(store, model, small_bundle.path, black, "NORMAL")
+
+    report = retrain(small_bundle.path, db, tmp_path / "v2", cache=feature_cache, progress=False)
+
+    reasons = {Path(x["image"]).name: x["reason"] for x in report["feedback"]["left_out"]}
+    assert reasons[f"{sha256_file(held_out)}.jpeg"] == "already in the validation or test split"
+    assert reasons[f"{sha256_file(black)}.png"].startswith("ungradable")  # the parent's quality gate screens
+    assert report["feedback"]["added"] == len(new)
+    target = Path(report["bundle"])
+    assert target == (tmp_path / "v2" if report["promoted"] else tmp_path / "v2.rejected")
+    val = report["compared"]["val"]
+    assert report["promoted"] == (val["candidate"]["accuracy"] >= val["parent"]["accuracy"])
+
+    child = retinalens.load_bundle(target)
+    assert child.manifest["lineage"]["version"] == 2
+    assert child.manifest["lineage"]["parent"]["manifest_sha256"] == sha256_file(small_bundle.path / "manifest.json")
+    before = json.loads((small_bundle.path / "splits.json").read_text())["sha256"]
+    after = json.loads((target / "splits.json").read_text())["sha256"]
+    assert after["val"] == before["val"] and after["test"] == before["test"]  # compared on the same images
+    added = set(after["train"]) - set(before["train"])
+    assert added == {sha256_file(f) for f, _ in new} and set(before["train"]) <= set(after["train"])
+    for split in ("val", "test"):
+        pair = report["compared"][split]
+        assert pair["parent"]["n_images"] == pair["candidate"]["n_images"] == len(before[split])
+    assert json.loads((target / "retrain_report.json").read_text())["promoted"] == report["promoted"]
+
+
+def test_retrain_without_confirmed_feedback_is_a_clear_error(tmp_path, small_bundle, capsys):
+    db = tmp_path / "empty.db"
+    _store(db).close()
+    code = main(["retrain", str(small_bundle.path), "--feedback", str(db), "--out", str(tmp_path / "x"), "-q"])
+    assert code == 2 and "no image has a confirmed or corrected label" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("bad", ["not-a-bundle"])
+def test_retrain_refuses_a_folder_that_is_not_a_bundle(tmp_path, bad, capsys):
+    (tmp_path / bad).mkdir()
+    code = main(["retrain", str(tmp_path / bad), "--feedback", str(tmp_path / "f.db"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "not a RetinaLens model bundle" in capsys.readouterr().err
