@@ -14,7 +14,8 @@ from ..data.discover import discover
 from ..data.hashing import sha256_files
 from ..data.tasks import apply_task, get_task
 from ..errors import RetinaLensError
-from ..features.extract import extract_features, head_inputs, open_cache
+from ..features.cache import FeatureCache
+from ..features.extract import ExtractReport, extract_features, head_inputs, open_cache
 from ..gate.trust import trust_metrics
 from ..models.bundle import Bundle
 from ..models.heads import head_probabilities
@@ -38,14 +39,11 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
         raise RetinaLensError(f"{ds.root}: classes {', '.join(unknown)} are not among the model's ({', '.join(bundle.classes)})")
     hashes = sha256_files(s.path for s in ds.samples)
     # An explicit --cache that holds other features is an error; the default root keys folders by backbone.
-    store = open_cache(cache, bundle.backbone, bundle.precision, spatial=bundle.head_config.input_kind == "spatial",
-                       on_mismatch="error" if cache is not None else "rebuild")
-    report = extract_features([s.path for s in ds.samples], hashes, bundle.backbone, store, precision=bundle.precision,
-                              workers=workers, progress=progress)
-    keep = [i for i, h in enumerate(hashes) if h in store]
+    store, report, keep, raw_probs = bundle_probabilities(bundle, [s.path for s in ds.samples], hashes, cache,
+                                                          on_mismatch="error" if cache is not None else "rebuild",
+                                                          workers=workers, progress=progress)
     if not keep:
         raise RetinaLensError(f"{ds.root}: none of the {len(ds)} images could be read")
-    raw_probs = head_probabilities(bundle.head, head_inputs(store, [hashes[i] for i in keep], bundle.head_config.input_kind))
     probs = calibrated(raw_probs, bundle_temperature(bundle.manifest))  # what prediction gives
     index = {c: k for k, c in enumerate(bundle.classes)}
     y = np.array([index[ds.samples[i].label] for i in keep], dtype=np.int64)
@@ -78,6 +76,20 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
                           title=f"RetinaLens evaluation: {ds.root.name}",
                           bundle=bundle, images=[ds.samples[i].path for i in keep])  # gallery of mistakes
     return metrics
+
+
+def bundle_probabilities(bundle: Bundle, paths: list[Path], hashes: list[str], cache: str | Path | None, *,
+                         on_mismatch: str = "rebuild", workers: int = 0, progress: bool = True,
+                         ) -> tuple[FeatureCache, ExtractReport, list[int], np.ndarray]:
+    """The bundle's head probabilities (before calibration) on images, through its feature cache:
+    (the cache, the extraction report, the indices of the images that could be read, probabilities)."""
+    store = open_cache(cache, bundle.backbone, bundle.precision, spatial=bundle.head_config.input_kind == "spatial",
+                       on_mismatch=on_mismatch)
+    report = extract_features(paths, hashes, bundle.backbone, store, precision=bundle.precision, workers=workers,
+                              progress=progress)
+    keep = [i for i, h in enumerate(hashes) if h in store]
+    probs = head_probabilities(bundle.head, head_inputs(store, [hashes[i] for i in keep], bundle.head_config.input_kind))
+    return store, report, keep, probs
 
 
 def _overlap(bundle: Bundle, hashes: set[str]) -> int:

@@ -36,7 +36,7 @@ from ..data.transforms import Preprocessing
 from ..errors import ImageDecodeError, RetinaLensError
 from ..models.heads import HeadConfig, create_head
 from ..models.registry import Backbone, autocast, resolve_precision
-from .trainer import TrainConfig, TrainResult, check_train_config, class_weights_for
+from .trainer import TrainConfig, TrainResult, check_train_config, class_weights_for, plateau_schedule
 
 MODES = ("bottleneck", "frozen", "finetune", "scratch")
 # Default epochs per mode: a head on cached features is cheap to train long (early stopping ends it);
@@ -205,10 +205,7 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
     weight = class_weights_for(yt, num_classes).to(device) if train.class_weights else None
     train_loss_fn, val_loss_fn = nn.CrossEntropyLoss(weight=weight), nn.CrossEntropyLoss()
     opt = torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="min" if train.monitor == "val_loss" else "max", factor=train.lr_factor,
-        patience=max(train.lr_patience - 1, 0), min_lr=[train.min_lr * g["lr"] / train.lr for g in params])
-    better = (lambda a, b: a < b) if train.monitor == "val_loss" else (lambda a, b: a > b)
+    sched, better = plateau_schedule(opt, train)
 
     state: dict[str, Any] = {"epoch": 0, "best": math.nan, "best_epoch": 0, "stale": 0, "history": [], "best_state": None}
     ckpt = checkpoint_dir / CHECKPOINT

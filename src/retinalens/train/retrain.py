@@ -26,9 +26,8 @@ from ..data.hashing import sha256_file
 from ..data.splits import Splits
 from ..errors import RetinaLensError
 from ..evaluate.metrics import classification_metrics
-from ..features.extract import extract_features, head_inputs, open_cache
+from ..evaluate.run import bundle_probabilities
 from ..models.bundle import Bundle, check_output_folder, load_bundle
-from ..models.heads import head_probabilities
 from .pipeline import RunConfig, _Data, _prepare, run_config_from_dict, train_bundle
 
 
@@ -149,11 +148,7 @@ def _split_metrics(bundle: Bundle, data: _Data, split: str, cfg: RunConfig, prog
     if not idx:
         return {"accuracy": None, "n_images": 0}
     paths, hashes = [data.ds.samples[i].path for i in idx], [data.hashes[i] for i in idx]
-    store = open_cache(cfg.extract.cache, bundle.backbone, bundle.precision,
-                       spatial=bundle.head_config.input_kind == "spatial")
-    extract_features(paths, hashes, bundle.backbone, store, precision=bundle.precision, progress=progress)
-    keep = [j for j, h in enumerate(hashes) if h in store]
-    probs = head_probabilities(bundle.head, head_inputs(store, [hashes[j] for j in keep], bundle.head_config.input_kind))
+    _, _, keep, probs = bundle_probabilities(bundle, paths, hashes, cfg.extract.cache, progress=progress)
     k = {c: j for j, c in enumerate(bundle.classes)}
     y = np.array([k[data.ds.samples[idx[j]].label] for j in keep])
     m = classification_metrics(y, probs, bundle.classes, [data.ds.samples[idx[j]].patient for j in keep],

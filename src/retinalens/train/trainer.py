@@ -11,6 +11,7 @@ import copy
 import csv
 import io
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,20 @@ def check_train_config(cfg: TrainConfig) -> None:
     resolve_precision(cfg.precision)
 
 
+def plateau_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig) -> tuple[Any, Callable[[float, float], bool]]:
+    """The LR schedule on the monitored validation score, and the comparison that says "better".
+
+    Every parameter group's floor keeps its ratio to cfg.lr (a fine-tuned backbone's group runs lower)."""
+    better = (lambda a, b: a < b) if cfg.monitor == "val_loss" else (lambda a, b: a > b)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min" if cfg.monitor == "val_loss" else "max", factor=cfg.lr_factor,
+        # PyTorch reduces once more than `patience` epochs are flat: patience - 1 halves the
+        # rate after exactly `lr_patience` flat epochs, as Keras and the original did
+        patience=max(cfg.lr_patience - 1, 0),
+        min_lr=[cfg.min_lr if g["lr"] == cfg.lr else cfg.min_lr * g["lr"] / cfg.lr for g in opt.param_groups])
+    return sched, better
+
+
 def class_weights_for(y: torch.Tensor, k: int) -> torch.Tensor:
     counts = torch.bincount(y, minlength=k).float().clamp(min=1)
     return counts.sum() / (k * counts)
@@ -116,12 +131,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
         train_loss_fn = nn.CrossEntropyLoss(weight=weight)
         val_loss_fn = nn.CrossEntropyLoss()  # validation loss stays unweighted: it chooses the model
         opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        better = (lambda a, b: a < b) if cfg.monitor == "val_loss" else (lambda a, b: a > b)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min" if cfg.monitor == "val_loss" else "max", factor=cfg.lr_factor,
-            # PyTorch reduces once more than `patience` epochs are flat: patience - 1 halves the
-            # rate after exactly `lr_patience` flat epochs, as Keras and the original did
-            patience=max(cfg.lr_patience - 1, 0), min_lr=cfg.min_lr)
+        sched, better = plateau_schedule(opt, cfg)
         gen = torch.Generator().manual_seed(cfg.seed)
         best, best_state, best_epoch, stale, history = math.nan, None, 0, 0, []
         with progress_bar(cfg.epochs, "train head", progress, unit="epoch") as advance:
