@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -82,3 +82,20 @@ def make_png() -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server for the session (skips, saying why, where none can be started)."""
+    from pg_server import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_db(postgres_server_url: str) -> str:
+    """The URL of a new, empty database on that server: one per test."""
+    from pg_server import fresh_database
+
+    return fresh_database(postgres_server_url)

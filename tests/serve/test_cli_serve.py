@@ -15,6 +15,7 @@ from PIL import Image
 from retinalens.errors import RetinaLensError
 from retinalens.serve._deps import require
 from retinalens.serve.server import ServerProcess
+from retinalens.serve.service import usable_cores
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "Doe_Jane_19550101_MRN4711"  # what a clinic's file names look like: identifying
@@ -46,6 +47,8 @@ def test_logs_hold_no_image_names_or_metadata(small_bundle, tmp_path, demo_scans
         assert server.stop() == 0  # Ctrl-C: a clean shutdown
     log = "".join(server.log)
     assert "POST /api/predict" in log and "413" in log  # the access log is on, at debug level
+    # The default thread plan: one model call per core, each on one core (PyTorch and BLAS).
+    assert f"model calls: {usable_cores()} at a time, 1 thread(s) each, up to 4 images per call" in log
     assert SECRET not in log
     for f in tmp_path.iterdir():  # nor in the database, nor in any file name
         assert SECRET not in f.name
@@ -63,6 +66,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_bad_options_are_one_clear_line(tmp_path, small_bundle):
     for args, needle in (([str(tmp_path / "nothing")], "not a RetinaLens model bundle"),
                          ([str(small_bundle.path), "--max-upload-mb", "0"], "--max-upload-mb"),
+                         ([str(small_bundle.path), "--max-batch", "0"], "--max-batch"),
+                         ([str(small_bundle.path), "--workers-threads", "-1"], "--workers-threads"),
                          ([str(small_bundle.path), "--db", "postgresql+psycopg://u:pw@127.0.0.1:1/x"], "--images")):
         r = _cli(*args)
         assert r.returncode == 2, (args, r.stderr)

@@ -1,4 +1,5 @@
-"""kill -9 during a burst of analyses and feedback: every acknowledged record is there, whole."""
+"""kill -9 during a burst of analyses and feedback: every acknowledged record is there, whole, in an
+SQLite file and in a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import threading
 import time
 
 import httpx
+import pytest
+import sqlalchemy as sa
 
 from retinalens.demo import DEMO_DATA
 from retinalens.serve.feedback import FeedbackStore
@@ -16,13 +19,21 @@ from retinalens.serve.server import ServerProcess
 CLASSES = ("CNV", "DME", "DRUSEN", "NORMAL")
 
 
-def test_kill_9_mid_burst_keeps_every_acknowledged_record(small_bundle, tmp_path):
-    db = tmp_path / "feedback.db"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> tuple[str, list[str]]:
+    """(the store's URL or file, the extra `serve` options it needs)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "feedback.db"), []
+    return request.getfixturevalue("postgres_db"), ["--images", str(tmp_path / "images")]
+
+
+def test_kill_9_mid_burst_keeps_every_acknowledged_record(small_bundle, tmp_path, database):
+    db, options = database
     scans = [p.read_bytes() for p in sorted(DEMO_DATA.rglob("*.jpeg"))]  # distinct files: new image writes
     analyses: dict[str, str] = {}  # acknowledged analysis id -> image sha256
     feedback: dict[int, tuple[str, str]] = {}  # acknowledged feedback id -> (analysis id, label)
     lock, stop = threading.Lock(), threading.Event()
-    server = ServerProcess(small_bundle.path, "--db", str(db), "--log-level", "warning")
+    server = ServerProcess(small_bundle.path, "--db", db, *options, "--log-level", "warning")
 
     def client(k: int) -> None:
         with httpx.Client(base_url=server.url, timeout=30) as c:
@@ -60,17 +71,21 @@ def test_kill_9_mid_burst_keeps_every_acknowledged_record(small_bundle, tmp_path
         t.join(30)
     assert len(feedback) >= 20 and len(analyses) >= 10, (len(feedback), len(analyses))
 
-    con = sqlite3.connect(db)  # readable by any SQLite client after the crash
-    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    rows = {fid: (aid, label) for fid, aid, label in con.execute("SELECT id, analysis_id, label FROM feedback")}
-    assert all(rows.get(fid) == want for fid, want in feedback.items())  # every acknowledged feedback, as sent
-    # no half records: every column that must hold something does, every feedback has its analysis
-    assert con.execute("SELECT COUNT(*) FROM analyses WHERE image IS NULL OR probabilities IS NULL "
-                       "OR model_sha256 IS NULL OR created_at IS NULL").fetchone()[0] == 0
-    assert con.execute("SELECT COUNT(*) FROM feedback f LEFT JOIN analyses a ON a.id = f.analysis_id "
-                       "WHERE a.id IS NULL OR f.created_at IS NULL").fetchone()[0] == 0
-    con.close()
-    with FeedbackStore(db) as store:
+    if not options:  # SQLite: the file is readable by any SQLite client after the crash
+        con = sqlite3.connect(db)
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        con.close()
+    engine = sa.create_engine(db if options else f"sqlite:///{db}")
+    with engine.connect() as con:
+        rows = {fid: (aid, label) for fid, aid, label in con.execute(sa.text("SELECT id, analysis_id, label FROM feedback"))}
+        assert all(rows.get(fid) == want for fid, want in feedback.items())  # every acknowledged feedback, as sent
+        # no half records: every column that must hold something does, every feedback has its analysis
+        assert con.execute(sa.text("SELECT COUNT(*) FROM analyses WHERE image IS NULL OR probabilities IS NULL "
+                                   "OR model_sha256 IS NULL OR created_at IS NULL")).scalar_one() == 0
+        assert con.execute(sa.text("SELECT COUNT(*) FROM feedback f LEFT JOIN analyses a ON a.id = f.analysis_id "
+                                   "WHERE a.id IS NULL OR f.created_at IS NULL")).scalar_one() == 0
+    engine.dispose()
+    with FeedbackStore(db, tmp_path / "images" if options else None) as store:
         for aid, digest in analyses.items():
             record = store.analysis(aid)
             assert record is not None and record["image_sha256"] == digest

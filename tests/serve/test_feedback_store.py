@@ -1,9 +1,11 @@
-"""The feedback store on its own: content-addressed images, records, the retrain API, concurrency."""
+"""The feedback store on its own: content-addressed images, records, the retrain API, concurrency; on
+an SQLite file and, where one can be started, on a real PostgreSQL server."""
 
 from __future__ import annotations
 
 import hashlib
 import sqlite3
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -30,6 +32,14 @@ def scans(demo_scans) -> list[bytes]:
     return [p.read_bytes() for p in demo_scans.values()]
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A new, empty database: an SQLite file in a folder still to be made, or one on a PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db' / 'fb.db'}"
+    return request.getfixturevalue("postgres_db")
+
+
 def test_images_are_content_addressed_and_atomic(tmp_path, scans):
     store = FeedbackStore(tmp_path / "fb.db")
     assert store.images_dir == tmp_path / "images"
@@ -44,8 +54,8 @@ def test_images_are_content_addressed_and_atomic(tmp_path, scans):
     store.close()
 
 
-def test_feedback_latest_label_wins_and_survives_reopening(tmp_path, scans):
-    url = f"sqlite:///{tmp_path / 'db' / 'fb.db'}"
+def test_feedback_latest_label_wins_and_survives_reopening(tmp_path, scans, db_url):
+    url = db_url
     with FeedbackStore(url, tmp_path / "imgs") as store:
         first = store.add_analysis(scans[0], "jpeg", _result("CNV"), VERSION)
         second = store.add_analysis(scans[1], "jpeg", _result("DME"), VERSION)
@@ -64,6 +74,8 @@ def test_feedback_latest_label_wins_and_survives_reopening(tmp_path, scans):
         assert image.read_bytes() == scans[1] and image.parent == tmp_path / "imgs"
         assert record["predicted"] == "DME" and record["confirmed"] is False and record["model_sha256"] == VERSION.sha256
         assert record["probabilities"]["DME"] == pytest.approx(0.7) and record["gate"]["ok"] is True
+        assert list(record["probabilities"]) == list(CLASSES)  # the class order survives the JSON column
+        assert record["analysed_at"].endswith("+00:00") and record["feedback_at"] > record["analysed_at"]
         assert store.counts() == {"analyses": 3, "feedback": 3}
 
 
@@ -77,13 +89,17 @@ def test_verify_reports_a_missing_or_altered_image(tmp_path, scans):
         assert len(problems) == 2 and "missing" in problems[0] + problems[1] and "hash" in problems[0] + problems[1]
 
 
-def test_concurrent_writers_lose_nothing(tmp_path, scans):
-    with FeedbackStore(tmp_path / "fb.db") as store:
+def test_concurrent_writers_lose_nothing(tmp_path, scans, db_url):
+    with FeedbackStore(db_url, tmp_path / "images") as store:
         ids = [store.add_analysis(s, "jpeg", _result(), VERSION) for s in scans]
         with ThreadPoolExecutor(8) as pool:
             made = list(pool.map(lambda k: store.add_feedback(ids[k % len(ids)], CLASSES[k % 4]), range(80)))
         assert len({m["id"] for m in made}) == 80 and store.counts()["feedback"] == 80
-    con = sqlite3.connect(tmp_path / "fb.db")
+        newest = {m["analysis_id"]: m["label"] for m in sorted(made, key=lambda m: m["id"])}  # last one wins
+        assert {c.record["analysis_id"]: c.label for c in store.confirmed()} == newest
+    if not db_url.startswith("sqlite"):
+        return
+    con = sqlite3.connect(db_url.removeprefix("sqlite:///"))
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.close()
@@ -105,6 +121,13 @@ def test_database_urls_and_clear_errors(tmp_path):
     not_a_db.write_bytes(b"this is not an SQLite database" * 100)
     with pytest.raises(RetinaLensError, match="cannot open"):
         FeedbackStore(not_a_db)
+
+
+def test_a_missing_postgresql_driver_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if it were not installed
+    with pytest.raises(RetinaLensError, match=r"driver missing .*pip install 'retinalens\[postgres\]'") as err:
+        FeedbackStore("postgresql+psycopg://u:secret@127.0.0.1:1/feedback", tmp_path / "imgs")
+    assert "secret" not in str(err.value)
 
 
 def test_in_memory_or_malformed_databases_are_refused():

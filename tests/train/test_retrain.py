@@ -71,6 +71,27 @@ def test_retrain_adds_feedback_to_train_only_and_compares_on_the_parents_splits(
     assert json.loads((target / "retrain_report.json").read_text())["promoted"] == report["promoted"]
 
 
+def test_retrain_reads_feedback_from_postgresql(tmp_path, small_bundle, feature_cache, postgres_db, capsys):
+    from retinalens.serve.feedback import FeedbackStore
+
+    model = retinalens.load(small_bundle.path)
+    new = [(sorted(c.glob("*.jpeg"))[15], c.name) for c in sorted((DEMO_DATA / "train").iterdir())]
+    with FeedbackStore(postgres_db, tmp_path / "images") as store:  # what `serve --db URL --images DIR` writes
+        for f, label in new:
+            _confirm(store, model, small_bundle.path, f, label)
+    code = main(["retrain", str(small_bundle.path), "--feedback", postgres_db, "--feedback-images",
+                 str(tmp_path / "images"), "--cache", str(feature_cache), "--out", str(tmp_path / "v2"), "-q"])
+    said = capsys.readouterr().err.replace("\n", " ")  # the console writes to stderr
+    assert code == 0, said
+    assert f"{len(new)} feedback image(s) added" in said
+    target = tmp_path / "v2" if (tmp_path / "v2").is_dir() else tmp_path / "v2.rejected"
+    report = json.loads((target / "retrain_report.json").read_text())
+    assert report["feedback"]["added"] == len(new)
+    added = set(json.loads((target / "splits.json").read_text())["sha256"]["train"]) - \
+        set(json.loads((small_bundle.path / "splits.json").read_text())["sha256"]["train"])
+    assert added == {sha256_file(f) for f, _ in new}
+
+
 def test_retrain_without_confirmed_feedback_is_a_clear_error(tmp_path, small_bundle, capsys):
     db = tmp_path / "empty.db"
     _store(db).close()

@@ -12,13 +12,15 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", help="Port (0: any free port; the address is printed)."),
     db: str | None = typer.Option(None, "--db", help="Feedback database: an SQLAlchemy URL (e.g. "
-                                     "postgresql+psycopg://user@host/db) or an SQLite file "
+                                     "postgresql+psycopg://user@host/db, extra postgres) or an SQLite file "
                                      "(default ~/.local/share/retinalens/feedback/feedback.db)."),
     images: Path | None = typer.Option(None, "--images", help="Folder for the stored images "
                                           "(default: images/ beside the SQLite file; required for other databases)."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest request body (all files), in MB."),
-    workers_threads: int = typer.Option(1, "--workers-threads", help="Model calls at a time, each on a batch of the "
-                                         "images concurrent requests sent (each call already uses every core)."),
+    workers_threads: int = typer.Option(0, "--workers-threads", help="Model calls at a time, each on a batch of the "
+                                         "images concurrent requests sent; the cores are shared among them "
+                                         "(0: one call per core, each on one core)."),
+    max_batch: int = typer.Option(4, "--max-batch", help="Most images in one model call."),
     log_level: str = typer.Option("info", "--log-level", help="critical | error | warning | info | debug."),
 ) -> None:
     """Web app and REST API: upload images, see class, referral, quality verdict and heat map; store clinicians' labels."""
@@ -26,4 +28,4 @@ def serve(
     from ..serve.service import ServeConfig
 
     run_server(ServeConfig(bundle=bundle, host=host, port=port, db=db, images=images, max_upload_mb=max_upload_mb,
-                           threads=workers_threads, log_level=log_level.lower()))
+                           threads=workers_threads, max_batch=max_batch, log_level=log_level.lower()))

@@ -38,7 +38,7 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> Any:
     from starlette.datastructures import UploadFile
 
     service = service or Service(cfg)
-    batcher = Batcher(service.predict, calls=cfg.threads)
+    batcher = Batcher(service.predict, calls=cfg.model_calls, max_batch=cfg.max_batch)
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:

@@ -1,10 +1,11 @@
 """Images of concurrent requests go through the model together.
 
-On a CPU a batch of 16 costs far less than 16 single calls, so when requests arrive faster than the
-model answers, the images that queued while one model call ran go into the next call as one batch
+On a CPU a batch of 4 costs less than 4 single calls, so when requests arrive faster than the
+model answers, the images that queued while a model call ran go into the next call as one batch
 (at most `max_batch` images). No timer: a lone request starts at once, so its latency is unchanged;
-under load the batches grow by themselves. At most `calls` model calls run at a time, in threads, so
-the event loop keeps accepting requests meanwhile.
+under load the batches grow by themselves. At most `calls` model calls run at a time, in threads
+(one per core by default: while one call decodes, another runs the network), so the event loop
+keeps accepting requests meanwhile.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ Predict = Callable[[list[bytes]], list[dict[str, Any]]]
 
 
 class Batcher:
-    def __init__(self, predict: Predict, *, max_batch: int = 16, calls: int = 1) -> None:
+    def __init__(self, predict: Predict, *, max_batch: int, calls: int) -> None:
         self._predict = predict
         self.max_batch = max_batch
         self.calls = calls

@@ -108,7 +108,8 @@ class FeedbackStore:
                 self.engine = sa.create_engine(self.url, pool_pre_ping=True)
             self.metadata.create_all(self.engine)
         except ImportError as exc:  # the URL names a driver that is not installed (e.g. psycopg)
-            raise RetinaLensError(f"{self.safe_url}: database driver missing ({exc})") from None
+            hint = "; pip install 'retinalens[postgres]'" if (exc.name or "").startswith("psycopg") else ""
+            raise RetinaLensError(f"{self.safe_url}: database driver missing ({exc}{hint})") from None
         except sa.exc.SQLAlchemyError as exc:
             raise RetinaLensError(f"{self.safe_url}: cannot open the feedback database "
                                   f"({type(exc.orig if hasattr(exc, 'orig') else exc).__name__})") from None

@@ -33,15 +33,19 @@ class ServeConfig:
     db: str | None = None  # SQLAlchemy URL or SQLite file path; None: default_db()
     images: Path | None = None  # feedback images; None: `images/` beside an SQLite file
     max_upload_mb: float = 20.0  # per request, all files together
-    threads: int = 1  # model calls at a time (each batches the images of concurrent requests and uses every core)
+    threads: int = 0  # model calls at a time, each on a batch of queued images; 0: one per core (see model_threads)
+    max_batch: int = 4  # images per model call: on one core a scan costs the same in batches of 4 and 8 (more
+                        # in 16), and a smaller batch is answered sooner (benchmarks/bench_serve.py measures both)
     max_files: int = 32  # per request
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         if not self.max_upload_mb > 0:
             raise RetinaLensError(f"--max-upload-mb must be positive (got {self.max_upload_mb})")
-        if self.threads < 1:
-            raise RetinaLensError(f"--workers-threads must be at least 1 (got {self.threads})")
+        if self.threads < 0:
+            raise RetinaLensError(f"--workers-threads must be 0 (one per core) or more (got {self.threads})")
+        if self.max_batch < 1:
+            raise RetinaLensError(f"--max-batch must be at least 1 (got {self.max_batch})")
         if not 0 <= self.port <= 65535:
             raise RetinaLensError(f"--port must be 0-65535 (got {self.port})")
         if self.log_level not in LOG_LEVELS:
@@ -50,6 +54,25 @@ class ServeConfig:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def model_calls(self) -> int:
+        return self.threads or usable_cores()
+
+    @property
+    def model_threads(self) -> int:
+        """Intra-op threads for each model call: the cores shared among the calls. One call per core,
+        each single-threaded, beats one call on every core for a server: OpenMP's spinning workers
+        then never compete with decoding, HTTP and the other call (measured in the README)."""
+        return max(1, usable_cores() // self.model_calls)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or taskset's limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 @dataclass
