@@ -67,12 +67,20 @@ class ServeConfig:
         return max(1, usable_cores() // self.model_calls)
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask: a container's or taskset's limit)."""
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its affinity mask (taskset, cpusets), and a container's CPU quota
+    (cgroup v2 `cpu.max`, e.g. `docker --cpus 2`), which the mask does not show."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 here, or a file we do not understand: the mask it is
+        pass
+    return cores
 
 
 @dataclass
