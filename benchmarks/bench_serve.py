@@ -29,7 +29,7 @@ import torch
 import retinalens
 from retinalens.demo import DEMO_DATA
 from retinalens.models.bundle import load_bundle
-from retinalens.serve.server import ServerProcess
+from retinalens.serve.server import ServerProcess, child_env
 
 ROUNDS = ((1, 60), (4, 160), (16, 320))  # (concurrent clients, requests)
 
@@ -125,10 +125,8 @@ def _backbone_ms_per_image(path: Path) -> dict:
 
 
 def _in_fresh_process(bundle: Path) -> dict:
-    src = str(Path(retinalens.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, __file__, "--backbone", str(bundle)], capture_output=True, text=True,
-                          env=env, check=True)
+                          env=child_env(), check=True)
     return json.loads(done.stdout)
 
 

@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from retinalens.demo import DEMO_DATA
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI child process: this checkout's package, lines wide enough that a
+    message is one line (the tests read them), plus `extra` variables."""
+    return dict(os.environ, PYTHONPATH=str(SRC), COLUMNS="200", **extra)
+
+
+def cli_command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "retinalens.cli.main", *map(str, args)]
+
+
+def run_cli(*args: object, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """`retinalens ARGS` as users run it: the real entry point, in its own process."""
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, env=cli_env(**env), timeout=timeout,
+                          check=False)
 
 
 def small_oct_dataset(dst: Path, per_class_train: int = 12, per_class_test: int = 4) -> Path:

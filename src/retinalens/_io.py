@@ -41,6 +41,14 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+def check_creatable(out: Path, folder: Path) -> None:
+    """Refuse `--out` before any work when the nearest existing folder at or above `folder` (where the
+    output's folders will be made) cannot be written."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise RetinaLensError(f"--out {out}: cannot create it ({existing} is not a writable folder)")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
@@ -51,6 +59,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     _atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    import torch
+
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def sweep_temp_files(folder: Path, older_than_s: float = 3600.0) -> None:

@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_cli
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), COLUMNS="200")
-    if cache:
-        env["RETINALENS_CACHE"] = str(cache)
-    return subprocess.run([sys.executable, "-m", "retinalens.cli.main", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=600)
+def cli(*args: object, cache: Path | None = None) -> subprocess.CompletedProcess:
+    return run_cli(*args, **({"RETINALENS_CACHE": str(cache)} if cache else {}))
 
 
 def assert_clean_error(r: subprocess.CompletedProcess, *needles: str) -> None:

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage as ndi
 
+from helpers import run_cli
 from retinalens.data.decode import decode_image
 from retinalens.data.discover import discover
 from retinalens.data.fundus import FOV, UnusableFundusError, find_fov, prepare_fundus, prepare_image
@@ -356,9 +357,7 @@ def test_contrast_normalises_inside_the_disc_and_keeps_the_outside_black(shared_
 # -- command line -----------------------------------------------------------------------------
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    """`retinalens ...` as users run it: the real entry point, in its own process."""
-    return subprocess.run([sys.executable, "-m", "retinalens.cli.main", *args], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT / "src"), COLUMNS="200"))
+    return run_cli(*args, timeout=300)
 
 
 def test_cli_prepares_and_reports(tmp_path: Path) -> None:

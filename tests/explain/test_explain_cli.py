@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def cli(*args: object) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "retinalens.cli.main", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=600, check=False)
-
+from helpers import run_cli as cli
 
 def test_explain_folder_and_bad_file(small_bundle, small_dataset: Path, tmp_path: Path) -> None:
     folder = small_dataset / "test" / "DME"

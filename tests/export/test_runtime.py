@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import cli_env
 from retinalens.errors import RetinaLensError
 from retinalens.export import export_bundle
 from retinalens.export.runtime import cached_onnx, resolve_runtime
 from retinalens.predict.model import Model
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
@@ -28,7 +25,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 def cli(*args: object, cache: Path, block: str | None = None) -> subprocess.CompletedProcess:
     """The CLI in a real process; `block` makes one optional package unimportable there, as if not installed."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), RETINALENS_CACHE=str(cache), COLUMNS="200")
+    env = cli_env(RETINALENS_CACHE=str(cache))
     hide = f"sys.modules[{block!r}] = None; " if block else ""
     code = f"import sys; {hide}from retinalens.cli.main import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import io
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
+from helpers import run_cli
 from retinalens.errors import RetinaLensError
 from retinalens.serve._deps import require
 from retinalens.serve.server import ServerProcess
 from retinalens.serve.service import usable_cores
 
-ROOT = Path(__file__).resolve().parents[2]
 SECRET = "Doe_Jane_19550101_MRN4711"  # what a clinic's file names look like: identifying
 
 
@@ -58,9 +56,7 @@ def test_logs_hold_no_image_names_or_metadata(small_bundle, tmp_path, demo_scans
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "retinalens.cli.main", "serve", *args], capture_output=True,
-                          check=False, text=True, env=env, timeout=120)
+    return run_cli("serve", *args, timeout=120)
 
 
 def test_bad_options_are_one_clear_line(tmp_path, small_bundle):

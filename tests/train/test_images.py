@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import retinalens
+from helpers import cli_command
 from retinalens.errors import RetinaLensError
 from retinalens.models.registry import create_backbone
 from retinalens.train.images import CHECKPOINT, backbone_groups
@@ -103,10 +104,6 @@ def test_backbone_groups_cover_every_parameter_in_order(backbone):
     assert len(create_backbone("eyenet").model.features) and backbone_groups(create_backbone("eyenet").model)
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "retinalens.cli.main", *args]
-
-
 def _checkpoint_epoch(path: Path) -> int:
     try:
         return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
@@ -118,12 +115,12 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path, small_datas
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     common = [str(small_dataset), "--mode", "frozen", "--epochs", "6", "--batch-size", "16", "--quiet",
               "--cache", str(feature_cache)]
-    ref = subprocess.run(_cli("train", *common, "--out", str(tmp_path / "ref")), env=env, capture_output=True, text=True)
+    ref = subprocess.run(cli_command("train", *common, "--out", str(tmp_path / "ref")), env=env, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr + ref.stdout
 
     out = tmp_path / "killed"
     ckpt = out.with_name("killed.checkpoints") / CHECKPOINT
-    proc = subprocess.Popen(_cli("train", *common, "--out", str(out)), env=env,
+    proc = subprocess.Popen(cli_command("train", *common, "--out", str(out)), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while _checkpoint_epoch(ckpt) < 2 and proc.poll() is None and time.time() < deadline:
@@ -134,13 +131,13 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path, small_datas
     killed_at = _checkpoint_epoch(ckpt)
     assert 2 <= killed_at < 6 and not out.exists()
 
-    again = subprocess.run(_cli("train", *common, "--out", str(out)), env=env, capture_output=True, text=True)
+    again = subprocess.run(cli_command("train", *common, "--out", str(out)), env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr + again.stdout  # never silently overwritten
-    other = subprocess.run(_cli("train", *common, "--lr", "0.01", "--resume", "--out", str(out)), env=env,
+    other = subprocess.run(cli_command("train", *common, "--lr", "0.01", "--resume", "--out", str(out)), env=env,
                            capture_output=True, text=True)
     assert other.returncode == 2 and "other data, splits or options" in other.stderr + other.stdout
 
-    resumed = subprocess.run(_cli("train", *common, "--resume", "--out", str(out)), env=env, capture_output=True, text=True)
+    resumed = subprocess.run(cli_command("train", *common, "--resume", "--out", str(out)), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
     assert f"resuming after epoch {killed_at}" in resumed.stdout + resumed.stderr
     a, b = load_file(str(tmp_path / "ref" / "head.safetensors")), load_file(str(out / "head.safetensors"))

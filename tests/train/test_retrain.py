@@ -22,12 +22,12 @@ def _store(path: Path):
     return FeedbackStore(path)
 
 
-def _confirm(store, model, bundle_path: Path, image: Path, label: str) -> None:
+def _confirm(store, model, image: Path, label: str) -> None:
     from retinalens.serve.feedback import ModelVersion
 
     result = model.predict(image)
     aid = store.add_analysis(image.read_bytes(), image.suffix.lstrip("."), result,
-                             ModelVersion.of_bundle(bundle_path, model.manifest))
+                             ModelVersion.of_bundle(model.bundle))
     store.add_feedback(aid, label)
 
 
@@ -42,9 +42,9 @@ def test_retrain_adds_feedback_to_train_only_and_compares_on_the_parents_splits(
     db = tmp_path / "fb" / "feedback.db"
     with _store(db) as store:
         for f, label in new:
-            _confirm(store, model, small_bundle.path, f, label)
-        _confirm(store, model, small_bundle.path, held_out, "CNV")
-        _confirm(store, model, small_bundle.path, black, "NORMAL")
+            _confirm(store, model, f, label)
+        _confirm(store, model, held_out, "CNV")
+        _confirm(store, model, black, "NORMAL")
 
     report = retrain(small_bundle.path, db, tmp_path / "v2", cache=feature_cache, progress=False)
 
@@ -78,7 +78,7 @@ def test_retrain_reads_feedback_from_postgresql(tmp_path, small_bundle, feature_
     new = [(sorted(c.glob("*.jpeg"))[15], c.name) for c in sorted((DEMO_DATA / "train").iterdir())]
     with FeedbackStore(postgres_db, tmp_path / "images") as store:  # what `serve --db URL --images DIR` writes
         for f, label in new:
-            _confirm(store, model, small_bundle.path, f, label)
+            _confirm(store, model, f, label)
     code = main(["retrain", str(small_bundle.path), "--feedback", postgres_db, "--feedback-images",
                  str(tmp_path / "images"), "--cache", str(feature_cache), "--out", str(tmp_path / "v2"), "-q"])
     said = capsys.readouterr().err.replace("\n", " ")  # the console writes to stderr

@@ -10,49 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import io
 import json
-import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
-from .._io import atomic_write_bytes, atomic_write_json
+from .._deps import require, silenced
+from .._io import atomic_write_bytes, atomic_write_json, check_creatable
 from ..errors import RetinaLensError
 from ..models.bundle import Bundle, load_bundle
 from .graph import INPUT_NAME, OUTPUT_NAMES, DeployableModel, export_metadata
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage"}
-EXTRAS = {"onnx": "export", "onnxruntime": "export", "coremltools": "coreml"}
 # 17: wide runtime support (onnxruntime >= 1.14, onnxruntime-web, TensorRT 8.6) and all ops we need.
 ONNX_OPSET = 17
 METADATA_KEY = "retinalens"
-
-
-def require(module: str, purpose: str) -> ModuleType:
-    """Import an optional dependency, or say in one line which extra installs it."""
-    try:
-        with _quiet():  # coremltools prints a page of notes about its optional native parts on import
-            return importlib.import_module(module)
-    except ImportError:
-        raise RetinaLensError(f"{purpose} needs the '{module}' package, which is not installed: "
-                              f"pip install 'retinalens[{EXTRAS.get(module, module)}]'") from None
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence exporter chatter (tracer warnings, converter notes); errors still raise."""
-    sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        warnings.simplefilter("ignore")
-        yield
 
 
 def sidecar_path(out: Path) -> Path:
@@ -72,9 +49,7 @@ def check_output_path(out: Path, fmt: str) -> None:
             raise RetinaLensError(f"--out {out} is a folder that is not a Core ML package; give a new path")
     elif out.is_dir():
         raise RetinaLensError(f"--out {out} is a folder; give a file name (e.g. {out / ('model' + FORMATS[fmt])})")
-    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise RetinaLensError(f"--out {out}: cannot write there ({existing} is not a writable folder)")
+    check_creatable(out, out.parent)
 
 
 def _sample(bundle: Bundle, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
@@ -87,7 +62,7 @@ def _sample(bundle: Bundle, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
 def _converting(fmt: str, bundle: Bundle) -> Iterator[None]:
     """Turn an exporter failure (an operator it cannot express) into one clear line."""
     try:
-        with _quiet(), torch.no_grad():
+        with silenced(), torch.no_grad():
             yield
     except RetinaLensError:
         raise

@@ -10,7 +10,6 @@ the numbers `evaluate.calibration.calibrated` gives), and the globally pooled ba
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch import nn
 from .. import __version__
 from ..errors import RetinaLensError
 from ..evaluate.calibration import bundle_temperature
-from ..models.bundle import MANIFEST, Bundle
+from ..models.bundle import Bundle
 
 # Bumped whenever the graph or its metadata change: cached exports of an older design are rebuilt.
 EXPORT_VERSION = 1
@@ -57,11 +56,6 @@ class DeployableModel(nn.Module):
         return torch.softmax(logits / self.temperature, dim=1), pooled
 
 
-def manifest_sha256(bundle: Bundle) -> str:
-    """The hash of the bundle's manifest.json: it names every weights file by hash, so it names the model."""
-    return hashlib.sha256((bundle.path / MANIFEST).read_bytes()).hexdigest()
-
-
 def export_metadata(bundle: Bundle, fmt: str, input_dtype: str = "uint8") -> dict[str, Any]:
     """Everything a consumer needs besides the graph: classes, pixels contract, referral, provenance."""
     m = bundle.manifest
@@ -81,7 +75,7 @@ def export_metadata(bundle: Bundle, fmt: str, input_dtype: str = "uint8") -> dic
         "temperature": graph_temperature(m),
         "backbone": {k: m["backbone"].get(k) for k in ("name", "timm_name", "weights_sha256")},
         "head": m["head"],
-        "bundle": {"manifest_sha256": manifest_sha256(bundle), "format": m.get("format"), "created": m.get("created"),
+        "bundle": {"manifest_sha256": bundle.manifest_sha256, "format": m.get("format"), "created": m.get("created"),
                    "task": m.get("task"), "name": bundle.path.name},
         "retinalens_version": __version__,
         "torch_version": torch.__version__,

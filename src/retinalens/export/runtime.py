@@ -19,10 +19,12 @@ import torch
 from rich.markup import escape
 
 from .._console import console
+from .._deps import require
+from ..data.hashing import sha256_file
 from ..errors import RetinaLensError
 from ..models.bundle import Bundle
-from .formats import METADATA_KEY, onnx_bytes, require, sidecar_path, write_export
-from .graph import EXPORT_VERSION, INPUT_NAME, OUTPUT_NAMES, manifest_sha256
+from .formats import METADATA_KEY, onnx_bytes, sidecar_path, write_export
+from .graph import EXPORT_VERSION, INPUT_NAME, OUTPUT_NAMES
 
 RUNTIMES = ("auto", "torch", "onnx")
 CACHE_ENTRIES = 8  # ONNX files kept (about 14 MB each for the default backbone), least recently used go
@@ -86,15 +88,9 @@ def _intact(model: Path) -> bool:
     """The sidecar (written last) is readable, of this export design, and hashes the file as it is now."""
     try:
         meta = json.loads(sidecar_path(model).read_text())
-        return meta.get("retinalens_export") == EXPORT_VERSION and meta.get("sha256") == _sha256(model)
+        return meta.get("retinalens_export") == EXPORT_VERSION and meta.get("sha256") == sha256_file(model)
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _sha256(path: Path) -> str:
-    from ..data.hashing import sha256_file
-
-    return sha256_file(path)
 
 
 def _prune(root: Path, keep: int = CACHE_ENTRIES) -> None:
@@ -109,7 +105,7 @@ def cached_onnx(bundle: Bundle, root: str | Path | None = None) -> Path | bytes:
     """The bundle's ONNX file from the cache, (re)built when absent, corrupt or stale. Where the cache
     cannot be written, the export is returned in memory instead."""
     base = Path(root).expanduser() if root is not None else onnx_cache_root()
-    model = base / manifest_sha256(bundle) / "model.onnx"
+    model = base / bundle.manifest_sha256 / "model.onnx"
     if _intact(model):
         os.utime(model.parent)  # most recently used: pruned last
         return model
@@ -145,6 +141,6 @@ def onnx_runtime_for(bundle: Bundle, onnx_file: str | Path | None = None) -> Onn
     if onnx_file is None:
         return OnnxModel(cached_onnx(bundle))
     model = OnnxModel(Path(onnx_file).expanduser())
-    if model.metadata.get("bundle", {}).get("manifest_sha256") != manifest_sha256(bundle):
+    if model.metadata.get("bundle", {}).get("manifest_sha256") != bundle.manifest_sha256:
         raise RetinaLensError(f"{onnx_file} was exported from another bundle than {bundle.path}")
     return model

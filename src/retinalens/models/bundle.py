@@ -9,7 +9,6 @@ Every weights file is hashed in the manifest and checked on load.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import tempfile
@@ -23,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from .._io import atomic_write_json
+from .._io import atomic_write_json, check_creatable
 from ..data.tasks import Task
 from ..data.transforms import Preprocessing
 from ..errors import RetinaLensError
@@ -92,6 +91,11 @@ class Bundle:
     @property
     def preprocessing(self) -> Preprocessing:
         return Preprocessing.from_dict(self.manifest["backbone"]["preprocessing"])
+
+    @property
+    def manifest_sha256(self) -> str:
+        """The model's identity: the hash of manifest.json, which names every weights file by its hash."""
+        return _sha256(self.path / MANIFEST)
 
     @cached_property
     def backbone(self) -> Backbone:
@@ -167,9 +171,7 @@ def check_output_folder(out: Path) -> None:
         raise RetinaLensError(f"--out {out} is a file; give a folder for the bundle")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise RetinaLensError(f"--out {out} is a folder that is not a RetinaLens bundle; give a new or empty folder")
-    existing = next(p for p in (out, *out.parents) if p.exists())  # where the bundle's folders will be made
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise RetinaLensError(f"--out {out}: cannot create it ({existing} is not a writable folder)")
+    check_creatable(out, out)
 
 
 def load_bundle(path: str | Path) -> Bundle:

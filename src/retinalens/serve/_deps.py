@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from importlib import import_module
 from types import ModuleType
 
-from ..errors import RetinaLensError
+from .. import _deps
 
 
 def require(module: str) -> ModuleType:
-    """Import `module` (fastapi, uvicorn, sqlalchemy, ...) or say which extra installs it."""
-    try:
-        return import_module(module)
-    except ImportError:
-        raise RetinaLensError(f"the web app needs {module.split('.')[0]}, which is not installed: "
-                              "pip install 'retinalens[serve]'") from None
+    """Import `module` (fastapi, uvicorn, sqlalchemy, ...) or say that the `serve` extra installs it."""
+    return _deps.require(module, "the web app", extra="serve")

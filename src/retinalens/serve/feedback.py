@@ -22,12 +22,16 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from .._deps import EXTRAS, install_hint
 from .._io import atomic_write_bytes
 from ..data.hashing import sha256_file
 from ..errors import RetinaLensError
 from ._deps import require
+
+if TYPE_CHECKING:
+    from ..models.bundle import Bundle
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,8 @@ class ModelVersion:
     created: str
 
     @classmethod
-    def of_bundle(cls, path: Path, manifest: dict[str, Any]) -> ModelVersion:
-        return cls(sha256_file(Path(path) / "manifest.json"), str(manifest.get("created", "")))
+    def of_bundle(cls, bundle: Bundle) -> ModelVersion:
+        return cls(bundle.manifest_sha256, str(bundle.manifest.get("created", "")))
 
 
 class Confirmed(NamedTuple):
@@ -108,7 +112,7 @@ class FeedbackStore:
                 self.engine = sa.create_engine(self.url, pool_pre_ping=True)
             self.metadata.create_all(self.engine)
         except ImportError as exc:  # the URL names a driver that is not installed (e.g. psycopg)
-            hint = "; pip install 'retinalens[postgres]'" if (exc.name or "").startswith("psycopg") else ""
+            hint = f"; {install_hint(exc.name)}" if (exc.name or "").split(".")[0] in EXTRAS else ""
             raise RetinaLensError(f"{self.safe_url}: database driver missing ({exc}{hint})") from None
         except sa.exc.SQLAlchemyError as exc:
             raise RetinaLensError(f"{self.safe_url}: cannot open the feedback database "

@@ -103,6 +103,15 @@ def running_server(cfg: ServeConfig, app: Any = None, start_timeout: float = 60.
         sock.close()
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment for a child Python process that imports this very retinalens (also when it
+    runs uninstalled, from a checkout)."""
+    import retinalens
+
+    src = str(Path(retinalens.__file__).resolve().parents[1])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])), **extra)
+
+
 class ServerProcess:
     """`retinalens serve` in a child process (benchmarks, tests, scripts): its URL and its log lines.
 
@@ -110,11 +119,7 @@ class ServerProcess:
     never fills and `log` holds everything it wrote."""
 
     def __init__(self, bundle: str | Path, *options: str, start_timeout: float = 120.0) -> None:
-        import retinalens
-
-        src = str(Path(retinalens.__file__).resolve().parents[1])  # works uninstalled, from a checkout
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
-                   COLUMNS="300")
+        env = child_env(COLUMNS="300")
         self.proc = subprocess.Popen([sys.executable, "-m", "retinalens.cli.main", "serve", str(bundle),
                                       "--port", "0", *options], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=env)

@@ -122,7 +122,7 @@ class Service:
         except BaseException:
             self.store.close()
             raise
-        self.version = ModelVersion.of_bundle(self.model.bundle.path, self.model.manifest)
+        self.version = ModelVersion.of_bundle(self.model.bundle)
         self._cam_lock = threading.Lock()
         self._explainer: Any = None  # retinalens.explain.Explainer, made on the first heat map
 

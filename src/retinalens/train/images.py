@@ -19,7 +19,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .._console import console, progress_bar
+from .._io import atomic_torch_save
 from ..data.augment import BALANCE, apply_variant, epoch_plan, get_augmentation, sample_rng
 from ..data.images import image_batches
 from ..data.transforms import Preprocessing
@@ -293,7 +293,8 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
             else:
                 state["stale"] += 1
             state["epoch"] = epoch
-            _save_checkpoint(ckpt, {**state, "net": net.state_dict(), "optimizer": opt.state_dict(),
+            # Temp file, then rename: a kill -9 leaves the previous checkpoint or the new one, never half.
+            atomic_torch_save(ckpt, {**state, "net": net.state_dict(), "optimizer": opt.state_dict(),
                                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "fingerprint": key})
             advance(1)
 
@@ -321,14 +322,6 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 def _fingerprint(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Temp file, then rename: a kill -9 leaves the previous checkpoint or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:

@@ -17,8 +17,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .._console import console
 from .._io import atomic_write_json
 from ..data.discover import Dataset, Sample
@@ -64,7 +62,7 @@ def retrain(bundle_path: str | Path, feedback: str | Path, out: str | Path, *, i
     data = _with_feedback(base, fb, parent)
     version = int(parent.manifest.get("lineage", {}).get("version", 1))
     lineage = {"version": version + 1,
-               "parent": {"path": str(parent.path), "manifest_sha256": sha256_file(parent.path / "manifest.json"),
+               "parent": {"path": str(parent.path), "manifest_sha256": parent.manifest_sha256,
                           "version": version},
                "feedback": {"images_added": len(fb.added), "left_out": len(fb.left_out)}}
     candidate_dir = out.with_name(f"{out.name}.candidate")
@@ -149,8 +147,7 @@ def _split_metrics(bundle: Bundle, data: _Data, split: str, cfg: RunConfig, prog
         return {"accuracy": None, "n_images": 0}
     paths, hashes = [data.ds.samples[i].path for i in idx], [data.hashes[i] for i in idx]
     _, _, keep, probs = bundle_probabilities(bundle, paths, hashes, cfg.extract.cache, progress=progress)
-    k = {c: j for j, c in enumerate(bundle.classes)}
-    y = np.array([k[data.ds.samples[idx[j]].label] for j in keep])
+    y = data.labels([idx[j] for j in keep])
     m = classification_metrics(y, probs, bundle.classes, [data.ds.samples[idx[j]].patient for j in keep],
                                positive_classes=bundle.positive_classes or None, n_boot=200, seed=0)
     ref = m.get("urgent_referral") or {}
