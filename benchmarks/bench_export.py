@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from retinalens.demo import DEMO_DATA
-from retinalens.evaluate.calibration import bundle_temperature, calibrated
+from retinalens.bundle.network import head_input
+from retinalens.trust.calibration import calibrated
 from retinalens.export.formats import export_bundle
 from retinalens.export.runtime import OnnxModel
-from retinalens.models.bundle import Bundle
+from retinalens.bundle.store import Bundle
 from retinalens.models.heads import head_probabilities
 from retinalens.predict.model import Model
 from retinalens.train.pipeline import ExtractConfig, RunConfig, train_bundle
@@ -79,11 +80,10 @@ def measure(bundle: Bundle, files: list[Path], work: Path, n_single: int = 50) -
     ts_file = export_bundle(bundle, "torchscript", work / "model.pt")
     truth = [f.parent.name for f in files]
     x = torch.stack([bundle.preprocessing.load(f) for f in files])
-    spatial = bundle.head_config.input_kind == "spatial"
 
     def torch_fp32(batch: torch.Tensor) -> np.ndarray:
         s, p = bundle.backbone.encode(batch, "fp32")
-        return calibrated(head_probabilities(bundle.head, s if spatial else p), bundle_temperature(bundle.manifest))
+        return calibrated(head_probabilities(bundle.head, head_input(bundle.head_config, s, p)), bundle.temperature)
 
     default = f"torch_{bundle.precision}"
     paths = {default: Model(bundle, runtime="torch").probabilities, "torch_fp32": torch_fp32,

@@ -28,7 +28,7 @@ import torch
 
 import retinalens
 from retinalens.demo import DEMO_DATA
-from retinalens.models.bundle import load_bundle
+from retinalens.bundle.store import load_bundle
 from retinalens.serve.server import ServerProcess, child_env
 
 ROUNDS = ((1, 60), (4, 160), (16, 320))  # (concurrent clients, requests)

@@ -56,14 +56,14 @@ def fundus_split_csv(shared: Path, work: Path) -> tuple[Path, int]:
 
 def referable_summary(bundle, data: Path, cache: Path, seconds: float) -> dict:
     m = retinalens.evaluate(bundle, data, split="test", cache=cache)
-    sel = bundle.manifest["training"]["head_selection"]
+    sel = bundle.manifest.to_dict()["training"]["head_selection"]
     ref = m["per_class"]["referable"]
     return {"test_accuracy": m["accuracy"], "test_accuracy_ci": m["accuracy_ci"],
             "test_precision_referable": ref["precision"], "test_recall_referable": ref["recall"],
             "test_auc": m["auc"], "test_auc_ci": m["auc_ci"], "test_specificity": m["specificity"],
             "threshold": 0.5, "n_test_images": m["n_images"], "n_test_patients": m["n_patients"],
-            "val_accuracy": bundle.manifest["validation"]["accuracy"], "head": sel["chosen"],
-            "baseline_logistic_regression_val_acc": bundle.manifest["training"]["baseline_logistic_regression"]["val_acc"],
+            "val_accuracy": bundle.manifest.to_dict()["validation"]["accuracy"], "head": sel["chosen"],
+            "baseline_logistic_regression_val_acc": bundle.manifest.to_dict()["training"]["baseline_logistic_regression"]["val_acc"],
             "train_seconds": round(seconds, 1)}
 
 
@@ -100,7 +100,7 @@ def epoch_seconds(oct_train: Path, work: Path, backbone: str = "inception_v3") -
         timed[epochs] = time.perf_counter() - t
     images = (timed[3] - timed[1]) / 2
     bundle = retinalens.load(work / "img0").bundle
-    n = bundle.manifest["training"]["splits"]["train"]["n_images"]  # both epochs go over the same images
+    n = bundle.manifest.to_dict()["training"]["splits"]["train"]["n_images"]  # both epochs go over the same images
     c, h, w = bundle.backbone.feature_shape()
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(n, h, w, c)).astype(np.float16), rng.integers(0, 4, n)

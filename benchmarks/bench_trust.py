@@ -27,7 +27,7 @@ from PIL import Image, ImageFilter
 
 import retinalens
 from retinalens.data.discover import discover
-from retinalens.gate import summarize
+from retinalens.trust import summarize
 from retinalens.predict.model import Model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,17 +53,17 @@ def _gate_of(model: Model, paths: list[Path]) -> dict[str, Any]:
 
 
 def _trust_figures(bundle: Any, metrics: dict[str, Any]) -> dict[str, Any]:
-    cal, op, ref = metrics["calibration"], metrics["operating_point"], bundle.manifest["thresholds"]["referral"]
+    cal, op, ref = metrics["calibration"], metrics["operating_point"], bundle.manifest.to_dict()["thresholds"]["referral"]
     return {
         "temperature": cal["temperature"],
-        "validation_ece_before_after": [bundle.manifest["calibration"]["ece_before"], bundle.manifest["calibration"]["ece_after"]],
+        "validation_ece_before_after": [bundle.manifest.to_dict()["calibration"]["ece_before"], bundle.manifest.to_dict()["calibration"]["ece_after"]],
         "test_ece_before_after": [cal["ece_before"], cal["ece_after"]],
         "referral_threshold": ref["threshold"], "target_sensitivity": ref["target_sensitivity"],
         "validation_sensitivity_specificity": [ref["val_sensitivity"], ref["val_specificity"]],
         "test_sensitivity": op["sensitivity"], "test_sensitivity_ci": op["sensitivity_ci"],
         "test_specificity": op["specificity"], "test_specificity_ci": op["specificity_ci"],
         "test_accuracy": metrics["accuracy"], "n_test_images": metrics["n_images"],
-        "validation_gate_rejection": bundle.manifest["gate"]["validation"],
+        "validation_gate_rejection": bundle.manifest.to_dict()["gate"]["validation"],
         "test_gate_rejection": metrics["gate"],
     }
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from retinalens.demo import DEMO_DATA
+
+if TYPE_CHECKING:  # imported where used: importing helpers stays cheap for the CLI tests
+    from retinalens.bundle.store import Bundle
+    from retinalens.features.cache import FeatureCache
+    from retinalens.train.pipeline import RunConfig
 
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -40,12 +47,53 @@ def small_oct_dataset(dst: Path, per_class_train: int = 12, per_class_test: int 
     return dst
 
 
-def train_small_bundle(data: Path, out: Path, cache: Path, *, head: str = "conv", epochs: int = 12, seed: int = 0):
-    """A real (small) bundle: default backbone, real scans, a few epochs."""
+def small_run_config(data: Path, cache: Path, *, head: str = "conv", epochs: int = 12,
+                     seed: int = 0) -> RunConfig:
+    """The RunConfig of `train_small_bundle` (tests compare a bundle's saved config.json with it)."""
     from retinalens.models.heads import HeadConfig
-    from retinalens.train.pipeline import ExtractConfig, RunConfig, train_bundle
+    from retinalens.train.pipeline import ExtractConfig, RunConfig
     from retinalens.train.trainer import TrainConfig
 
-    cfg = RunConfig(data=str(data), extract=ExtractConfig(cache=str(cache), workers=0),
-                    train=TrainConfig(head=HeadConfig(kind=head), epochs=epochs, seed=seed))
-    return train_bundle(cfg, out, progress=False)
+    return RunConfig(data=str(data), extract=ExtractConfig(cache=str(cache), workers=0),
+                     train=TrainConfig(head=HeadConfig(kind=head), epochs=epochs, seed=seed))
+
+
+def train_small_bundle(data: Path, out: Path, cache: Path, *, head: str = "conv", epochs: int = 12,
+                       seed: int = 0) -> Bundle:
+    """A real (small) bundle: default backbone, real scans, a few epochs."""
+    from retinalens.train.pipeline import train_bundle
+
+    return train_bundle(small_run_config(data, cache, head=head, epochs=epochs, seed=seed), out, progress=False)
+
+
+# -- feature-cache tests ------------------------------------------------------------------------
+
+N = 12  # images in the feature-cache tests' reference cache: three chunks of four
+
+
+def extract_into(paths, backbone, cache, **kw):
+    """Extract real images into a feature cache with small batches and chunks (tests of the cache)."""
+    from retinalens.data.hashing import sha256_files
+    from retinalens.features.extract import extract_features
+
+    opts = {"batch_size": 4, "chunk_size": 4, "workers": 0, "progress": False} | kw
+    paths = list(paths)
+    return extract_features(paths, sha256_files(paths), backbone, cache, **opts)
+
+
+def chunk_files(folder: Path) -> dict[str, tuple[int, str]]:
+    """chunk file name -> (mtime_ns, sha256) for every committed or orphan chunk file."""
+    from retinalens.data.hashing import sha256_file
+
+    return {p.name: (p.stat().st_mtime_ns, sha256_file(p)) for p in folder.iterdir() if p.name.startswith("chunk-")}
+
+
+def records(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("chunk-*.json"))]
+
+
+def copy_cache(cache: "FeatureCache", dest: Path) -> Path:
+    """A private copy of a cache folder (its leaf, which holds the manifest)."""
+    target = dest / cache.dir.name
+    shutil.copytree(cache.dir, target)
+    return target

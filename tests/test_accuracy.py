@@ -12,7 +12,7 @@ URGENT_AUC_FLOOR = 0.93
 @pytest.mark.slow
 def test_default_pipeline_accuracy_on_kermany(oct_root, tmp_path):
     bundle = retinalens.train(oct_root, tmp_path / "bundle", cache=tmp_path / "cache")
-    splits = bundle.manifest["training"]["splits"]
+    splits = bundle.manifest.to_dict()["training"]["splits"]
     assert splits["test"]["n_images"] == 129  # the given test split, untouched
     m = retinalens.evaluate(bundle, oct_root, split="test", cache=tmp_path / "cache", n_boot=200)
     assert m["overlap_with_training"] == 0

@@ -2,7 +2,8 @@
 
 import json
 
-from retinalens.demo import DEMO_DATA, run_demo
+from retinalens.cli.demo import run_demo
+from retinalens.demo import DEMO_DATA
 
 
 def test_demo_sample_is_attributed_and_patient_disjoint():

@@ -4,44 +4,53 @@
     model = retinalens.load("bundle")            # a trained model bundle
     model.predict("scan.jpeg")                   # {"label", "probabilities", "referral", ...}
     model.predict_many(["folder/", "https://..."])
-    model.evaluate("OCT2017", split="test", report_path="report.html")
+    retinalens.evaluate("bundle", "OCT2017", split="test", report_path="report.html")
 
     bundle = retinalens.train("OCT2017", out="bundle")            # discover, split, extract, train
     retinalens.extract("OCT2017", backbone="inception_v3")        # just the feature cache
 
-Most public names are imported on first use. `train`, `extract` and `evaluate` are bound now: they
-share their names with the subpackages that implement them, and importing a subpackage would
-otherwise shadow the function.
+Every public name is imported on first use: `import retinalens` (and `retinalens --help`) loads no
+torch. `train`, `extract` and `evaluate` are the functions of retinalens.api, also after a subpackage
+of the same name (retinalens/train, retinalens/evaluate) is imported: see _Package.
 """
 
 from __future__ import annotations
 
+import sys
 from importlib import import_module
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .errors import ImageDecodeError, RetinaLensError
 
-from .api import evaluate, extract, train  # noqa: E402  (after the subpackages they shadow)
+if TYPE_CHECKING:
+    from .api import evaluate, extract, train  # noqa: F401
 
-__version__ = "0.1.0"
+# The API functions named like the subpackages that implement them.
+_API = ("train", "extract", "evaluate")
 
 _LAZY = {
+    **dict.fromkeys(_API, "retinalens.api"),
+    "run_demo": "retinalens.cli.demo",
     "load": "retinalens.predict.model",
     "Model": "retinalens.predict.model",
     "create_backbone": "retinalens.models.registry",
     "list_backbones": "retinalens.models.registry",
     "create_head": "retinalens.models.heads",
     "HeadConfig": "retinalens.models.heads",
-    "load_bundle": "retinalens.models.bundle",
+    "load_bundle": "retinalens.bundle.store",
     "decode_image": "retinalens.data.decode",
     "Preprocessing": "retinalens.data.transforms",
     "discover": "retinalens.data.discover",
     "make_splits": "retinalens.data.splits",
-    "SplitConfig": "retinalens.data.splits",
+    "SplitConfig": "retinalens.config",
     "TrainConfig": "retinalens.train.trainer",
     "RunConfig": "retinalens.train.pipeline",
-    "ImageTrainConfig": "retinalens.train.images",
-    "ExtractConfig": "retinalens.train.pipeline",
+    "ImageTrainConfig": "retinalens.config",
+    "ExtractConfig": "retinalens.config",
+    "ExtractOptions": "retinalens.config",
+    "EvaluateConfig": "retinalens.config",
     "FeatureCache": "retinalens.features.cache",
     "classification_metrics": "retinalens.evaluate.metrics",
     "Explainer": "retinalens.explain.explainer",
@@ -49,10 +58,37 @@ _LAZY = {
     "OnnxModel": "retinalens.export.runtime",
 }
 
-__all__ = ["ImageDecodeError", "RetinaLensError", "__version__", "evaluate", "extract", "train", *_LAZY]
+__all__ = ["ImageDecodeError", "RetinaLensError", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value  # imported once: from now on a plain attribute
+        return value
     raise AttributeError(f"module 'retinalens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(ModuleType):
+    """The `retinalens` module's class: it keeps the API functions where the import system would shadow them.
+
+    Importing a submodule sets it as an attribute of its parent package: `import retinalens.train.pipeline`
+    does `setattr(retinalens, "train", <module retinalens.train>)`, which would turn `retinalens.train(...)`
+    into "module is not callable". That one assignment (a module, to an API name) is refused. Nothing is
+    lost: the subpackage stays in sys.modules, where every import statement, importlib.import_module and
+    mock.patch("retinalens.train.pipeline.X") look it up; only attribute chains through the name
+    (`import retinalens.train.pipeline as p`, monkeypatch's "retinalens.train.pipeline.X" strings) still
+    meet the function, as they did when the functions were bound eagerly: use `from retinalens.train
+    import pipeline` or the module object there."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _API and isinstance(value, ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

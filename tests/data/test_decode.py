@@ -182,7 +182,9 @@ def test_draft_size_keeps_both_sides_at_least_draft_size(oct_images: list[Path],
         # the aspect ratio survives the scaled decode (within a pixel of rounding)
         assert abs(out.size[0] / out.size[1] - full[0] / full[1]) < 0.02 * full[0] / full[1]
         reduced_any |= out.size != full
-    if draft <= 224:  # every OCT scan is >= 496 px on each side: the draft must actually shrink
+    # A scan at least twice the draft on each side must actually shrink (1/2 is the decoder's first
+    # step): the shared data set's scans are >= 496 px, the demo sample's (half size) 248 px.
+    if any(min(Image.open(p).size) >= 2 * draft for p in oct_images):
         assert reduced_any
 
 

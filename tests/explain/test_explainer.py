@@ -16,7 +16,7 @@ from scipy.stats import spearmanr
 
 from retinalens.errors import RetinaLensError
 from retinalens.explain import Explainer, Explanation
-from retinalens.models.bundle import Bundle
+from retinalens.bundle.store import Bundle
 from retinalens.models.heads import create_head
 from retinalens.predict.model import Model
 
@@ -88,7 +88,7 @@ def test_randomised_head_changes_the_map(small_bundle: Bundle, pixels: torch.Ten
     for seed in range(3):  # three random heads: the check is about randomisation, not one draw
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            head = create_head(small_bundle.head_config, tuple(small_bundle.manifest["features"]["feature_shape"]),
+            head = create_head(small_bundle.head_config, tuple(small_bundle.manifest.to_dict()["features"]["feature_shape"]),
                                len(small_bundle.classes)).eval()
         with Explainer(dataclasses.replace(small_bundle, head=head)) as ex:
             random_maps = ex.heatmaps(pixels, predicted)

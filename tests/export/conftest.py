@@ -17,17 +17,16 @@ def pixels(small_bundle, oct_images) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def eager_fp32() -> Callable:
-    """bundle, pixels -> (probabilities, pooled): the bundle's head on backbone.model.forward_features,
-    fp32 eager (no trace, no bf16), temperature applied the way evaluation applies it. Every export
+    """bundle, pixels -> (probabilities, pooled): the bundle's one Network (bundle/network.py), fp32
+    eager (no trace, no bf16), temperature applied the way evaluation applies it. Every export
     must match this within 1e-4."""
-    from retinalens.evaluate.calibration import bundle_temperature, calibrated
+    from retinalens.trust.calibration import calibrated
 
     def reference(bundle, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        bb = bundle.backbone
+        from retinalens.bundle.network import Network
+
         with torch.inference_mode():
-            maps = bb.model.forward_features(bb.preprocessing.normalize(x))
-            pooled = maps.mean(dim=(2, 3))
-            logits = bundle.head.eval()(maps.permute(0, 2, 3, 1) if bundle.head_config.input_kind == "spatial" else pooled)
-        return calibrated(torch.softmax(logits, dim=1).numpy(), bundle_temperature(bundle.manifest)), pooled.numpy()
+            logits, pooled = Network.from_bundle(bundle).eval()(x)
+        return calibrated(torch.softmax(logits, dim=1).numpy(), bundle.temperature), pooled.numpy()
 
     return reference

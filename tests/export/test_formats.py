@@ -41,7 +41,7 @@ def test_onnx_matches_fp32_eager_on_real_scans(onnx_file, small_bundle, pixels, 
     assert_parity(ort.run(pixels), want)
     for n in (1, 5):  # the batch axis is dynamic
         assert_parity(ort.run(pixels[:n]), (want[0][:n], want[1][:n]))
-    assert small_bundle.manifest["calibration"]["temperature"] != 1.0  # so the graph's temperature was exercised
+    assert small_bundle.manifest.to_dict()["calibration"]["temperature"] != 1.0  # so the graph's temperature was exercised
     assert onnx_file.stat().st_size <= 20e6  # the deployable default model (EfficientNet-Lite0) target
 
 
@@ -63,13 +63,13 @@ def test_metadata_sidecar_and_embedded(onnx_file, small_bundle):
     side = json.loads(sidecar_path(onnx_file).read_text())
     assert side["sha256"] == hashlib.sha256(onnx_file.read_bytes()).hexdigest() and side["file"] == "model.onnx"
     assert side["classes"] == small_bundle.classes == ["CNV", "DME", "DRUSEN", "NORMAL"]
-    assert side["preprocessing"] == small_bundle.manifest["backbone"]["preprocessing"]
+    assert side["preprocessing"] == small_bundle.manifest.to_dict()["backbone"]["preprocessing"]
     assert side["referral"] == small_bundle.referral and side["positive_classes"] == ["CNV", "DME"]
     assert side["backbone"]["name"] == "efficientnet_lite0"
-    assert side["backbone"]["weights_sha256"] == small_bundle.manifest["backbone"]["weights_sha256"]
+    assert side["backbone"]["weights_sha256"] == small_bundle.manifest.to_dict()["backbone"]["weights_sha256"]
     manifest_hash = hashlib.sha256((small_bundle.path / "manifest.json").read_bytes()).hexdigest()
     assert side["bundle"]["manifest_sha256"] == manifest_hash
-    assert side["temperature"] == pytest.approx(small_bundle.manifest["calibration"]["temperature"])
+    assert side["temperature"] == pytest.approx(small_bundle.manifest.to_dict()["calibration"]["temperature"])
     assert side["input"]["dtype"] == "uint8" and side["input"]["shape"] == ["N", 224, 224, 3]
     assert side["outputs"] == {"probabilities": ["N", 4], "pooled": ["N", 1280]}
     embedded = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
@@ -94,7 +94,7 @@ def test_torchscript_round_trip(small_bundle, pixels, eager_fp32, tmp_path):
 
 def test_a_scratch_backbone_with_a_dense_head(tmp_path, oct_images, eager_fp32):
     """Export is generic: EyeNet (not a timm model) with the dense head on its spatial map, calibrated."""
-    from retinalens.models.bundle import load_bundle, save_bundle
+    from retinalens.bundle.store import load_bundle, save_bundle
     from retinalens.models.heads import HeadConfig, create_head
     from retinalens.models.registry import create_backbone
 

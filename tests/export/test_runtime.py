@@ -61,7 +61,7 @@ def test_corrupt_cached_file_is_rebuilt(small_bundle, pixels, cache):
 
 
 def test_an_exported_file_can_be_given(small_bundle, pixels, tmp_path, cache):
-    from retinalens.models.bundle import load_bundle
+    from retinalens.bundle.store import load_bundle
 
     out = export_bundle(small_bundle, "onnx", tmp_path / "given.onnx")
     m = Model(small_bundle, onnx_file=out)

@@ -9,78 +9,21 @@ import time
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import retinalens._io as io_mod
 from retinalens.data.hashing import sha256_file, sha256_files
 from retinalens.errors import RetinaLensError
 from retinalens.features.cache import MANIFEST, CacheKey, FeatureCache
-from retinalens.features.extract import extract_features, head_inputs, open_cache, parse_shard
+from retinalens.features.extract import extract_features, head_inputs, open_cache
+
+from helpers import N, chunk_files, copy_cache, extract_into as extract, records
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD = Path(__file__).with_name("_extract_then_die.py")
-N = 12  # images in the reference cache: three chunks of four
-
-
-def extract(paths, backbone, cache, **kw):
-    opts = {"batch_size": 4, "chunk_size": 4, "workers": 0, "progress": False} | kw
-    paths = list(paths)
-    return extract_features(paths, sha256_files(paths), backbone, cache, **opts)
-
-
-def chunk_files(folder: Path) -> dict[str, tuple[int, str]]:
-    """chunk file name -> (mtime_ns, sha256) for every committed or orphan chunk file."""
-    return {p.name: (p.stat().st_mtime_ns, sha256_file(p)) for p in folder.iterdir() if p.name.startswith("chunk-")}
-
-
-def records(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("chunk-*.json"))]
-
-
-def copy_cache(cache: FeatureCache, dest: Path) -> Path:
-    """A private copy of a cache folder (its leaf, which holds the manifest)."""
-    target = dest / cache.dir.name
-    shutil.copytree(cache.dir, target)
-    return target
-
-
-@pytest.fixture(scope="module")
-def images(oct_pool: list[Path]) -> list[Path]:
-    return oct_pool[:N]
-
-
-@pytest.fixture(scope="module")
-def hashes(images: list[Path]) -> list[str]:
-    return sha256_files(images)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, backbone, images):
-    """An uninterrupted extraction of the N images (read-only for the tests: copy it to change it)."""
-    root = tmp_path_factory.mktemp("reference-cache")
-    cache = open_cache(root, backbone, "fp32")
-    report = extract(images, backbone, cache)
-    return types.SimpleNamespace(root=root, cache=cache, report=report)
-
-
-@pytest.fixture(scope="module")
-def expected(backbone, images, hashes) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """encode() on the batches extraction uses: sorted unique hashes, cut into batches of 4."""
-    by_hash = dict(zip(hashes, images))
-    order = sorted(by_hash)
-    out = {}
-    for i in range(0, len(order), 4):
-        keys = order[i:i + 4]
-        x = torch.stack([backbone.preprocessing.load(by_hash[k]) for k in keys])
-        s, p = backbone.encode(x, "fp32")
-        for j, k in enumerate(keys):
-            out[k] = (s[j].numpy(), p[j].numpy())
-    return out
 
 
 # -- extraction --------------------------------------------------------------------------------
@@ -346,62 +289,6 @@ def test_chunk_of_only_failures_is_remembered(backbone, tmp_path: Path) -> None:
 
 
 # -- shards --------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("text, want", [(None, (0, 1)), ("", (0, 1)), ("0/1", (0, 1)), ("1/3", (1, 3)),
-                                        ("2/3", (2, 3)), ("7/8", (7, 8))])
-def test_parse_shard(text, want) -> None:
-    assert parse_shard(text) == want
-
-
-@pytest.mark.parametrize("text", ["3/3", "4/3", "-1/3", "1/0", "1", "1/2/3", "a/b", "1 of 3", "/", "1.0/2"])
-def test_parse_shard_rejects(text: str) -> None:
-    with pytest.raises(RetinaLensError, match="shard"):
-        parse_shard(text)
-
-
-def test_two_shards_into_one_cache_cover_all_once(backbone, images, hashes, expected, tmp_path: Path) -> None:
-    paths = images[:8]
-    want = sorted(set(sha256_files(paths)))
-    # both shards start together (each opens the cache before the other writes), as torchrun ranks do
-    a = open_cache(tmp_path, backbone, "fp32")
-    b = open_cache(tmp_path, backbone, "fp32")
-    ra = extract(paths, backbone, a, shard=(0, 2))
-    rb = extract(paths, backbone, b, shard=(1, 2))
-    assert ra.n_extracted + rb.n_extracted == len(want) and ra.n_extracted > 0 and rb.n_extracted > 0
-    merged = open_cache(tmp_path, backbone, "fp32")
-    assert merged.notes == [] and len(merged) == len(want)
-    keys = [k for rec in records(merged.dir) for k in rec["keys"]]
-    assert sorted(keys) == want  # every image exactly once
-    for h in want:
-        assert np.allclose(merged.pooled([h])[0], expected[h][1], atol=1e-4)
-
-
-def test_late_or_rerun_shard_still_covers_its_share(backbone, images, tmp_path: Path) -> None:
-    paths = images[:8]
-    want = set(sha256_files(paths))
-    extract(paths, backbone, open_cache(tmp_path, backbone, "fp32"), shard=(0, 2))
-    extract(paths, backbone, open_cache(tmp_path, backbone, "fp32"), shard=(1, 2))  # e.g. a retried rank
-    assert set(k for rec in records(open_cache(tmp_path, backbone, "fp32").dir) for k in rec["keys"]) == want
-
-
-def test_opening_cache_while_another_shard_writes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    key = CacheKey("synthetic", "0" * 64, {"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3}, "fp32", (8, 2, 2))
-    writer = FeatureCache(tmp_path, key)
-    state = {"opened": False}
-    real_replace = os.replace
-
-    def replace(src, dst):
-        if not state["opened"] and Path(dst).name.startswith("chunk-"):
-            state["opened"] = True
-            FeatureCache(tmp_path, key)  # another shard starts while this one has a temp file open
-        return real_replace(src, dst)
-
-    proxy = types.SimpleNamespace(**{n: getattr(os, n) for n in ("fdopen", "fsync", "chmod")}, replace=replace)
-    monkeypatch.setattr(io_mod, "os", proxy)
-    writer.write_chunk(["k1", "k2"], np.ones((2, 8), np.float32), np.ones((2, 2, 2, 8), np.float16))
-    assert state["opened"]
-    assert len(FeatureCache(tmp_path, key)) == 2
-
 
 # -- resume after kill -9 ----------------------------------------------------------------------
 

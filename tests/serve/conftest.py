@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from retinalens.demo import DEMO_DATA
-
 UPLOAD_MB = 1.0  # the test server's cap: every real scan is far below it (the largest is ~0.3 MB)
 
 
@@ -46,12 +44,6 @@ def client(live_url: str) -> Iterator:
 
     with httpx.Client(base_url=live_url, timeout=120) as c:
         yield c
-
-
-@pytest.fixture(scope="session")
-def demo_scans() -> dict[str, Path]:
-    """One real OCT scan per class from the bundled demo test split."""
-    return {c.name: min(c.glob("*.jpeg")) for c in sorted((DEMO_DATA / "test").iterdir())}
 
 
 @pytest.fixture

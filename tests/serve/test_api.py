@@ -30,7 +30,7 @@ def _stored_images(serve_dir: Path) -> set[str]:
 
 
 def _store(serve_dir: Path):
-    from retinalens.serve.feedback import FeedbackStore
+    from retinalens.feedback.store import FeedbackStore
 
     return FeedbackStore(serve_dir / "feedback.db")
 
@@ -42,11 +42,11 @@ def test_health_model_card_and_pages(client, live_app, small_bundle):
     assert card["classes"] == small_bundle.classes
     assert "not a medical device" in card["intended_use"]
     assert card["version"]["manifest_sha256"] == manifest_sha
-    assert card["backbone"]["name"] == small_bundle.manifest["backbone"]["name"]
-    assert card["training_data"]["splits"]["train"]["n_images"] == small_bundle.manifest["training"]["splits"]["train"]["n_images"]
-    assert card["validation"]["accuracy"] == pytest.approx(small_bundle.manifest["validation"]["accuracy"])
+    assert card["backbone"]["name"] == small_bundle.manifest.to_dict()["backbone"]["name"]
+    assert card["training_data"]["splits"]["train"]["n_images"] == small_bundle.manifest.to_dict()["training"]["splits"]["train"]["n_images"]
+    assert card["validation"]["accuracy"] == pytest.approx(small_bundle.manifest.to_dict()["validation"]["accuracy"])
     assert card["limits"]["max_upload_bytes"] == live_app[1].state.service.cfg.max_upload_bytes
-    assert str(small_bundle.manifest["training"]["data"]) not in json.dumps(card)  # no local paths leak
+    assert str(small_bundle.manifest.to_dict()["training"]["data"]) not in json.dumps(card)  # no local paths leak
     page = client.get("/model").text
     for needle in ("not a medical device", "efficientnet_lite0", "Training data", "Validation", "DRUSEN"):
         assert needle in page

@@ -38,7 +38,7 @@ def test_upload_in_the_page_shows_class_heatmap_and_saves_feedback(browser, live
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from retinalens.serve.feedback import FeedbackStore
+    from retinalens.feedback.store import FeedbackStore
 
     black = tmp_path / "black.png"  # a frame the quality gate refuses
     Image.new("L", (300, 200)).save(black)

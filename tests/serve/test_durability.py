@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from retinalens.demo import DEMO_DATA
-from retinalens.serve.feedback import FeedbackStore
+from retinalens.feedback.store import FeedbackStore
 from retinalens.serve.server import ServerProcess
 
 CLASSES = ("CNV", "DME", "DRUSEN", "NORMAL")

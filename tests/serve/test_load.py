@@ -21,7 +21,7 @@ REQUESTS, CLIENTS = 500, 16
 @pytest.mark.load
 @pytest.mark.timeout(300)
 def test_500_requests_16_concurrent_no_errors(live_url, serve_dir, small_bundle):
-    from retinalens.serve.feedback import FeedbackStore
+    from retinalens.feedback.store import FeedbackStore
 
     scans = [p.read_bytes() for p in sorted((DEMO_DATA / "test").rglob("*.jpeg"))]
     classes = small_bundle.classes

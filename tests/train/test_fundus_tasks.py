@@ -18,7 +18,7 @@ def test_dr_task_trains_and_evaluates_with_cis(task, kaggle_csv, tmp_path_factor
     cache = tmp_path_factory.getbasetemp() / "dr-cache"  # shared by both tasks: features extracted once
     out = tmp_path_factory.mktemp(task)
     bundle = retinalens.train(kaggle_csv, out / "bundle", task=task, epochs=5, cache=cache)
-    m = bundle.manifest
+    m = bundle.manifest.to_dict()
     assert m["task"] == task and m["classes"] == list(retinalens.data.tasks.TASKS[task].classes)
     # both eyes of a patient land in the same split
     splits = m["training"]["splits"]

@@ -40,10 +40,10 @@ def _check_predicts(bundle_path: Path, data: Path) -> dict:
 def test_frozen_mode_trains_the_original_head_on_images(tmp_path, small_dataset, feature_cache, backbone):
     out = tmp_path / "frozen"
     b = _train(small_dataset, out, feature_cache, mode="frozen")
-    assert b.manifest["training"]["mode"] == "frozen"
-    assert b.manifest["head"]["kind"] == "linear" and b.manifest["head"]["hidden"] == 64  # GAP + Dense(64) + softmax
-    assert b.manifest["backbone"]["weights_sha256"] == backbone.weights_sha256  # frozen: the ImageNet weights as they were
-    assert b.manifest["training"]["head_selection"]["augment"] == "oct"
+    assert b.manifest.to_dict()["training"]["mode"] == "frozen"
+    assert b.manifest.to_dict()["head"]["kind"] == "linear" and b.manifest.to_dict()["head"]["hidden"] == 64  # GAP + Dense(64) + softmax
+    assert b.manifest.to_dict()["backbone"]["weights_sha256"] == backbone.weights_sha256  # frozen: the ImageNet weights as they were
+    assert b.manifest.to_dict()["training"]["head_selection"]["augment"] == "oct"
     assert (out / "curves.csv").read_text().count("\n") == 3  # header + 2 epochs
     assert not out.with_name("frozen.checkpoints").exists()  # the bundle holds everything now
     _check_predicts(out, small_dataset)
@@ -54,7 +54,7 @@ def test_finetune_trains_only_the_last_groups_and_keeps_batchnorm_statistics(tmp
     b = _train(small_dataset, out, feature_cache, mode="finetune", unfreeze=1, warmup_epochs=1)
     tuned = load_file(str(out / "backbone.safetensors"))
     before = backbone.model.state_dict()
-    assert b.manifest["backbone"]["weights_sha256"] != backbone.weights_sha256
+    assert b.manifest.to_dict()["backbone"]["weights_sha256"] != backbone.weights_sha256
     last = {id(p) for p in backbone_groups(backbone.model)[-1]}
     names = {n for n, p in backbone.model.named_parameters() if id(p) in last}
     changed = {n for n in names if not torch.equal(tuned[n], before[n])}
@@ -64,17 +64,17 @@ def test_finetune_trains_only_the_last_groups_and_keeps_batchnorm_statistics(tmp
             assert torch.equal(tuned[n], before[n]), f"{n} is frozen but changed"
     stats = [n for n in before if n.endswith("running_mean")]
     assert all(torch.equal(tuned[n], before[n]) for n in stats)  # BatchNorm statistics kept (eval mode)
-    assert "fine-tuned" in b.manifest["backbone"]["weights_source"]
+    assert "fine-tuned" in b.manifest.to_dict()["backbone"]["weights_source"]
     _check_predicts(out, small_dataset)
 
 
 def test_eyenet_trains_from_scratch_into_a_bundle(tmp_path, small_dataset, feature_cache):
     out = tmp_path / "eyenet"
     b = _train(small_dataset, out, feature_cache, mode="scratch", backbone="eyenet", epochs=1)
-    assert b.manifest["backbone"]["name"] == "eyenet" and b.manifest["head"]["kind"] == "dense"
-    assert b.manifest["features"]["feature_shape"] == [32, 31, 31]
+    assert b.manifest.to_dict()["backbone"]["name"] == "eyenet" and b.manifest.to_dict()["head"]["kind"] == "dense"
+    assert b.manifest.to_dict()["features"]["feature_shape"] == [32, 31, 31]
     assert b.backbone.preprocessing.size == 256
-    baseline = b.manifest["training"]["baseline_logistic_regression"]
+    baseline = b.manifest.to_dict()["training"]["baseline_logistic_regression"]
     assert 0 <= baseline["val_acc"] <= 1  # measured against the pretrained default backbone's features
     _check_predicts(out, small_dataset)
 

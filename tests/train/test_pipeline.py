@@ -1,16 +1,20 @@
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import train_small_bundle
+from helpers import small_run_config, train_small_bundle
+from retinalens.data.discover import discover
+from retinalens.data.hashing import sha256_files
 from retinalens.errors import RetinaLensError
-from retinalens.train.pipeline import RunConfig
+from retinalens.predict.model import Model
+from retinalens.train.pipeline import run_config_from_dict
 
 
 def test_bundle_manifest_describes_the_run(small_bundle):
-    m = small_bundle.manifest
+    m = small_bundle.manifest.to_dict()
     assert m["classes"] == ["CNV", "DME", "DRUSEN", "NORMAL"]
     assert m["referral"] == {"CNV": "urgent", "DME": "urgent", "DRUSEN": "routine", "NORMAL": "observation"}
     assert m["backbone"]["name"] == "efficientnet_lite0" and len(m["backbone"]["weights_sha256"]) == 64
@@ -25,11 +29,15 @@ def test_bundle_manifest_describes_the_run(small_bundle):
     assert (small_bundle.path / "curves.png").is_file() and (small_bundle.path / "curves.csv").is_file()
 
 
-def test_config_saved_with_the_run_round_trips(small_bundle):
+def test_config_saved_with_the_run_round_trips(small_bundle, small_dataset, feature_cache):
     saved = json.loads((small_bundle.path / "config.json").read_text())
     assert saved["train"]["head"]["kind"] == "conv"
     assert saved["extract"]["backbone"] == "efficientnet_lite0"
-    assert RunConfig(data=saved["data"]).data == saved["data"]
+    # Read back as retraining reads it: the very config that trained the bundle, and config.json again
+    # when re-serialised the way the bundle writes it (JSON of dataclasses.asdict).
+    again = run_config_from_dict(saved)
+    assert again == small_run_config(small_dataset, feature_cache)
+    assert json.loads(json.dumps(asdict(again), default=str)) == saved
 
 
 def test_splits_file_is_patient_and_file_disjoint(small_bundle):
@@ -47,25 +55,36 @@ def test_same_seed_gives_identical_bundles(tmp_path, small_dataset, feature_cach
 
 def test_linear_head_bundle(tmp_path, small_dataset, feature_cache):
     b = train_small_bundle(small_dataset, tmp_path / "lin", feature_cache, head="linear", epochs=4)
-    assert b.manifest["head"]["kind"] == "linear"
+    assert b.manifest.to_dict()["head"]["kind"] == "linear"
     assert b.head_config.input_kind == "pooled"
 
 
 def test_auto_head_keeps_the_better_candidate_on_validation(tmp_path, small_dataset, feature_cache):
     b = train_small_bundle(small_dataset, tmp_path / "auto", feature_cache, head="auto", epochs=6)
-    sel = b.manifest["training"]["head_selection"]
+    sel = b.manifest.to_dict()["training"]["head_selection"]
     assert set(sel["candidates"]) == {"conv", "logreg"}
     best = max(sel["candidates"], key=lambda k: (sel["candidates"][k]["val_acc"], -sel["candidates"][k]["val_loss"]))
-    assert sel["chosen"] == best == b.manifest["head"]["kind"]
-    assert b.manifest["validation"]["accuracy"] == pytest.approx(sel["candidates"][best]["val_acc"])
+    assert sel["chosen"] == best == b.manifest.to_dict()["head"]["kind"]
+    assert b.manifest.to_dict()["validation"]["accuracy"] == pytest.approx(sel["candidates"][best]["val_acc"])
     # never below the logistic-regression baseline on the same split
-    assert b.manifest["validation"]["accuracy"] >= b.manifest["training"]["baseline_logistic_regression"]["val_acc"]
+    assert b.manifest.to_dict()["validation"]["accuracy"] >= b.manifest.to_dict()["training"]["baseline_logistic_regression"]["val_acc"]
 
 
 def test_logreg_bundle_predicts_like_its_validation_score(tmp_path, small_dataset, feature_cache):
     b = train_small_bundle(small_dataset, tmp_path / "lr", feature_cache, head="logreg")
-    assert b.manifest["head"]["kind"] == "logreg" and b.head_config.input_kind == "pooled"
+    assert b.manifest.to_dict()["head"]["kind"] == "logreg" and b.head_config.input_kind == "pooled"
     assert not (b.path / "curves.csv").exists()  # a fitted head has no epochs
+    # The validation images, found by content (splits.json lists their sha256), predicted from the files
+    # through the inference path: their accuracy is the one the manifest records.
+    val = set(json.loads((b.path / "splits.json").read_text())["sha256"]["val"])
+    samples = discover(small_dataset).samples
+    picked = [s for s, h in zip(samples, sha256_files(s.path for s in samples)) if h in val]
+    assert len(picked) == len(val) > 0
+    results = Model(b, runtime="torch").predict_many([s.path for s in picked])  # torch: the encoder of the cache
+    # The argmax, not `label`: the gate withholds the label of an image it rejects; the score ignores the gate
+    predicted = [max(r["probabilities"], key=r["probabilities"].get) for r in results]
+    accuracy = sum(p == s.label for p, s in zip(predicted, picked)) / len(picked)
+    assert accuracy == pytest.approx(b.manifest.to_dict()["validation"]["accuracy"], abs=1e-9)
 
 
 def test_unknown_head_is_a_clear_error(tmp_path, small_dataset, feature_cache):

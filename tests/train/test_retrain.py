@@ -17,13 +17,13 @@ from retinalens.train.retrain import retrain
 
 
 def _store(path: Path):
-    from retinalens.serve.feedback import FeedbackStore
+    from retinalens.feedback.store import FeedbackStore
 
     return FeedbackStore(path)
 
 
 def _confirm(store, model, image: Path, label: str) -> None:
-    from retinalens.serve.feedback import ModelVersion
+    from retinalens.feedback.store import ModelVersion
 
     result = model.predict(image)
     aid = store.add_analysis(image.read_bytes(), image.suffix.lstrip("."), result,
@@ -58,8 +58,8 @@ def test_retrain_adds_feedback_to_train_only_and_compares_on_the_parents_splits(
     assert report["promoted"] == (val["candidate"]["accuracy"] >= val["parent"]["accuracy"])
 
     child = retinalens.load_bundle(target)
-    assert child.manifest["lineage"]["version"] == 2
-    assert child.manifest["lineage"]["parent"]["manifest_sha256"] == sha256_file(small_bundle.path / "manifest.json")
+    assert child.manifest.to_dict()["lineage"]["version"] == 2
+    assert child.manifest.to_dict()["lineage"]["parent"]["manifest_sha256"] == sha256_file(small_bundle.path / "manifest.json")
     before = json.loads((small_bundle.path / "splits.json").read_text())["sha256"]
     after = json.loads((target / "splits.json").read_text())["sha256"]
     assert after["val"] == before["val"] and after["test"] == before["test"]  # compared on the same images
@@ -72,7 +72,7 @@ def test_retrain_adds_feedback_to_train_only_and_compares_on_the_parents_splits(
 
 
 def test_retrain_reads_feedback_from_postgresql(tmp_path, small_bundle, feature_cache, postgres_db, capsys):
-    from retinalens.serve.feedback import FeedbackStore
+    from retinalens.feedback.store import FeedbackStore
 
     model = retinalens.load(small_bundle.path)
     new = [(sorted(c.glob("*.jpeg"))[15], c.name) for c in sorted((DEMO_DATA / "train").iterdir())]

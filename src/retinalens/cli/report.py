@@ -7,14 +7,16 @@ from pathlib import Path
 import typer
 
 from .._console import console
+from ..config import EvaluateConfig
+from .options import config_option
 
 
 def report(
     bundle: Path = typer.Argument(..., help="Model bundle folder."),
     data: Path = typer.Argument(..., help="Dataset root (its --split is used) or a class-folder tree (used whole)."),
     out: Path = typer.Option(..., "--out", "-o", help="The HTML file to write."),
-    split: str = typer.Option("test", "--split"),
-    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the confidence intervals."),
+    split: str = config_option(EvaluateConfig, "split"),
+    n_boot: int = config_option(EvaluateConfig, "n_boot", help="Bootstrap resamples for the confidence intervals."),
     cache: Path | None = typer.Option(None, "--cache", help="Feature cache root (as for evaluate)."),
     patient_regex: str | None = typer.Option(None, "--patient-regex", help="Regex with a (?P<patient>...) group."),
     images: Path | None = typer.Option(None, "--images", help="Folder of the images a labels CSV names."),
@@ -22,9 +24,8 @@ def report(
 ) -> None:
     """Data, curves, confusion matrix, ROC, calibration, operating point, gate, misclassified images with
     heat maps, and a model card: one HTML file (the same as `evaluate --report`)."""
-    from ..evaluate.run import evaluate_bundle
-    from ..models.bundle import load_bundle
+    from ..api import evaluate as run_evaluate
 
-    m = evaluate_bundle(load_bundle(bundle), data, split=split, cache=cache, report_path=out, n_boot=n_boot,
-                        progress=not quiet, patient_regex=patient_regex, images_dir=images)
+    m = run_evaluate(bundle, data, split=split, cache=cache, report_path=out, n_boot=n_boot, progress=not quiet,
+                     patient_regex=patient_regex, images_dir=images)
     console().print(f"{m['n_images']} images, accuracy {m['accuracy']:.3f}; report: {out}", highlight=False, soft_wrap=True)

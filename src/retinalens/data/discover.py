@@ -8,13 +8,13 @@
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import RetinaLensError
 from .decode import is_image_file
+from .labels_csv import find_column, image_name, read_rows, resolve_image, search_folders
 from .patients import PatientParser
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -71,28 +71,25 @@ def _from_class_folders(root: Path, parser: PatientParser, split: str | None, ba
 
 
 def _from_csv(csv_path: Path, parser: PatientParser, images_dir: Path | None) -> list[Sample]:
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise RetinaLensError(f"{csv_path}: cannot read CSV ({exc})") from None
+    rows, fields = read_rows(csv_path)
     if not rows:
         raise RetinaLensError(f"{csv_path}: the CSV has no rows")
-    cols = {c.strip().lower(): c for c in rows[0].keys() if c}
-    label_col = next((cols[c] for c in LABEL_COLUMNS if c in cols), None)
-    if "image" not in cols or label_col is None:
-        raise RetinaLensError(f"{csv_path}: expected columns 'image' and 'label' (or 'level'), found {', '.join(cols.values())}")
-    search = [d for d in (images_dir, csv_path.parent / "images", csv_path.parent) if d is not None]
+    image_col, label_col = find_column(fields, ("image",)), find_column(fields, LABEL_COLUMNS)
+    if image_col is None or label_col is None:
+        raise RetinaLensError(f"{csv_path}: expected columns 'image' and 'label' (or 'level'), found {', '.join(f for f in fields if f)}")
+    patient_col, split_col = find_column(fields, ("patient",)), find_column(fields, ("split",))
+    search = search_folders(csv_path, images_dir)
     samples, missing = [], []
     for row in rows:
-        name = (row[cols["image"]] or "").strip()
-        found = _resolve(name, search)
+        name = (row[image_col] or "").strip()
+        found = resolve_image(image_name(name), search)  # images only: a row naming notes.txt is missing
         if found is None:
             missing.append(name)
             continue
-        patient = (row.get(cols["patient"]) or "").strip() if "patient" in cols else ""
-        split = SPLIT_NAMES.get((row.get(cols["split"]) or "").strip().lower()) if "split" in cols else None
-        samples.append(Sample(found, (row[label_col] or "").strip(), patient or parser(found, fallback=name), split))
+        path = found[1]
+        patient = (row.get(patient_col) or "").strip() if patient_col else ""
+        split = SPLIT_NAMES.get((row.get(split_col) or "").strip().lower()) if split_col else None
+        samples.append(Sample(path, (row[label_col] or "").strip(), patient or parser(path, fallback=name), split))
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise RetinaLensError(f"{csv_path}: {len(missing)} image(s) named in the CSV were not found: {shown}")
@@ -100,19 +97,6 @@ def _from_csv(csv_path: Path, parser: PatientParser, images_dir: Path | None) ->
     if unlabelled:
         raise RetinaLensError(f"{csv_path}: {len(unlabelled)} row(s) have no label, e.g. {unlabelled[0]}")
     return samples
-
-
-def _resolve(name: str, search: list[Path]) -> Path | None:
-    if not name:
-        return None
-    for d in search:
-        p = d / name
-        if p.is_file() and is_image_file(p):
-            return p
-        for suffix in (".jpeg", ".jpg", ".png", ".tif"):  # Kaggle's CSV names images without extension
-            if (q := p.with_name(p.name + suffix)).is_file():
-                return q
-    return None
 
 
 def discover(path: str | Path, *, patient_regex: str | None = None, images_dir: str | Path | None = None) -> Dataset:

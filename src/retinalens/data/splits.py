@@ -12,18 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from ..config import SplitConfig  # defined there, with every other option's default
 from ..errors import RetinaLensError
 from .discover import Dataset
 from .hashing import sha256_files
 
 SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class SplitConfig:
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15  # used only when the dataset brings no test split
-    seed: int = 0
 
 
 @dataclass

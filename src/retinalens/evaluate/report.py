@@ -1,10 +1,9 @@
-"""The self-contained HTML evaluation report, and the training-curves plot the trainer saves.
+"""The self-contained HTML evaluation report.
 
 Self-contained means one file that opens anywhere, offline, years later: CSS inline, plots and
 thumbnails as base64 data URIs, no scripts, no external links. Every string that comes from data
-(class names, file names, the model manifest, the title) is HTML-escaped. Matplotlib is used
-through its object-oriented API (Figure + Agg), never pyplot, so no global backend or figure
-state is touched.
+(class names, file names, the model manifest, the title) is HTML-escaped. The figures are drawn in
+evaluate/plots.py, the model card is written in evaluate/card.py.
 
 Sections: metrics with CIs, confusion matrix, ROC curves, calibration (reliability diagram),
 operating point, quality gate, misclassified images with heat maps, data, training curves and a
@@ -14,10 +13,7 @@ model card. A section whose numbers the evaluation did not produce says so inste
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,19 +22,33 @@ import numpy as np
 
 from retinalens._io import atomic_write_bytes
 from retinalens.errors import RetinaLensError
+from retinalens.bundle.card import model_card as bundle_card
+from retinalens.evaluate.card import INTENDED_USE, model_card, ordered_splits
+from retinalens.evaluate.markup import fmt as _fmt
+from retinalens.evaluate.markup import table as _table
 from retinalens.evaluate.metrics import roc_curves
+from retinalens.evaluate.plots import (
+    confusion_figure,
+    plot_training_curves,
+    png_bytes,
+    read_curves,
+    reliability_figure,
+    roc_figure,
+    training_figure,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from retinalens.models.bundle import Bundle
+    from retinalens.bundle.store import Bundle
     from retinalens.predict.model import Model
 
+# INTENDED_USE and plot_training_curves live in card.py and plots.py; the web app and the trainer
+# import them from here, as before the split.
+__all__ = ["FOOTER", "INTENDED_USE", "plot_training_curves", "write_html_report"]
+
 FOOTER = "Research use only, not a medical device."
-INTENDED_USE = ("Research only, not a medical device: for studying automated triage of retinal images. "
-                "Not for diagnosis, screening or treatment decisions about any person.")
 _NOT_AVAILABLE = '<p class="note">Not available for this model.</p>'
-_CURVE_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1000px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.4}
@@ -88,19 +98,19 @@ def write_html_report(
     if model is None and bundle is not None:
         model = bundle.manifest
 
-    confusion = _confusion_figure(metrics["confusion_matrix"], names)
+    confusion = confusion_figure(metrics["confusion_matrix"], names)
     sections = [
         ("Metrics", _summary_table(metrics) + _per_class_table(metrics)),
         ("Confusion matrix", _img(confusion, "Confusion matrix")),
-        ("ROC curves", _img(_roc_figure(curves, metrics), "ROC curves")),
+        ("ROC curves", _img(roc_figure(curves, metrics), "ROC curves")),
         ("Calibration", _calibration_section(metrics.get("calibration"))),
         ("Operating point", _operating_point_section(metrics.get("operating_point"))),
         ("Quality gate", _gate_section(metrics.get("gate"))),
         ("Misclassified images", _gallery_section(bundle, images, y_true, probs, names, gallery_limit)),
         ("Data", _data_section(metrics, model)),
-        ("Training curves", _img(_training_figure(_read_curves(curves_csv)), "Training curves")
+        ("Training curves", _img(training_figure(read_curves(curves_csv)), "Training curves")
          if curves_csv is not None else _NOT_AVAILABLE),
-        ("Model card", _model_card(model, metrics)),
+        ("Model card", model_card(model, metrics)),
     ]
     sections += [(html.escape(str(heading)), body) for heading, body in extra_sections]
 
@@ -113,13 +123,6 @@ def write_html_report(
     )
     out = Path(path)
     atomic_write_bytes(out, page.encode("utf-8"))
-    return out
-
-
-def plot_training_curves(csv_path: str | Path, png_path: str | Path) -> Path:
-    """Loss and accuracy per epoch (train solid, validation dashed) from the trainer's CSV log."""
-    out = Path(png_path)
-    atomic_write_bytes(out, _png_bytes(_training_figure(_read_curves(csv_path))))
     return out
 
 
@@ -168,7 +171,7 @@ def _calibration_section(cal: dict | None) -> str:
         ("Expected calibration error, temperature-scaled", "ece_after"))]
     panels = [(label, cal[key]) for label, key in (("raw", "reliability_before"), ("temperature-scaled", "reliability_after"))
               if cal.get(key)]
-    figure = _img(_reliability_figure(panels), "Reliability diagram") if panels else ""
+    figure = _img(reliability_figure(panels), "Reliability diagram") if panels else ""
     note = ('<p class="note">Reliability diagram: the accuracy of the images in each confidence bin (bars) '
             "and their mean confidence (red marks); where a model is calibrated, the two meet on the diagonal.</p>")
     return _table(("Measure", "Value"), rows) + figure + (note if panels else "")
@@ -238,233 +241,28 @@ def _data_section(metrics: dict, model: dict | None) -> str:
     if metrics.get("overlap_with_training"):
         evaluated += f"; {metrics['overlap_with_training']} were in the training data, so these metrics are optimistic"
     parts = [f"<p>{html.escape(evaluated)}.</p>"]
-    training = (model or {}).get("training") or {}
+    training = bundle_card(model, local_paths=True)["training_data"]
     splits = training.get("splits")
     if not splits:
         return parts[0] + '<p class="note">The training data summary is not available for this model.</p>'
     classes = sorted({c for v in splits.values() if isinstance(v, dict) for c in v.get("per_class", {})})
     rows = [(html.escape(name), str(v.get("n_images")), str(v.get("n_patients")),
              *(str(v.get("per_class", {}).get(c, 0)) for c in classes))
-            for name, v in _ordered_splits(splits)]
+            for name, v in ordered_splits(splits)]
     removed = splits.get("removed") or {}
     reasons = ", ".join(f"{r}: {n}" for r, n in (removed.get("reasons") or {}).items())
     note = f"Removed from training to keep the splits disjoint (exact duplicates, patients shared with test): " \
            f"{removed.get('n', 0)} images" + (f" ({reasons})" if reasons else "") + "."
-    parts += [(f"<p>Training data: {html.escape(str(training.get('data', '?')))}, by split "
+    parts += [(f"<p>Training data: {html.escape(str(training.get('data') or '?'))}, by split "
                "(images per class; patients disjoint between splits):</p>"),
               _table(("Split", "Images", "Patients", *classes), rows),
               f'<p class="note">{html.escape(note)}</p>']
     return "".join(parts)
 
 
-def _model_card(model: dict | None, metrics: dict) -> str:
-    """Intended use, what the model is, what it learnt from, how it scored, and its limits."""
-    model = model or {}
-    training = model.get("training") or {}
-    validation = model.get("validation") or {}
-    backbone = model.get("backbone")
-    rows = [("Intended use", INTENDED_USE)]
-    for label, value in (
-        ("Task", model.get("task")),
-        ("Classes", model.get("classes") or metrics.get("classes")),
-        ("Referral levels", model.get("referral")),
-        ("Backbone", _backbone_text(backbone) if isinstance(backbone, dict) else backbone),
-        ("Head", _head_text(model["head"]) if isinstance(model.get("head"), dict) else model.get("head")),
-        ("Feature precision", (model.get("features") or {}).get("precision")),
-        ("Training data", training.get("data") or model.get("training_data")),
-        ("Training images / patients", _split_counts(training.get("splits"))),
-        ("Validation accuracy", _fmt(validation["accuracy"], validation.get("accuracy_ci"))
-         if validation.get("accuracy") is not None else None),
-        ("Logistic-regression baseline, validation accuracy",
-         _fmt((training.get("baseline_logistic_regression") or {}).get("val_acc"), None)
-         if training.get("baseline_logistic_regression") else None),
-        ("Created", model.get("created")),
-        ("Library versions", model.get("library_versions") or model.get("versions")),
-    ):
-        if value:
-            rows.append((label, value if isinstance(value, str) else _describe(value)))
-    rows.append(("Limits", "; ".join(_LIMITS)))
-    return _table(("Field", "Value"), [(html.escape(k), html.escape(v)) for k, v in rows], numeric=False)
-
-
-_LIMITS = (
-    "measured only on the data named here: other devices, sites, populations or image types may score lower",
-    "a class the model was not trained on is forced into one of its classes",
-    "images failing the quality gate (when present) should not be classified at all",
-    "heat maps show where the evidence for a class lies, not the lesion's outline",
-    "confidence intervals cover sampling of these patients, not a change of population",
-)
-
-
-def _backbone_text(b: dict) -> str:
-    size = (b.get("preprocessing") or {}).get("size")
-    return f"{b.get('name')}" + (f", {size} px" if size else "") + (f", weights: {b['weights_source']}"
-                                                                   if b.get("weights_source") else "")
-
-
-def _head_text(head: dict) -> str:
-    rest = {k: v for k, v in head.items() if k != "kind"}
-    return f"{head.get('kind', '?')}" + (f" ({_describe(rest)})" if rest else "")
-
-
-def _split_counts(splits: dict | None) -> str | None:
-    if not splits:
-        return None
-    return ", ".join(f"{k} {v['n_images']} / {v['n_patients']}" for k, v in _ordered_splits(splits))
-
-
-def _ordered_splits(splits: dict) -> list[tuple[str, dict]]:
-    """train, val, test first (the manifest's JSON keys come sorted), then any other split."""
-    rank = {"train": 0, "val": 1, "test": 2}
-    return sorted(((k, v) for k, v in splits.items() if k != "removed" and isinstance(v, dict) and "n_images" in v),
-                  key=lambda kv: (rank.get(kv[0], 3), kv[0]))
-
-
-def _describe(value: object) -> str:
-    """Nested manifest values as one readable line."""
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {_describe(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_describe(v) for v in value)
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: bool = True) -> str:
-    """An HTML table from already-escaped cells; with `numeric`, cells after the first align right."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    cell = '<td class="num">{}</td>' if numeric else "<td>{}</td>"
-    body = "".join(
-        f"<tr><td>{row[0]}</td>" + "".join(cell.format(c) for c in row[1:]) + "</tr>" for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _fmt(value: float | None, ci: Sequence[float] | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
-
-
 def _img(figure: Figure, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="{_data_uri(_png_bytes(figure), "image/png")}">'
+    return f'<img alt="{html.escape(alt)}" src="{_data_uri(png_bytes(figure), "image/png")}">'
 
 
 def _data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def _png_bytes(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    # No "Software" text chunk: the PNG stays byte-identical across runs and carries no URL.
-    figure.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
-    return buffer.getvalue()
-
-
-def _label(text: str) -> str:
-    """Matplotlib reads text between two '$' as mathtext; class names are plain text."""
-    return text.replace("$", r"\$")
-
-
-def _confusion_figure(confusion: Sequence[Sequence[int]], names: Sequence[str]) -> Figure:
-    from matplotlib.figure import Figure
-
-    counts = np.asarray(confusion)
-    k = len(names)
-    figure = Figure(figsize=(2.5 + 0.8 * k, 2.0 + 0.8 * k), layout="constrained")
-    ax = figure.add_subplot()
-    image = ax.imshow(counts, cmap="Blues")
-    figure.colorbar(image, ax=ax, shrink=0.8)
-    labels = [_label(n) for n in names]
-    ax.set_xticks(range(k), labels, rotation=45, ha="right")
-    ax.set_yticks(range(k), labels)
-    ax.set_xlabel("Predicted class")
-    ax.set_ylabel("True class")
-    dark = counts.max() / 2  # white digits on dark cells stay readable
-    for (i, j), count in np.ndenumerate(counts):
-        ax.text(j, i, str(count), ha="center", va="center", color="white" if count > dark else "black")
-    return figure
-
-
-def _roc_figure(curves: dict, metrics: dict) -> Figure:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5.5, 5.0), layout="constrained")
-    ax = figure.add_subplot()
-    ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
-    for name, curve in curves["classes"].items():
-        auc = metrics["per_class"].get(name, {}).get("auc")
-        suffix = f" (AUC {auc:.3f})" if auc is not None else ""
-        ax.plot(curve["fpr"], curve["tpr"], label=_label(name) + suffix)
-    urgent = metrics["urgent_referral"]
-    if curves["urgent"] is not None and urgent:
-        suffix = f" (AUC {urgent['auc']:.3f})" if urgent["auc"] is not None else ""
-        label = _label("Urgent referral: " + " + ".join(urgent["positive_classes"])) + suffix
-        ax.plot(curves["urgent"]["fpr"], curves["urgent"]["tpr"], "--", color="black", lw=2, label=label)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("1 − specificity (false positive rate)")
-    ax.set_ylabel("Sensitivity (true positive rate)")
-    ax.set_aspect("equal")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
-    return figure
-
-
-def _reliability_figure(panels: list[tuple[str, dict]]) -> Figure:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(4.2 * len(panels), 4.0), layout="constrained")
-    for ax, (label, r) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels):
-        bins = len(r["count"])
-        centres = (np.arange(bins) + 0.5) / bins
-        filled = [i for i, n in enumerate(r["count"]) if n]
-        ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
-        ax.bar(centres[filled], [r["accuracy"][i] for i in filled], width=1 / bins, edgecolor="black",
-               alpha=0.7, label="accuracy")
-        # The bin's mean confidence as a bar on the same centre: its distance to the bar top is the gap.
-        ax.plot(centres[filled], [r["confidence"][i] for i in filled], "_", color="C3", ms=14, mew=2.5,
-                label="mean confidence")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_xlabel("Confidence (top-class probability)")
-        ax.set_ylabel("Accuracy")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", fontsize="small")
-    return figure
-
-
-def _read_curves(csv_path: str | Path) -> dict[str, np.ndarray]:
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except OSError as exc:
-        raise RetinaLensError(f"cannot read training curves {csv_path}: {exc}") from exc
-    if not rows:
-        raise RetinaLensError(f"training curves {csv_path} has no rows")
-    missing = [c for c in _CURVE_COLUMNS if c not in rows[0]]
-    if missing:
-        raise RetinaLensError(f"training curves {csv_path} lacks columns {missing}")
-
-    def number(cell: str | None) -> float:
-        # An empty cell (e.g. no validation split) plots as a gap.
-        try:
-            return float(cell) if cell not in (None, "") else float("nan")
-        except ValueError as exc:
-            raise RetinaLensError(f"training curves {csv_path}: {exc}") from exc
-
-    return {c: np.array([number(row[c]) for row in rows]) for c in _CURVE_COLUMNS}
-
-
-def _training_figure(curves: dict[str, np.ndarray]) -> Figure:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(9.0, 3.6), layout="constrained")
-    for ax, metric, label in zip(figure.subplots(1, 2), ("loss", "acc"), ("Loss", "Accuracy")):
-        for split, style in (("train", "-"), ("val", "--")):
-            ax.plot(curves["epoch"], curves[f"{split}_{metric}"], style, marker="o", ms=3, label=split)
-        ax.set_xlabel("Epoch")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return figure

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,10 @@ from ..data.tasks import apply_task, get_task
 from ..errors import RetinaLensError
 from ..features.cache import FeatureCache
 from ..features.extract import ExtractReport, extract_features, head_inputs, open_cache
-from ..gate.trust import trust_metrics
-from ..models.bundle import Bundle
+from .trust import trust_metrics
+from ..bundle.store import Bundle
 from ..models.heads import head_probabilities
-from .calibration import bundle_temperature, calibrated
+from ..trust.calibration import calibrated
 from .metrics import classification_metrics
 from .report import write_html_report
 
@@ -32,7 +31,7 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
     ds = discover(data, patient_regex=patient_regex, images_dir=images_dir)
     if ds.splits and split:
         ds = ds.subset(split)
-    task = get_task(bundle.manifest.get("task"))  # a DR bundle reads grades 0-4 and maps them itself
+    task = get_task(bundle.manifest.task)  # a DR bundle reads grades 0-4 and maps them itself
     ds, dropped = apply_task(ds, task)
     unknown = sorted(set(ds.classes) - set(bundle.classes))
     if unknown:
@@ -44,7 +43,7 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
                                                           workers=workers, progress=progress)
     if not keep:
         raise RetinaLensError(f"{ds.root}: none of the {len(ds)} images could be read")
-    probs = calibrated(raw_probs, bundle_temperature(bundle.manifest))  # what prediction gives
+    probs = calibrated(raw_probs, bundle.temperature)  # what prediction gives
     index = {c: k for k, c in enumerate(bundle.classes)}
     y = np.array([index[ds.samples[i].label] for i in keep], dtype=np.int64)
     metrics = classification_metrics(y, probs, bundle.classes, [ds.samples[i].patient for i in keep],
@@ -62,7 +61,7 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
     metrics["failures"] = [{"input": p, "error": r} for p, r in report.failures] + [
         {"input": d["path"], "error": d["reason"]} for d in dropped]
     metrics["overlap_with_training"] = _overlap(bundle, {hashes[i] for i in keep})
-    metrics["model"] = {"path": str(bundle.path), "backbone": bundle.manifest["backbone"]["name"],
+    metrics["model"] = {"path": str(bundle.path), "backbone": bundle.manifest.backbone.name,
                         "head": bundle.head_config.kind}
     if metrics["overlap_with_training"]:
         console().print(f"[yellow]warning: {metrics['overlap_with_training']} evaluation image(s) were in the model's "
@@ -70,9 +69,8 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
     if json_path:
         atomic_write_json(Path(json_path), metrics)
     if report_path:
-        curves = bundle.path / "curves.csv"
-        write_html_report(report_path, metrics, y_true=y, probs=probs, model=bundle.manifest,
-                          curves_csv=curves if curves.is_file() else None,
+        write_html_report(report_path, metrics, y_true=y, probs=probs, model=bundle.manifest.to_dict(),
+                          curves_csv=bundle.curves_file(),
                           title=f"RetinaLens evaluation: {ds.root.name}",
                           bundle=bundle, images=[ds.samples[i].path for i in keep])  # gallery of mistakes
     return metrics
@@ -94,8 +92,5 @@ def bundle_probabilities(bundle: Bundle, paths: list[Path], hashes: list[str], c
 
 def _overlap(bundle: Bundle, hashes: set[str]) -> int:
     """How many evaluated images the model trained or selected its checkpoint on."""
-    splits = bundle.path / "splits.json"
-    if not splits.is_file():
-        return 0
-    seen = json.loads(splits.read_text())["sha256"]
-    return len(hashes & (set(seen.get("train", [])) | set(seen.get("val", []))))
+    seen = bundle.split_hashes()
+    return len(hashes & (seen.get("train", set()) | seen.get("val", set())))

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from pytorch_grad_cam.base_cam import BaseCAM
     from typing_extensions import Self
 
-    from ..models.bundle import Bundle
+    from ..bundle.store import Bundle
     from ..predict.model import Model
 
 OVERLAY_ALPHA = 0.6  # heat-map opacity where the map is 1; cold regions show the scan untouched

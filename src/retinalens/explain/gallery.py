@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:
-    from ..models.bundle import Bundle
+    from ..bundle.store import Bundle
     from ..predict.model import Model
 
 GALLERY_LIMIT = 48

@@ -1,46 +1,36 @@
-"""The bundle as one differentiable fp32 eager network, and the layer Grad-CAM looks at.
+"""The layer Grad-CAM looks at, on the bundle's one network (`bundle.network.Network`).
 
-Prediction runs a traced, frozen, often bf16 graph that has no gradients. Grad-CAM needs the
-eager modules, so the bundle's backbone and head are copied (the copies are what hooks are put
-on: a shared Model serving predictions in other threads never sees them) and chained:
-
-    pixels -> Preprocessing.normalize -> backbone forward_features -> NHWC maps or pooled -> head -> logits
+Prediction runs a traced, frozen, often bf16 graph that has no gradients. Grad-CAM needs the eager
+modules, so it runs on a private fp32 copy of the bundle's network (the copy is what hooks are put
+on: a shared Model serving predictions in other threads never sees them).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ..data.transforms import Preprocessing
+from ..bundle.network import Network
 from ..models.heads import ConvHead
 
 
 class ExplainNet(nn.Module):
-    """float pixels (N, 3, S, S) in 0-255 -> logits (N, K), fp32, eager, differentiable.
+    """float pixels (N, 3, S, S) in 0-255 -> logits (N, K): the bundle's Network, channels-first in,
+    because that is where pytorch-grad-cam reads the map's output size."""
 
-    Channels-first input because that is where pytorch-grad-cam reads the map's output size.
-    """
-
-    def __init__(self, features: nn.Module, head: nn.Module, preprocessing: Preprocessing, input_kind: str) -> None:
+    def __init__(self, net: Network) -> None:
         super().__init__()
-        self.features, self.head, self.pp, self.input_kind = features, head, preprocessing, input_kind
+        self.net = net
+        self.features, self.head, self.pp = net.features, net.head, net.preprocessing
 
     @classmethod
     def from_bundle(cls, bundle) -> ExplainNet:
-        # Copies: the bundle's own modules stay untouched (no hooks, no grads, no mode changes).
-        features = copy.deepcopy(bundle.backbone.model).float().eval().requires_grad_(False)
-        head = copy.deepcopy(bundle.head).float().eval().requires_grad_(False)
-        return cls(features, head, bundle.preprocessing, bundle.head_config.input_kind)
+        return cls(Network.from_bundle(bundle, private=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        maps = self.features.forward_features(self.pp.normalize(x.permute(0, 2, 3, 1)))  # (N, C, H, W)
-        if self.input_kind == "spatial":
-            return self.head(maps.permute(0, 2, 3, 1))  # heads read channels-last maps, as cached
-        return self.head(maps.mean(dim=(2, 3)))
+        return self.net(x.permute(0, 2, 3, 1))[0]
 
 
 def nhwc_to_nchw(t: torch.Tensor) -> torch.Tensor:

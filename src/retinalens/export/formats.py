@@ -23,7 +23,7 @@ import torch
 from .._deps import require, silenced
 from .._io import atomic_write_bytes, atomic_write_json, check_creatable
 from ..errors import RetinaLensError
-from ..models.bundle import Bundle, load_bundle
+from ..bundle.store import Bundle, load_bundle
 from .graph import INPUT_NAME, OUTPUT_NAMES, DeployableModel, export_metadata
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage"}
@@ -67,7 +67,7 @@ def _converting(fmt: str, bundle: Bundle) -> Iterator[None]:
     except RetinaLensError:
         raise
     except Exception as exc:  # noqa: BLE001 - exporters raise many types; all mean "cannot convert"
-        raise RetinaLensError(f"{bundle.path}: backbone '{bundle.manifest['backbone']['name']}' cannot be "
+        raise RetinaLensError(f"{bundle.path}: backbone '{bundle.manifest.backbone.name}' cannot be "
                               f"exported to {fmt} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})") from None
 
 

@@ -22,7 +22,7 @@ from .._console import console
 from .._deps import require
 from ..data.hashing import sha256_file
 from ..errors import RetinaLensError
-from ..models.bundle import Bundle
+from ..bundle.store import Bundle
 from .formats import METADATA_KEY, onnx_bytes, sidecar_path, write_export
 from .graph import EXPORT_VERSION, INPUT_NAME, OUTPUT_NAMES
 

@@ -217,9 +217,10 @@ def _short(value: Any) -> str:
     return text[:12] if len(text) == 64 else text  # a sha256: its first 12 characters
 
 
-def _describe(manifest: dict[str, Any] | None) -> str:
-    if not manifest or "key" not in manifest:
+def _describe(record: dict[str, Any] | None) -> str:
+    """A cache folder's own record (its manifest.json, not a bundle's) in words."""
+    if not record or "key" not in record:
         return "an unreadable or foreign manifest"
-    k = manifest["key"]
+    k = record["key"]
     return (f"features of backbone {k.get('backbone')} (weights {str(k.get('weights_sha256'))[:12]}, "
             f"{k.get('preprocessing', {}).get('size')} px, {k.get('precision')})")

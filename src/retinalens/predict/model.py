@@ -15,9 +15,11 @@ import torch
 from .._console import progress_bar
 from ..data.images import ImageFiles, check_batching, image_batches
 from ..errors import RetinaLensError
-from ..evaluate.calibration import bundle_temperature, calibrated, positive_score
-from ..gate import NO_GATE, Gate
-from ..models.bundle import Bundle, load_bundle
+from ..trust.calibration import calibrated, positive_score
+from ..trust import NO_GATE, Gate
+from ..bundle.manifest import Manifest
+from ..bundle.network import head_input
+from ..bundle.store import Bundle, load_bundle
 from ..models.heads import head_probabilities
 from ..models.registry import Backbone
 from .inputs import Input, expand_inputs
@@ -35,9 +37,9 @@ class Model:
         self.head = bundle.head.eval()
         self._onnx = open_runtime(bundle, runtime, onnx_file)
         self.runtime = "torch" if self._onnx is None else "onnx"
-        self.temperature = bundle_temperature(bundle.manifest)  # None: a bundle from before calibration
+        self.temperature = bundle.temperature  # None: a bundle from before calibration
         self.gate = Gate.from_bundle(bundle)  # None: a bundle from before the gate (every image passes)
-        self.referral_threshold: dict[str, Any] | None = bundle.manifest.get("thresholds", {}).get("referral")
+        self.referral_threshold = bundle.manifest.referral_threshold  # None: no threshold fitted
 
     @property
     def backbone(self) -> Backbone:
@@ -49,7 +51,7 @@ class Model:
         return self.bundle.classes
 
     @property
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
         return self.bundle.manifest
 
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
@@ -62,7 +64,7 @@ class Model:
         if self._onnx is not None:  # the exported graph divides the logits by the temperature itself
             return self._onnx.run(batch)
         spatial, pooled = self.backbone.encode(batch, self.bundle.precision)
-        probs = head_probabilities(self.head, spatial if self.bundle.head_config.input_kind == "spatial" else pooled)
+        probs = head_probabilities(self.head, head_input(self.bundle.head_config, spatial, pooled))
         return calibrated(probs, self.temperature), pooled.numpy()
 
     def _result(self, name: str, probs: np.ndarray, gate: dict[str, Any]) -> dict[str, Any]:
@@ -72,10 +74,10 @@ class Model:
         p_ref = float(positive_score(probs[None], self.classes, positives)[0]) if positives else None
         refer = None
         if gate["ok"] and self.referral_threshold is not None and p_ref is not None:
-            refer = p_ref >= self.referral_threshold["threshold"]
+            refer = p_ref >= self.referral_threshold.threshold
         return {"input": name, "label": label,
                 "probabilities": {c: float(p) for c, p in zip(self.classes, probs)},
-                "referral": self.bundle.referral.get(label) if label else None,
+                "referral": self.bundle.manifest.level(label),
                 "p_referral": p_ref, "refer": refer, "gate": gate}
 
     def predict(self, source: str | Path | bytes) -> dict[str, Any]:
@@ -106,12 +108,6 @@ class Model:
                         results[k] = {"input": inp.name, "error": err} if err else self._result(inp.name, probs[j], gates[j])
                     advance(len(idx))
         return [r for r in results if r is not None]
-
-    def evaluate(self, data: str | Path, **kwargs: Any) -> dict[str, Any]:
-        """Metrics with CIs on a labelled dataset; see retinalens.evaluate.run.evaluate_bundle."""
-        from ..evaluate.run import evaluate_bundle
-
-        return evaluate_bundle(self.bundle, data, **kwargs)
 
 
 def load(path: str | Path, runtime: str = "auto", onnx_file: str | Path | None = None) -> Model:

@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import RetinaLensError
 from ._deps import require
 from .batching import Batcher
-from .feedback import UnknownAnalysis
+from ..feedback.store import UnknownAnalysis
 from .limits import BodyLimit
 from .pages import docs_page, index_page, model_card_page
 from .service import ServeConfig, Service
@@ -126,6 +126,6 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> Any:
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__

@@ -106,9 +106,7 @@ def running_server(cfg: ServeConfig, app: Any = None, start_timeout: float = 60.
 def child_env(**extra: str) -> dict[str, str]:
     """This environment for a child Python process that imports this very retinalens (also when it
     runs uninstalled, from a checkout)."""
-    import retinalens
-
-    src = str(Path(retinalens.__file__).resolve().parents[1])
+    src = str(Path(__file__).resolve().parents[2])  # .../src/retinalens/serve/server.py -> .../src
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])), **extra)
 
 

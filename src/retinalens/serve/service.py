@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageDecodeError, RetinaLensError
-from ..evaluate.report import (
-    INTENDED_USE,  # one wording for the report's model card and the web app's
-)
-from .feedback import FeedbackStore, ModelVersion, UnknownAnalysis
+from ..bundle.card import model_card
+from ..feedback.store import FeedbackStore, ModelVersion, UnknownAnalysis
 from .uploads import display_name, sniff_image
 
 HEATMAP_SIDE = 1024  # a fundus photo's full-size overlay would be megabytes of PNG for a page that shows ~500 px
@@ -190,34 +188,11 @@ class Service:
     # -- the model card ----------------------------------------------------------------------------
 
     def model_card(self) -> dict[str, Any]:
-        """What the bundle manifest says about the model, for people (no local paths, no run config),
-        and the upload limits the page checks before sending."""
-        m = self.model.manifest
-        training = m.get("training", {})
-        backbone = m.get("backbone", {})
-        return jsonable({
+        """The bundle's model card (bundle/card.py: no local paths, no run config), its version, and the
+        upload limits the page checks before sending."""
+        return jsonable(model_card(self.model.manifest.to_dict()) | {
             "name": self.model.bundle.path.name,
-            "intended_use": INTENDED_USE,
             "version": {"manifest_sha256": self.version.sha256, "created": self.version.created},
-            "task": m.get("task"),
-            "classes": self.model.classes,
-            "referral": self.model.bundle.referral,
-            "positive_classes": self.model.bundle.positive_classes,
-            "backbone": {k: backbone.get(k) for k in ("name", "timm_name", "weights_source", "weights_sha256",
-                                                      "preprocessing")},
-            "precision": m.get("features", {}).get("precision"),
-            "head": m.get("head"),
-            "training_data": {"layout": training.get("layout"), "splits": training.get("splits"),
-                              "extract_failures": training.get("extract_failures")},
-            "head_selection": training.get("head_selection"),
-            "baseline_logistic_regression": training.get("baseline_logistic_regression"),
-            "validation": m.get("validation"),
-            "test_metrics": m.get("metrics") or None,
-            "thresholds": m.get("thresholds") or None,
-            "calibration": m.get("calibration"),
-            "quality_gate": m.get("gate"),
-            "lineage": m.get("lineage"),
-            "library_versions": m.get("library_versions"),
             "limits": {"max_upload_bytes": self.cfg.max_upload_bytes, "max_files": self.cfg.max_files},
         })
 

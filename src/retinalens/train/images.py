@@ -10,7 +10,9 @@
 
 Each epoch ends with an atomic checkpoint. `resume=True` continues from it and gives the same weights
 as an uninterrupted run: the data order, the augmentation and the dropout masks are all drawn from
-generators seeded by (seed, epoch), and the optimiser and scheduler states are restored.
+generators seeded by (seed, epoch), and the optimiser and scheduler states are restored. The epoch loop
+(history, LR schedule, best epoch, early stopping, checkpoint, resume) is loop.run_epochs, which head
+training shares; this file says how to train an epoch on images and how to validate.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,34 +31,21 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .._console import console, progress_bar
+from .._console import console
 from .._io import atomic_torch_save
 from ..data.augment import BALANCE, apply_variant, epoch_plan, get_augmentation, sample_rng
 from ..data.images import image_batches
+from ..bundle.network import Network, head_input
 from ..data.transforms import Preprocessing
+from ..config import MODE_EPOCHS, ImageTrainConfig  # noqa: F401  (defined there, with every default)
 from ..errors import ImageDecodeError, RetinaLensError
 from ..models.heads import HeadConfig, create_head
 from ..models.registry import Backbone, autocast, resolve_precision
-from .trainer import TrainConfig, TrainResult, check_train_config, class_weights_for, plateau_schedule
+from .loop import EpochTotals, run_epochs
+from .trainer import TrainConfig, TrainResult, check_train_config, class_weights_for
 
 MODES = ("bottleneck", "frozen", "finetune", "scratch")
-# Default epochs per mode: a head on cached features is cheap to train long (early stopping ends it);
-# an epoch on images costs a pass through the backbone.
-MODE_EPOCHS = {"bottleneck": 60, "frozen": 20, "finetune": 15, "scratch": 30}
 CHECKPOINT = "last.pt"
-
-
-@dataclass
-class ImageTrainConfig:
-    """What training on images adds to TrainConfig (whose epochs, lr, schedule and seed it uses)."""
-
-    unfreeze: int = 2  # finetune: the last N parameter groups of the backbone train
-    backbone_lr_scale: float = 0.1  # finetune: their learning rate, relative to the head's
-    warmup_epochs: int = 1  # finetune: head-only epochs first
-    augment: str = "auto"  # auto (fundus for DR tasks, else oct) | oct | fundus | none
-    oversample: bool = False  # fill minority classes with rotated / mirrored copies (the original's balancing)
-    workers: int = 0  # decoding processes (0: threads)
-    device: str = "auto"  # auto: CUDA when present
 
 
 def check_image_config(mode: str, cfg: ImageTrainConfig, train: TrainConfig) -> None:
@@ -99,18 +89,6 @@ class AugmentedImages(Dataset):
         return self.augment(apply_variant(img, variant), sample_rng(self.seed, epoch, position)), i, ""
 
 
-class _Network(nn.Module):
-    """uint8 pixels -> logits: backbone (eager, trainable parts) -> spatial or pooled -> head."""
-
-    def __init__(self, model: nn.Module, head: nn.Module, pp: Preprocessing, spatial: bool) -> None:
-        super().__init__()
-        self.model, self.head, self.pp, self.spatial = model, head, pp, spatial
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        f = self.model.forward_features(self.pp.normalize(pixels).contiguous(memory_format=torch.channels_last))
-        return self.head(f.permute(0, 2, 3, 1) if self.spatial else f.mean(dim=(2, 3)))
-
-
 def backbone_groups(model: nn.Module) -> list[list[nn.Parameter]]:
     """The backbone's parameters in forward order, grouped as timm groups them (stem, stages...)."""
     named = dict(model.named_parameters())
@@ -136,7 +114,6 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
     check_image_config(mode, images, train)
     if len(y_train) == 0 or len(y_val) == 0:
         raise RetinaLensError("training needs images in both the train and the validation split")
-    say = console()
     frozen = mode == "frozen"
     if frozen:  # the backbone stays where it is; only the head moves
         device = next(backbone.model.parameters()).device
@@ -146,10 +123,10 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
     precision = resolve_precision(train.precision, device.type)
     # A GPU without bf16 (before Ampere) trains in fp16 with loss scaling; bf16 needs no scaling.
     fp16 = device.type == "cuda" and train.precision == "auto" and precision == "fp32"
+    amp = partial(torch.autocast, "cuda", dtype=torch.float16) if fp16 else partial(autocast, precision, device.type)
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     pin = device.type == "cuda"
     pp = backbone.preprocessing
-    spatial = head_config.input_kind == "spatial"
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train.seed)
@@ -160,7 +137,7 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
         trainable: list[nn.Parameter] = []
     else:
         model = copy.deepcopy(backbone.model)
-        net = _Network(model, head, pp, spatial)
+        net = Network(model, head, pp, head_config)
         if mode == "scratch":
             trainable = list(model.parameters())
             lrs = [train.lr]
@@ -171,149 +148,93 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
         params = [{"params": list(head.parameters()), "lr": train.lr}, {"params": trainable, "lr": lrs[0]}]
     net.to(device)
 
-    def set_trainable(epoch: int) -> None:
-        """Gradients flow into the backbone's trainable groups once the head's warm-up is over."""
-        if frozen:
-            return
-        warm = mode == "finetune" and epoch <= images.warmup_epochs
-        for p in net.model.parameters():  # type: ignore[union-attr]
-            p.requires_grad_(False)
-        for p in trainable:
-            p.requires_grad_(not warm)
-
-    def train_mode() -> None:
-        net.train()
-        if mode == "finetune":  # BatchNorm keeps its ImageNet statistics: small batches would ruin them
-            net.model.eval()  # type: ignore[union-attr]
-
-    def amp() -> torch.autocast:
-        return torch.autocast("cuda", dtype=torch.float16) if fp16 else autocast(precision, device.type)
-
-    def logits_of(pixels: torch.Tensor) -> torch.Tensor:
-        if frozen:
-            sp, pooled = backbone.encode(pixels, precision)
-            x = (sp if spatial else pooled).to(device).float().clone()  # out of inference mode: autograd may save it
-            with amp():
-                return head(x).float()
-        with amp():
-            return net(pixels.to(device, non_blocking=True)).float()
-
-    aug = get_augmentation(augment)
-    data = AugmentedImages(list(paths), pp, aug, train.seed)
+    data = AugmentedImages(list(paths), pp, get_augmentation(augment), train.seed)
     val_data = AugmentedImages(list(val_paths), pp, get_augmentation("none"), train.seed)
     yt, yv = torch.from_numpy(y_train).long(), torch.from_numpy(y_val).long()
     weight = class_weights_for(yt, num_classes).to(device) if train.class_weights else None
     train_loss_fn, val_loss_fn = nn.CrossEntropyLoss(weight=weight), nn.CrossEntropyLoss()
     opt = torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
-    sched, better = plateau_schedule(opt, train)
-
-    state: dict[str, Any] = {"epoch": 0, "best": math.nan, "best_epoch": 0, "stale": 0, "history": [], "best_state": None}
-    ckpt = checkpoint_dir / CHECKPOINT
-    key = _fingerprint(fingerprint)
-    if ckpt.is_file():
-        if not resume:
-            raise RetinaLensError(f"{checkpoint_dir} holds the checkpoint of an interrupted run: pass --resume to "
-                                  "continue it, or delete that folder to start over")
-        saved = _load_checkpoint(ckpt)
-        if saved.get("fingerprint") != key:
-            raise RetinaLensError(f"{ckpt} was written by a run with other data, splits or options; "
-                                  "delete that folder to start over")
-        net.load_state_dict(saved["net"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
+    ckpt, key = checkpoint_dir / CHECKPOINT, _fingerprint(fingerprint)
+    saved = _resume_point(ckpt, key, resume)
+    if saved is not None:  # run_epochs restores the weights, the optimiser and the schedule; the scaler is ours
         scaler.load_state_dict(saved.get("scaler", {}))
-        state = {k: saved[k] for k in state}
-        say.print(f"resuming after epoch {state['epoch']} from {ckpt}")
-    elif resume:
-        say.print(f"no checkpoint at {ckpt}: starting from the first epoch")
 
     val_batches = [[(i, 0, 0, i) for i in range(s, min(s + train.batch_size, len(yv)))]
                    for s in range(0, len(yv), train.batch_size)]
-    def val_inputs() -> torch.Tensor:
-        """Frozen mode: the validation features, computed once (they never change)."""
-        feats = []
-        for x, _, errors in image_batches(val_data, val_batches, images.workers):
-            _raise_on_errors(errors)
-            sp, pooled = backbone.encode(x, precision)
-            feats.append((sp if spatial else pooled).float())
-        return torch.cat(feats)
+    # Frozen: the backbone never changes, so the validation features are computed once.
+    val_x = torch.cat([head_input(head_config, *backbone.encode(x, precision)).float()
+                       for x, _ in _decoded(val_data, val_batches, images.workers)]) if frozen else None
 
-    frozen_val = val_inputs() if frozen else None
+    def train_epoch(epoch: int) -> EpochTotals:
+        if not frozen:  # gradients flow into the backbone's trainable groups once the head's warm-up is over
+            warm = mode == "finetune" and epoch <= images.warmup_epochs
+            net.features.requires_grad_(False)  # type: ignore[union-attr]
+            for p in trainable:
+                p.requires_grad_(not warm)
+        # The dropout masks, the data order and the augmentation are functions of (seed, epoch): a resumed
+        # run draws what the uninterrupted one drew.
+        torch.manual_seed(_epoch_seed(train.seed, epoch))
+        plan = epoch_plan(y_train, num_classes, seed=train.seed, epoch=epoch, oversample=images.oversample)
+        keys = [(i, v, epoch, pos) for pos, (i, v) in enumerate(plan)]
+        batches = [keys[s:s + train.batch_size] for s in range(0, len(keys), train.batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < 2:
+            batches[-2] += batches.pop()  # BatchNorm cannot train on a batch of one
+        net.train()
+        if mode == "finetune":  # BatchNorm keeps its ImageNet statistics: small batches would ruin them
+            net.features.eval()  # type: ignore[union-attr]
+        totals = EpochTotals()
+        for x, idx in _decoded(data, batches, images.workers, pin):
+            target = yt[idx].to(device)
+            if frozen:  # the traced backbone's features; .clone() takes them out of inference mode for autograd
+                x = head_input(head_config, *backbone.encode(x, precision)).to(device).float().clone()
+            else:
+                x = x.to(device, non_blocking=True)
+            with amp():
+                logits = (head(x) if frozen else net(x)[0]).float()
+            loss = train_loss_fn(logits, target)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()  # a no-op scale unless fp16
+            scaler.step(opt)
+            scaler.update()
+            totals.add(loss, logits, target)
+        return totals
 
     @torch.no_grad()
     def validate() -> tuple[float, float]:
         net.eval()
-        if frozen_val is not None:
-            outs = [head(frozen_val[i:i + 512].to(device)).float() for i in range(0, len(frozen_val), 512)]
+        if val_x is not None:
+            outs = [head(val_x[i:i + 512].to(device)).float() for i in range(0, len(val_x), 512)]
         else:
             outs = []
-            for x, _, errors in image_batches(val_data, val_batches, images.workers, pin_memory=pin):
-                _raise_on_errors(errors)
+            for x, _ in _decoded(val_data, val_batches, images.workers, pin):
                 with amp():
-                    outs.append(net(x.to(device)).float())
+                    outs.append(net(x.to(device))[0].float())
         logits = torch.cat(outs).cpu()
         return float(val_loss_fn(logits, yv)), float((logits.argmax(1) == yv).float().mean())
 
-    first = state["epoch"] + 1
-    with torch.random.fork_rng(devices=[]), \
-            progress_bar(train.epochs, f"train ({mode})", progress, unit="epoch") as advance:
-        advance(state["epoch"])
-        for epoch in range(first, train.epochs + 1):
-            if train.early_stopping and state["stale"] >= train.early_stopping:
-                break
-            set_trainable(epoch)
-            torch.manual_seed(_epoch_seed(train.seed, epoch))  # dropout masks: a function of (seed, epoch)
-            plan = epoch_plan(y_train, num_classes, seed=train.seed, epoch=epoch, oversample=images.oversample)
-            keys = [(i, v, epoch, pos) for pos, (i, v) in enumerate(plan)]
-            batches = [keys[s:s + train.batch_size] for s in range(0, len(keys), train.batch_size)]
-            if len(batches) > 1 and len(batches[-1]) < 2:
-                batches[-2] += batches.pop()  # BatchNorm cannot train on a batch of one
-            train_mode()
-            total, correct, seen = 0.0, 0, 0
-            for x, idx, errors in image_batches(data, batches, images.workers, pin_memory=pin):
-                _raise_on_errors(errors)
-                target = yt[idx].to(device)
-                logits = logits_of(x)
-                loss = train_loss_fn(logits, target)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()  # a no-op scale unless fp16
-                scaler.step(opt)
-                scaler.update()
-                total += loss.item() * len(idx)
-                correct += int((logits.argmax(1) == target).sum())
-                seen += len(idx)
-            val_loss, val_acc = validate()
-            score = val_loss if train.monitor == "val_loss" else val_acc
-            state["history"].append({"epoch": epoch, "train_loss": total / max(seen, 1), "train_acc": correct / max(seen, 1),
-                                     "val_loss": val_loss, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"]})
-            sched.step(score)
-            if state["best_state"] is None or better(score, state["best"]):
-                state.update(best=score, best_epoch=epoch, stale=0,
-                             best_state={k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
-            else:
-                state["stale"] += 1
-            state["epoch"] = epoch
-            # Temp file, then rename: a kill -9 leaves the previous checkpoint or the new one, never half.
-            atomic_torch_save(ckpt, {**state, "net": net.state_dict(), "optimizer": opt.state_dict(),
-                                    "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "fingerprint": key})
-            advance(1)
-
-    net.load_state_dict(state["best_state"])
-    net.cpu().eval()
-    history = state["history"]
-    row = history[state["best_epoch"] - 1]
-    result = TrainResult(head.eval(), state["best_epoch"], history, {"val_loss": row["val_loss"], "val_acc": row["val_acc"]})
+    with torch.random.fork_rng(devices=[]):  # train_epoch reseeds the global RNG: the caller's is left as it was
+        run = run_epochs(net, opt, train, train_epoch=train_epoch, validate=validate, description=f"train ({mode})",
+                         progress=progress, saved=saved,
+                         # Temp file, then rename: a kill -9 leaves the previous checkpoint or the new one, never half.
+                         checkpoint=lambda state: atomic_torch_save(
+                             ckpt, {**state, "scaler": scaler.state_dict(), "fingerprint": key}))
+    net.cpu()
+    result = TrainResult(head, run.best_epoch, run.history, run.val_metrics)
     if frozen:
         return ImageTrainResult(backbone, result)
     source = "trained from scratch" if mode == "scratch" else f"{backbone.source}, fine-tuned"
-    return ImageTrainResult(Backbone(backbone.name, backbone.timm_name, net.model, source), result)  # type: ignore[arg-type]
+    return ImageTrainResult(Backbone(backbone.name, backbone.timm_name, net.features, source), result)  # type: ignore[arg-type]
 
 
-def _raise_on_errors(errors: list[str]) -> None:
-    bad = [e for e in errors if e]
-    if bad:
-        raise RetinaLensError(f"an image stopped decoding during training ({bad[0]}); the last epoch's checkpoint "
-                              "is kept: fix or remove the file, then run again with --resume")
+def _decoded(data: Dataset, batches: list[list[tuple[int, int, int, int]]], workers: int,
+             pin: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(pixels, sample indices) per batch; a file that no longer decodes stops training."""
+    for x, idx, errors in image_batches(data, batches, workers, pin_memory=pin):
+        bad = [e for e in errors if e]
+        if bad:
+            raise RetinaLensError(f"an image stopped decoding during training ({bad[0]}); the last epoch's checkpoint "
+                                  "is kept: fix or remove the file, then run again with --resume")
+        yield x, idx
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -324,11 +245,25 @@ def _fingerprint(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
+def _resume_point(ckpt: Path, key: str, resume: bool) -> dict[str, Any] | None:
+    """The interrupted run's checkpoint to go on from, or None to start at epoch 1. A checkpoint is never
+    silently overwritten, nor continued by a run with other data or options (`key`, their fingerprint)."""
+    if not ckpt.is_file():
+        if resume:
+            console().print(f"no checkpoint at {ckpt}: starting from the first epoch")
+        return None
+    if not resume:
+        raise RetinaLensError(f"{ckpt.parent} holds the checkpoint of an interrupted run: pass --resume to "
+                              "continue it, or delete that folder to start over")
     try:  # weights_only: tensors, numbers, strings and containers; nothing is unpickled that could run code
-        return torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise RetinaLensError(f"{path}: unreadable checkpoint ({type(exc).__name__}); delete it to start over") from None
+        raise RetinaLensError(f"{ckpt}: unreadable checkpoint ({type(exc).__name__}); delete it to start over") from None
+    if saved.get("fingerprint") != key:
+        raise RetinaLensError(f"{ckpt} was written by a run with other data, splits or options; "
+                              "delete that folder to start over")
+    console().print(f"resuming after epoch {saved['epoch']} from {ckpt}")
+    return saved
 
 
 def config_fingerprint(config: dict[str, Any], split_hashes: dict[str, list[str]], classes: list[str]) -> dict[str, Any]:

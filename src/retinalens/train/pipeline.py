@@ -19,49 +19,30 @@ from typing import Any
 import numpy as np
 
 from .._console import console
+from ..config import (AUTO_HEAD, MODE_EPOCHS, ExtractConfig, ImageTrainConfig, RunConfigBase, SplitConfig, default, given,
+                      str_or_none)
 from ..data.discover import Dataset, discover
 from ..data.hashing import sha256_files
-from ..data.splits import SplitConfig, Splits, make_splits
+from ..data.splits import Splits, make_splits
 from ..data.tasks import Task, apply_task, get_task
 from ..errors import RetinaLensError
 from ..evaluate.metrics import classification_metrics
 from ..features.cache import FeatureCache
 from ..features.extract import ExtractReport, extract_features, head_inputs, open_cache, print_extract_report
-from ..gate import fit_trust
-from ..models.bundle import Bundle, check_output_folder, load_bundle, positive_classes_for, save_bundle
+from ..trust import fit_trust
+from ..bundle.store import Bundle, check_output_folder, load_bundle, positive_classes_for, save_bundle
 from ..models.heads import HEADS, HeadConfig, check_head_config, head_probabilities
 from ..models.registry import DEFAULT_BACKBONE, Backbone, create_backbone, resolve_precision, resolve_spec
-from .images import ImageTrainConfig, check_image_config, config_fingerprint, train_on_images
+from .images import balance_options, check_image_config, config_fingerprint, train_on_images
 from .trainer import TrainConfig, TrainResult, check_train_config, fit_logistic_head, train_head, write_curves
 
 
 @dataclass
-class ExtractConfig:
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = None  # a local weights file instead of the registry's default
-    pretrained: bool = True  # False: random weights (timing only)
-    precision: str = "auto"  # auto = bf16 where the CPU/GPU has fast bf16, else fp32
-    batch_size: int = 16  # measured best on a 2-core CPU for both default backbones (bf16)
-    chunk_size: int = 256
-    workers: int = 0  # 0: decode in threads between backbone calls; N: N decoding processes
-    cache: str | None = None
+class RunConfig(RunConfigBase):
+    """Everything a `train` run was given (RunConfigBase, with every default, plus the TrainConfig):
+    saved as config.json in the bundle."""
 
-
-@dataclass
-class RunConfig:
-    """Everything a `train` run was given: saved as config.json in the bundle."""
-
-    data: str
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(head=HeadConfig(kind="auto")))
-    patient_regex: str | None = None
-    images_dir: str | None = None
-    task: str | None = None  # None: the labels as they are (OCT classes); "referable" or "grade": DR grades 0-4
-    mode: str = "bottleneck"  # bottleneck | frozen | finetune | scratch
-    images: ImageTrainConfig = field(default_factory=ImageTrainConfig)
-    resume: bool = False  # image modes: continue from the checkpoint of an interrupted run
-    target_sensitivity: float = 0.95  # the referral threshold is the highest reaching this on validation
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(head=HeadConfig(kind=AUTO_HEAD)))
 
 
 def run_config_from_dict(d: dict[str, Any]) -> RunConfig:
@@ -70,6 +51,48 @@ def run_config_from_dict(d: dict[str, Any]) -> RunConfig:
     return RunConfig(**d | {"extract": ExtractConfig(**d.get("extract", {})), "split": SplitConfig(**d.get("split", {})),
                             "train": TrainConfig.from_dict(d.get("train", {})),
                             "images": ImageTrainConfig(**d.get("images", {}))})
+
+
+def build_run_config(data: str | Path, *, mode: str | None = None, backbone: str | None = None,
+                     weights: str | Path | None = None, pretrained: bool | None = None, head: str | None = None,
+                     hidden: int | None = None, task: str | None = None, epochs: int | None = None,
+                     seed: int | None = None, cache: str | Path | None = None, precision: str | None = None,
+                     workers: int | None = None, val_fraction: float | None = None, patient_regex: str | None = None,
+                     images_dir: str | Path | None = None, balance: str | None = None,
+                     class_weights: bool | None = None, unfreeze: int | None = None,
+                     backbone_lr_scale: float | None = None, warmup_epochs: int | None = None,
+                     augment: str | None = None, device: str | None = None, resume: bool | None = None,
+                     target_sensitivity: float | None = None, **train_options: Any) -> RunConfig:
+    """`train`'s options, as the CLI spells them, to a RunConfig: the one place this is done (the CLI
+    and `retinalens.train` both come here). An option left out or None keeps its dataclass default
+    (retinalens/config.py); `epochs` defaults by mode (MODE_EPOCHS). `seed` seeds the split and the
+    training, `workers` the extraction and the image modes. `class_weights=True` is `balance="weights"`
+    (the config holds it once: TrainConfig.class_weights). Further TrainConfig fields (lr, batch_size,
+    monitor, ...) pass through `train_options`; `precision` is the features' (ExtractConfig's)."""
+    mode = mode or default(RunConfig, "mode")
+    chosen = _balance(balance, class_weights)
+    oversample, weighted = balance_options(chosen, mode) if chosen is not None else (None, None)
+    run_train = default(RunConfig, "train")
+    return RunConfig(
+        data=str(data), **given(task=task, patient_regex=patient_regex, images_dir=str_or_none(images_dir),
+                                mode=mode, resume=resume, target_sensitivity=target_sensitivity),
+        extract=ExtractConfig(**given(backbone=backbone, weights=str_or_none(weights), pretrained=pretrained,
+                                      precision=precision, workers=workers, cache=str_or_none(cache))),
+        split=SplitConfig(**given(val_fraction=val_fraction, seed=seed)),
+        train=replace(run_train, head=replace(run_train.head, **given(kind=head, hidden=hidden)), **train_options,
+                      **given(epochs=epochs or MODE_EPOCHS.get(mode), seed=seed, class_weights=weighted)),
+        images=ImageTrainConfig(**given(unfreeze=unfreeze, backbone_lr_scale=backbone_lr_scale,
+                                        warmup_epochs=warmup_epochs, augment=augment, oversample=oversample,
+                                        workers=workers, device=device)))
+
+
+def _balance(balance: str | None, class_weights: bool | None) -> str | None:
+    """`--class-weights` is an alias of `--balance weights`: with any other --balance it is a contradiction."""
+    if not class_weights:
+        return balance
+    if balance not in (None, "none", "weights"):
+        raise RetinaLensError(f"--class-weights is --balance weights: it cannot go with --balance {balance}")
+    return "weights"
 
 
 @dataclass

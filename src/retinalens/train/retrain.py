@@ -11,7 +11,6 @@ so only the new images pass through the backbone.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,9 +22,10 @@ from ..data.discover import Dataset, Sample
 from ..data.hashing import sha256_file
 from ..data.splits import Splits
 from ..errors import RetinaLensError
+from ..feedback.store import FeedbackStore
 from ..evaluate.metrics import classification_metrics
 from ..evaluate.run import bundle_probabilities
-from ..models.bundle import Bundle, check_output_folder, load_bundle
+from ..bundle.store import Bundle, check_output_folder, is_bundle, load_bundle
 from .pipeline import RunConfig, _Data, _prepare, run_config_from_dict, train_bundle
 
 
@@ -42,7 +42,6 @@ def retrain(bundle_path: str | Path, feedback: str | Path, out: str | Path, *, i
             cache: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Train a candidate with the feedback, compare it with its parent, promote it if not worse."""
     from ..predict.model import Model
-    from ..serve.feedback import FeedbackStore
 
     out = Path(out).expanduser()
     check_output_folder(out)
@@ -60,7 +59,7 @@ def retrain(bundle_path: str | Path, feedback: str | Path, out: str | Path, *, i
     if not fb.added:
         raise RetinaLensError(f"none of the {len(confirmed)} confirmed image(s) can be added (see above)")
     data = _with_feedback(base, fb, parent)
-    version = int(parent.manifest.get("lineage", {}).get("version", 1))
+    version = parent.manifest.lineage.version
     lineage = {"version": version + 1,
                "parent": {"path": str(parent.path), "manifest_sha256": parent.manifest_sha256,
                           "version": version},
@@ -73,7 +72,7 @@ def retrain(bundle_path: str | Path, feedback: str | Path, out: str | Path, *, i
                         "candidate": _split_metrics(candidate, data, split, cfg, progress)} for split in ("val", "test")}
     promoted = compared["val"]["candidate"]["accuracy"] >= compared["val"]["parent"]["accuracy"]
     target = out if promoted else out.with_name(f"{out.name}.rejected")
-    if (target / "manifest.json").is_file():  # an older bundle there (check_output_folder allowed it)
+    if is_bundle(target):  # an older bundle there (check_output_folder allowed it)
         shutil.rmtree(target)
     candidate_dir.rename(target)
     report = {"promoted": promoted, "bundle": str(target), "parent": str(parent.path),
@@ -86,11 +85,10 @@ def retrain(bundle_path: str | Path, feedback: str | Path, out: str | Path, *, i
 
 
 def _parent_config(parent: Bundle, cache: str | Path | None) -> RunConfig:
-    path = parent.path / "config.json"
     try:
-        cfg = run_config_from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RetinaLensError(f"{path}: cannot read the run's config to retrain it ({type(exc).__name__})") from None
+        cfg = run_config_from_dict(parent.run_config())
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RetinaLensError(f"{parent.path}: cannot read the run's config to retrain it ({type(exc).__name__})") from None
     if not Path(cfg.data).exists():
         raise RetinaLensError(f"{parent.path} was trained on {cfg.data}, which is not here: retraining needs it")
     extract = replace(cfg.extract, cache=str(cache)) if cache else cfg.extract
@@ -127,11 +125,9 @@ def _screen(model: Any, confirmed: list[Any], base: _Data, parent: Bundle) -> Fe
 
 def _with_feedback(base: _Data, fb: Feedback, parent: Bundle) -> _Data:
     """The parent's splits, image for image, with the feedback added to train."""
-    path = parent.path / "splits.json"
-    try:
-        saved = {k: set(v) for k, v in json.loads(path.read_text())["sha256"].items()}
-    except (OSError, ValueError, KeyError) as exc:
-        raise RetinaLensError(f"{path}: cannot read the parent's splits ({type(exc).__name__})") from None
+    saved = parent.split_hashes()
+    if not saved:
+        raise RetinaLensError(f"{parent.path}: the parent's splits (splits.json) are missing; retraining needs them")
     ds = Dataset(base.ds.root, base.ds.layout, base.ds.samples + fb.added, base.ds.classes)
     hashes = base.hashes + fb.hashes
     n = len(base.hashes)

@@ -7,11 +7,8 @@ Seeded: two runs with the same seed give the same weights bit for bit.
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
-import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,29 +17,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._console import progress_bar
+from ..config import TrainConfigBase
 from ..errors import RetinaLensError
 from ..models.heads import HeadConfig, create_head
 from ..models.registry import autocast, resolve_precision
-
-CURVE_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+from .loop import CURVE_COLUMNS, EpochTotals, run_epochs
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TrainConfigBase):
+    """How a head is trained (TrainConfigBase: every default there) and which head."""
+
     head: HeadConfig = field(default_factory=HeadConfig)
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    lr_patience: int = 5  # epochs without improvement before the LR is halved
-    lr_factor: float = 0.5
-    min_lr: float = 5e-5
-    early_stopping: int = 15  # epochs without improvement before training stops (0 = never)
-    monitor: str = "val_loss"  # or "val_acc": picks the best epoch and drives the LR schedule
-    class_weights: bool = False  # weight the loss by inverse class frequency
-    precision: str = "auto"  # bf16 autocast where the CPU/GPU has bf16 units (2x faster conv head)
-    seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,20 +68,6 @@ def check_train_config(cfg: TrainConfig) -> None:
     resolve_precision(cfg.precision)
 
 
-def plateau_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig) -> tuple[Any, Callable[[float, float], bool]]:
-    """The LR schedule on the monitored validation score, and the comparison that says "better".
-
-    Every parameter group's floor keeps its ratio to cfg.lr (a fine-tuned backbone's group runs lower)."""
-    better = (lambda a, b: a < b) if cfg.monitor == "val_loss" else (lambda a, b: a > b)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="min" if cfg.monitor == "val_loss" else "max", factor=cfg.lr_factor,
-        # PyTorch reduces once more than `patience` epochs are flat: patience - 1 halves the
-        # rate after exactly `lr_patience` flat epochs, as Keras and the original did
-        patience=max(cfg.lr_patience - 1, 0),
-        min_lr=[cfg.min_lr if g["lr"] == cfg.lr else cfg.min_lr * g["lr"] / cfg.lr for g in opt.param_groups])
-    return sched, better
-
-
 def class_weights_for(y: torch.Tensor, k: int) -> torch.Tensor:
     counts = torch.bincount(y, minlength=k).float().clamp(min=1)
     return counts.sum() / (k * counts)
@@ -131,43 +103,28 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
         train_loss_fn = nn.CrossEntropyLoss(weight=weight)
         val_loss_fn = nn.CrossEntropyLoss()  # validation loss stays unweighted: it chooses the model
         opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched, better = plateau_schedule(opt, cfg)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        best, best_state, best_epoch, stale, history = math.nan, None, 0, 0, []
-        with progress_bar(cfg.epochs, "train head", progress, unit="epoch") as advance:
-            for epoch in range(1, cfg.epochs + 1):
-                head.train()
-                order = torch.randperm(len(yt), generator=gen)
-                total, correct, seen = 0.0, 0, 0
-                for i in range(0, len(order), cfg.batch_size):
-                    idx = order[i:i + cfg.batch_size].sort().values  # same batch, rows read in memory order
-                    if len(idx) < 2 and cfg.head.kind == "conv":
-                        continue  # BatchNorm cannot train on a single sample
-                    with autocast("bf16" if amp else "fp32"):
-                        logits = head(xt[idx] if amp else xt[idx].float()).float()
-                    loss = train_loss_fn(logits, yt[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += loss.item() * len(idx)
-                    correct += int((logits.argmax(1) == yt[idx]).sum())
-                    seen += len(idx)
-                val_loss, val_acc = _evaluate(head, xv, yv, val_loss_fn, 256)
-                score = val_loss if cfg.monitor == "val_loss" else val_acc
-                history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "train_acc": correct / max(seen, 1),
-                                "val_loss": val_loss, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"]})
-                sched.step(score)
-                advance(1)
-                if best_state is None or better(score, best):
-                    best, best_state, best_epoch, stale = score, copy.deepcopy(head.state_dict()), epoch, 0
-                else:
-                    stale += 1
-                    if cfg.early_stopping and stale >= cfg.early_stopping:
-                        break
-    head.load_state_dict(best_state)
-    head.eval()
-    row = history[best_epoch - 1]
-    return TrainResult(head, best_epoch, history, {"val_loss": row["val_loss"], "val_acc": row["val_acc"]})
+        gen = torch.Generator().manual_seed(cfg.seed)  # the data order; dropout draws from the seeded global RNG
+
+        def train_epoch(epoch: int) -> EpochTotals:
+            head.train()
+            totals = EpochTotals()
+            order = torch.randperm(len(yt), generator=gen)
+            for i in range(0, len(order), cfg.batch_size):
+                idx = order[i:i + cfg.batch_size].sort().values  # same batch, rows read in memory order
+                if len(idx) < 2 and cfg.head.kind == "conv":
+                    continue  # BatchNorm cannot train on a single sample
+                with autocast("bf16" if amp else "fp32"):
+                    logits = head(xt[idx] if amp else xt[idx].float()).float()
+                loss = train_loss_fn(logits, yt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                totals.add(loss, logits, yt[idx])
+            return totals
+
+        run = run_epochs(head, opt, cfg, train_epoch=train_epoch, validate=lambda: _evaluate(head, xv, yv, val_loss_fn, 256),
+                         description="train head", progress=progress)
+    return TrainResult(head, run.best_epoch, run.history, run.val_metrics)
 
 
 def fit_logistic_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from ..config import RunConfigBase, default
 from ..errors import RetinaLensError
-from .metrics import classification_metrics
 
 ECE_BINS = 15
-DEFAULT_TARGET_SENSITIVITY = 0.95
+DEFAULT_TARGET_SENSITIVITY = default(RunConfigBase, "target_sensitivity")  # written once, in the run config
 _T_RANGE = (0.05, 20.0)  # a fitted T outside this means a degenerate validation set, not a calibration
 _TINY = 1e-300  # log(0) guard: a probability that underflowed stays the least likely class
 
@@ -35,12 +35,6 @@ def calibrated(probs: np.ndarray, temperature: float | None) -> np.ndarray:
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def bundle_temperature(manifest: dict[str, Any]) -> float | None:
-    """The temperature a bundle was calibrated with, or None (a bundle from before calibration)."""
-    t = (manifest.get("calibration") or {}).get("temperature")
-    return float(t) if t is not None else None
 
 
 def nll(probs: np.ndarray, y: np.ndarray) -> float:
@@ -93,14 +87,6 @@ def fit_calibration(probs: np.ndarray, y: np.ndarray) -> dict[str, Any]:
             "ece_before": expected_calibration_error(probs, y), "ece_after": expected_calibration_error(after, y)}
 
 
-def calibration_report(raw_probs: np.ndarray, y: np.ndarray, temperature: float) -> dict[str, Any]:
-    """metrics["calibration"] of an evaluation: ECE and reliability before and after the bundle's T."""
-    after = calibrated(raw_probs, temperature)
-    return {"temperature": float(temperature), "bins": ECE_BINS,
-            "ece_before": expected_calibration_error(raw_probs, y), "ece_after": expected_calibration_error(after, y),
-            "reliability_before": reliability(raw_probs, y), "reliability_after": reliability(after, y)}
-
-
 def positive_score(probs: np.ndarray, classes: Sequence[str], positive_classes: Sequence[str]) -> np.ndarray:
     """P(referral): the summed probabilities of the positive classes, one per row."""
     cols = [list(classes).index(c) for c in positive_classes]
@@ -123,20 +109,3 @@ def referral_threshold(score: np.ndarray, positive: np.ndarray,
     return {"threshold": t, "target_sensitivity": float(target_sensitivity),
             "val_sensitivity": float(flagged[positive].mean()),
             "val_specificity": float((~flagged[neg]).mean()) if neg.any() else None}  # type: ignore[dict-item]
-
-
-def operating_point_report(probs: np.ndarray, y: np.ndarray, classes: Sequence[str], referral: dict[str, Any],
-                           groups: Sequence[str] | None, n_boot: int, seed: int) -> dict[str, Any]:
-    """metrics["operating_point"]: sensitivity and specificity at the bundle's referral threshold, with
-    patient-bootstrap CIs (the metrics module's, on the two-class referral problem)."""
-    positives = list(referral["positive_classes"])
-    score = positive_score(probs, classes, positives)
-    is_pos = np.isin(np.asarray(y), [list(classes).index(c) for c in positives])
-    binary = np.stack([1 - score, score], axis=1).clip(0, 1)
-    m = classification_metrics(is_pos.astype(np.int64), binary, ["other", "referral"], groups,
-                               positive_classes=["referral"], n_boot=n_boot, seed=seed,
-                               threshold=float(referral["threshold"]))["urgent_referral"]
-    return {"threshold": float(referral["threshold"]), "target_sensitivity": referral.get("target_sensitivity"),
-            "positive_classes": positives, "n_positive": m["n_positive"], "n_negative": m["n_negative"],
-            "sensitivity": m["sensitivity"], "sensitivity_ci": m["sensitivity_ci"],
-            "specificity": m["specificity"], "specificity_ci": m["specificity_ci"]}

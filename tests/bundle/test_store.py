@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from retinalens.errors import RetinaLensError
-from retinalens.models.bundle import MANIFEST, load_bundle, save_bundle
+from retinalens.bundle.store import MANIFEST, load_bundle, save_bundle
 from retinalens.models.heads import HeadConfig, create_head
 from retinalens.models.registry import Backbone
 
@@ -194,7 +194,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path: Path, backbone: Backbone) -
 
 
 def test_never_replaces_a_file_or_a_foreign_folder(tmp_path):
-    from retinalens.models.bundle import check_output_folder
+    from retinalens.bundle.store import check_output_folder
 
     (tmp_path / "file").write_text("x")
     (tmp_path / "docs").mkdir()
@@ -209,7 +209,7 @@ def test_never_replaces_a_file_or_a_foreign_folder(tmp_path):
 
 
 def test_an_unwritable_destination_is_refused_up_front(tmp_path):
-    from retinalens.models.bundle import check_output_folder
+    from retinalens.bundle.store import check_output_folder
 
     (tmp_path / "afile.txt").write_text("x")
     with pytest.raises(RetinaLensError, match="cannot create"):

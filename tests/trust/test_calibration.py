@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from retinalens.errors import RetinaLensError
-from retinalens.evaluate.calibration import (
+from retinalens.trust.calibration import (
     calibrated,
     expected_calibration_error,
     fit_temperature,
@@ -18,7 +18,7 @@ from retinalens.evaluate.calibration import (
     reliability,
 )
 from retinalens.evaluate.run import evaluate_bundle
-from retinalens.models.bundle import load_bundle
+from retinalens.bundle.store import load_bundle
 from retinalens.models.heads import head_probabilities
 from retinalens.predict.model import Model
 
@@ -88,7 +88,7 @@ def test_referral_threshold_reaches_target_sensitivity():
 
 
 def test_bundle_stores_temperature_and_operating_point(small_bundle):
-    m = small_bundle.manifest
+    m = small_bundle.manifest.to_dict()
     t = m["calibration"]["temperature"]
     assert 0.05 <= t <= 20 and m["calibration"]["nll_after"] <= m["calibration"]["nll_before"] + 1e-9
     ref = m["thresholds"]["referral"]
@@ -121,7 +121,7 @@ def test_temperature_round_trips_and_model_probabilities_apply_it(small_bundle, 
 def test_evaluate_reports_calibration_operating_point_and_gate(small_bundle, small_dataset, feature_cache):
     m = evaluate_bundle(small_bundle, small_dataset, cache=feature_cache, n_boot=100, progress=False)
     c = m["calibration"]
-    assert c["temperature"] == small_bundle.manifest["calibration"]["temperature"]
+    assert c["temperature"] == small_bundle.manifest.to_dict()["calibration"]["temperature"]
     for key in ("reliability_before", "reliability_after"):
         assert set(c[key]) == {"confidence", "accuracy", "count"} and len(c[key]["count"]) == 15
         assert sum(c[key]["count"]) == m["n_images"]
@@ -129,7 +129,7 @@ def test_evaluate_reports_calibration_operating_point_and_gate(small_bundle, sma
     op = m["operating_point"]
     assert {"threshold", "target_sensitivity", "positive_classes", "sensitivity", "sensitivity_ci", "specificity",
             "specificity_ci"} <= set(op)
-    assert op["threshold"] == small_bundle.manifest["thresholds"]["referral"]["threshold"]
+    assert op["threshold"] == small_bundle.manifest.to_dict()["thresholds"]["referral"]["threshold"]
     assert op["sensitivity_ci"] is None or op["sensitivity_ci"][0] <= op["sensitivity"] <= op["sensitivity_ci"][1]
     # The same decision as prediction makes from pixels (p_referral against the stored threshold).
     preds = Model(small_bundle, runtime="torch").predict_many([small_dataset / "test"])

@@ -24,14 +24,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from .. import _deps
 from .._deps import EXTRAS, install_hint
 from .._io import atomic_write_bytes
 from ..data.hashing import sha256_file
 from ..errors import RetinaLensError
-from ._deps import require
 
 if TYPE_CHECKING:
-    from ..models.bundle import Bundle
+    from ..bundle.store import Bundle
+
+
+def require(module: str):
+    """SQLAlchemy (or a driver) on first use, or one clear error naming the `serve` extra."""
+    return _deps.require(module, "the feedback store", extra="serve")
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class ModelVersion:
 
     @classmethod
     def of_bundle(cls, bundle: Bundle) -> ModelVersion:
-        return cls(bundle.manifest_sha256, str(bundle.manifest.get("created", "")))
+        return cls(bundle.manifest_sha256, bundle.manifest.created)
 
 
 class Confirmed(NamedTuple):

@@ -4,6 +4,6 @@ anything it was trained on); and `fit_trust`, which fits the gate, the calibrati
 operating point of a bundle on its validation split."""
 
 from .gate import NO_GATE, Gate, summarize
-from .trust import fit_trust
+from .fit import fit_trust
 
 __all__ = ["NO_GATE", "Gate", "fit_trust", "summarize"]

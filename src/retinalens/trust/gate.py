@@ -21,7 +21,7 @@ from ..errors import RetinaLensError
 from .statistics import image_statistics
 
 if TYPE_CHECKING:
-    from ..models.bundle import Bundle
+    from ..bundle.store import Bundle
 
 GATE_FILE = "gate.safetensors"
 GATE_VERSION = 1
@@ -70,16 +70,16 @@ class Gate:
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> Gate | None:
         """The bundle's gate, or None for a bundle without one."""
-        section = bundle.manifest.get("gate")
-        if not section:
+        spec = bundle.manifest.gate
+        if spec is None:
             return None
         try:
-            checks = [Check(**c) for c in section["checks"]]
+            checks = [Check(**c) for c in spec.checks]
             arrays: dict[str, np.ndarray] = {}
-            if section.get("features"):
+            if spec.features_file:
                 from safetensors.numpy import load_file
 
-                arrays = load_file(str(bundle.path / section["features"]["file"]))
+                arrays = load_file(str(bundle.path / spec.features_file))
             return cls(checks, *(arrays[k].astype(np.float32) if k in arrays else None for k in ("mean", "precision")))
         except (KeyError, TypeError, OSError, ValueError) as exc:
             raise RetinaLensError(f"{bundle.path}: unreadable quality gate ({type(exc).__name__}: {exc})") from None

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image, ImageFilter
 
 from retinalens.errors import RetinaLensError
-from retinalens.gate import NO_GATE, Gate, summarize
-from retinalens.gate.gate import GATE_FILE, Check, fit_gate
-from retinalens.gate.statistics import image_statistics
-from retinalens.models.bundle import load_bundle
+from retinalens.trust import NO_GATE, Gate, summarize
+from retinalens.trust.gate import GATE_FILE, Check, fit_gate
+from retinalens.trust.statistics import image_statistics
+from retinalens.bundle.store import load_bundle
 from retinalens.predict.model import Model
 
 NATURAL_PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"  # ships with matplotlib
@@ -44,8 +44,8 @@ def corrupt(src: Path, dst: Path, how: str) -> Path:
 
 
 def test_bundle_has_a_gate_fitted_on_validation(small_bundle):
-    section = small_bundle.manifest["gate"]
-    assert section["features"]["file"] == GATE_FILE and GATE_FILE in small_bundle.manifest["files"]
+    section = small_bundle.manifest.to_dict()["gate"]
+    assert section["features"]["file"] == GATE_FILE and GATE_FILE in small_bundle.manifest.to_dict()["files"]
     reasons = {c["reason"] for c in section["checks"]}
     assert {"too_dark", "overexposed", "blurred", "wrong_modality", "out_of_distribution"} <= reasons
     assert section["validation"]["rejection_rate"] <= 0.05

@@ -6,27 +6,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .._console import console
 from ..data.transforms import Preprocessing
-from ..evaluate.calibration import (
+from .calibration import (
     DEFAULT_TARGET_SENSITIVITY,
-    bundle_temperature,
     calibrated,
-    calibration_report,
     fit_calibration,
-    operating_point_report,
     positive_score,
     referral_threshold,
 )
-from .gate import MIN_VALIDATION, Gate, fit_gate, summarize
+from .gate import MIN_VALIDATION, fit_gate
 from .statistics import STATISTICS, file_statistics
-
-if TYPE_CHECKING:
-    from ..models.bundle import Bundle
 
 MAX_STATISTICS_IMAGES = 2000  # validation images decoded again for the statistics (evenly spaced beyond this)
 
@@ -85,23 +79,4 @@ def _validation_statistics(paths: list[Path], preprocessing: Preprocessing, work
     out = {k: np.full(n, np.nan) for k in STATISTICS}
     for k in STATISTICS:
         out[k][rows] = sample[k]
-    return out
-
-
-def trust_metrics(bundle: Bundle, raw_probs: np.ndarray, y: np.ndarray, groups: Sequence[str], paths: Sequence[Path],
-                  pooled: np.ndarray, *, n_boot: int, seed: int, workers: int = 0) -> dict[str, Any]:
-    """metrics["calibration"], ["operating_point"] and ["gate"] of an evaluation: each None when the
-    bundle has no temperature, referral threshold or gate (a bundle from before they existed)."""
-    temperature = bundle_temperature(bundle.manifest)
-    referral = bundle.manifest.get("thresholds", {}).get("referral")
-    gate = Gate.from_bundle(bundle)
-    out: dict[str, Any] = {
-        "calibration": calibration_report(raw_probs, y, temperature) if temperature is not None else None,
-        "operating_point": operating_point_report(calibrated(raw_probs, temperature), y, bundle.classes, referral,
-                                                  groups, n_boot=n_boot, seed=seed) if referral else None,
-        "gate": None,
-    }
-    if gate is not None:
-        stats, _ = file_statistics(list(paths), bundle.preprocessing, workers=workers)
-        out["gate"] = summarize(gate.verdicts(stats | {"distance": gate.distance(pooled)}))
     return out

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from retinalens.errors import RetinaLensError
-from retinalens.serve.feedback import (
+from retinalens.feedback.store import (
     FeedbackStore,
     ModelVersion,
     UnknownAnalysis,

@@ -1,9 +1,10 @@
-"""Model bundles: the one artefact every command reads.
+"""Model bundles on disk: the one artefact every command reads.
 
 A bundle is a folder: `manifest.json` (what the model is, how to feed it, what it was trained on,
-how it scored on validation), weights in safetensors (`head.safetensors`, `backbone.safetensors`:
-tensors only, nothing is ever unpickled), and the run's `config.json`, `splits.json` and curves.
-Every weights file is hashed in the manifest and checked on load.
+how it scored on validation; typed and validated by `manifest.py`), weights in safetensors
+(`head.safetensors`, `backbone.safetensors`: tensors only, nothing is ever unpickled), and the run's
+side files `config.json`, `splits.json` and `curves.csv`, which are read here and nowhere else.
+Every file is hashed in the manifest and checked on load.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from .._io import atomic_write_json, check_creatable
 from ..data.tasks import Task
 from ..data.transforms import Preprocessing
 from ..errors import RetinaLensError
-from .heads import HeadConfig, create_head
-from .registry import Backbone, create_backbone
+from ..models.heads import HeadConfig, create_head
+from ..models.registry import Backbone, create_backbone
+from .manifest import FORMAT, Manifest
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = FORMAT
 MANIFEST = "manifest.json"
+CONFIG, SPLITS, CURVES = "config.json", "splits.json", "curves.csv"
 # Kermany et al.: choroidal neovascularisation and diabetic macular oedema need urgent referral,
 # drusen (early AMD) routine follow-up, a normal scan observation.
 OCT_REFERRAL = {"CNV": "urgent", "DME": "urgent", "DRUSEN": "routine", "NORMAL": "observation"}
@@ -64,33 +67,38 @@ def _sha256(path: Path) -> str:
 @dataclass
 class Bundle:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     head: nn.Module
     _backbone: Backbone | None = field(default=None, repr=False)
 
     @property
     def classes(self) -> list[str]:
-        return list(self.manifest["classes"])
+        return list(self.manifest.classes)
 
     @property
     def referral(self) -> dict[str, str | None]:
-        return dict(self.manifest.get("referral", {}))
+        return dict(self.manifest.referral)
 
     @property
     def positive_classes(self) -> list[str]:
-        return list(self.manifest.get("positive_classes", [c for c, lv in self.referral.items() if lv == "urgent"]))
+        return list(self.manifest.positive_classes)
 
     @property
     def head_config(self) -> HeadConfig:
-        return HeadConfig.from_dict(self.manifest["head"])
+        return self.manifest.head
 
     @property
     def precision(self) -> str:
-        return str(self.manifest["features"]["precision"])
+        return self.manifest.precision
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing.from_dict(self.manifest["backbone"]["preprocessing"])
+        return self.manifest.backbone.preprocessing
+
+    @property
+    def temperature(self) -> float | None:
+        """The calibration temperature, or None (a bundle from before calibration)."""
+        return self.manifest.calibration.temperature if self.manifest.calibration else None
 
     @property
     def manifest_sha256(self) -> str:
@@ -100,13 +108,44 @@ class Bundle:
     @cached_property
     def backbone(self) -> Backbone:
         """The frozen backbone, rebuilt from the bundle's own weights (no hub, no pickle)."""
-        info = self.manifest["backbone"]
-        bb = create_backbone(info["name"], weights=self.path / "backbone.safetensors")
-        if bb.weights_sha256 != info["weights_sha256"]:
+        info = self.manifest.backbone
+        bb = create_backbone(info.name, weights=self.path / "backbone.safetensors")
+        if bb.weights_sha256 != info.weights_sha256:
             raise RetinaLensError(f"{self.path}: backbone weights do not match the manifest's hash")
-        if bb.preprocessing.to_dict() != info["preprocessing"]:
+        if bb.preprocessing != self.preprocessing:
             bb.preprocessing = self.preprocessing  # the bundle's recorded preprocessing wins
         return bb
+
+    # -- side files: written by training, read here only ---------------------------------------------
+
+    def run_config(self) -> dict[str, Any]:
+        """The run's config as it was saved (config.json), for retraining the same way."""
+        return self._side_json(CONFIG, "the run's config")
+
+    def split_hashes(self) -> dict[str, set[str]]:
+        """sha256 of every image in each split the model was built with (splits.json), {} if absent."""
+        if not (self.path / SPLITS).is_file():
+            return {}
+        saved = self._side_json(SPLITS, "the splits")
+        try:
+            return {name: set(hashes) for name, hashes in saved["sha256"].items()}
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise RetinaLensError(f"{self.path / SPLITS}: cannot read the splits ({type(exc).__name__})") from None
+
+    def curves_file(self) -> Path | None:
+        """curves.csv (the training history), or None for a head without epochs."""
+        f = self.path / CURVES
+        return f if f.is_file() else None
+
+    def _side_json(self, name: str, what: str) -> dict[str, Any]:
+        f = self.path / name
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError, RecursionError) as exc:
+            raise RetinaLensError(f"{f}: cannot read {what} ({type(exc).__name__})") from None
+        if not isinstance(data, dict):
+            raise RetinaLensError(f"{f}: cannot read {what} (not a JSON object)")
+        return data
 
 
 def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_config: HeadConfig,
@@ -147,7 +186,7 @@ def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_co
             "library_versions": library_versions(),
             "files": {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))},
         }
-        atomic_write_json(tmp / MANIFEST, manifest)
+        atomic_write_json(tmp / MANIFEST, Manifest.from_dict(manifest, str(out)).to_dict())  # never write a bad one
         tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared, like every output
         for f in tmp.iterdir():
             f.chmod(0o644)
@@ -163,6 +202,10 @@ def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_co
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def is_bundle(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
 
 
 def check_output_folder(out: Path) -> None:
@@ -183,20 +226,15 @@ def load_bundle(path: str | Path) -> Bundle:
     if not (path / MANIFEST).is_file():
         raise RetinaLensError(f"{path}: not a RetinaLens model bundle (no {MANIFEST})")
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        fmt, classes = manifest["format"], manifest["classes"]
-        feature_shape = tuple(manifest["features"]["feature_shape"])
-        head_cfg = HeadConfig.from_dict(manifest["head"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RetinaLensError(f"{path}: unreadable bundle manifest ({type(exc).__name__}: {exc})") from None
-    if not isinstance(fmt, int):
-        raise RetinaLensError(f"{path}: unreadable bundle manifest (format {fmt!r} is not a number)")
-    if fmt > BUNDLE_FORMAT:
-        raise RetinaLensError(f"{path}: bundle format {fmt} is newer than this RetinaLens understands ({BUNDLE_FORMAT})")
-    for name, digest in manifest.get("files", {}).items():
+        document = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise RetinaLensError(f"{path}: unreadable bundle manifest ({type(exc).__name__})") from None
+    manifest = Manifest.from_dict(document, str(path))
+    for name, digest in manifest.files.items():
         f = path / name
         if not f.is_file() or _sha256(f) != digest:
             raise RetinaLensError(f"{path}: {name} is missing or does not match its hash in the manifest")
+    classes, feature_shape, head_cfg = manifest.classes, manifest.feature_shape, manifest.head
     head = create_head(head_cfg, feature_shape, len(classes))  # type: ignore[arg-type]
     try:
         head.load_state_dict(load_file(str(path / "head.safetensors")))

@@ -1,0 +1,189 @@
+"""The bundle manifest as a typed, versioned object: the only code that knows manifest keys.
+
+`manifest.json` is validated against `manifest.schema.json` (shipped with the package, as MONAI
+bundles ship theirs) before anything reads it, then parsed into the dataclasses below. Every other
+module reads a bundle through these attributes (`bundle.manifest.calibration.temperature`, ...),
+never through dictionary keys, so a field is renamed or checked in one place. The parsed object
+keeps the validated document it came from, so `to_dict()` writes back exactly what was read
+(free-form sections such as metrics survive untouched).
+
+Format history: 1 = the first bundle format (the only one so far).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from ..data.transforms import Preprocessing
+from ..errors import RetinaLensError
+from ..models.heads import HeadConfig
+
+FORMAT = 1
+SCHEMA_FILE = "manifest.schema.json"
+REFERRAL_LEVELS = ("urgent", "routine", "observation")
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict[str, Any]:
+    """The JSON Schema every manifest must satisfy (read once from the package)."""
+    return json.loads(resources.files(__package__).joinpath(SCHEMA_FILE).read_text())
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    name: str
+    timm_name: str
+    weights_sha256: str
+    weights_source: str
+    preprocessing: Preprocessing
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Temperature scaling (trust/calibration.py): the temperature, and what fitting measured."""
+
+    temperature: float
+    fitted_on: str
+    details: dict[str, Any]  # method, n_images, NLL and ECE before / after
+
+
+@dataclass(frozen=True)
+class ReferralThreshold:
+    """The referral operating point: refer when P(positive classes) >= threshold."""
+
+    threshold: float
+    target_sensitivity: float
+    val_sensitivity: float | None
+    val_specificity: float | None
+    positive_classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """The quality gate (trust/gate.py): ordered checks, and the file with the feature distribution."""
+
+    checks: tuple[dict[str, Any], ...]
+    features_file: str | None
+    details: dict[str, Any]  # how it was fitted and how it did on validation
+
+
+@dataclass(frozen=True)
+class Training:
+    """What the model was trained on and how it was chosen (all optional: hand-made bundles lack them)."""
+
+    data: str | None = None
+    layout: str | None = None
+    mode: str | None = None
+    splits: dict[str, Any] = field(default_factory=dict)  # per split: n_images, n_patients, per_class; "removed"
+    best_epoch: int | None = None
+    epochs_run: int | None = None
+    extract_failures: int | None = None
+    head_selection: dict[str, Any] | None = None
+    baseline: dict[str, float] | None = None  # the logistic-regression baseline on the same split
+    config: dict[str, Any] | None = None  # the run's config, as config.json holds it
+
+
+@dataclass(frozen=True)
+class Lineage:
+    version: int = 1
+    parent: dict[str, Any] | None = None  # {path, manifest_sha256, version} of the bundle retrained
+    feedback: dict[str, Any] | None = None  # {images_added, left_out}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: int
+    created: str
+    task: str
+    classes: tuple[str, ...]
+    referral: dict[str, str | None]
+    positive_classes: tuple[str, ...]
+    backbone: BackboneInfo
+    precision: str
+    feature_shape: tuple[int, int, int]
+    head: HeadConfig
+    training: Training
+    validation: dict[str, Any]  # validation metrics with CIs (n_images, accuracy, ...)
+    metrics: dict[str, Any]
+    lineage: Lineage
+    library_versions: dict[str, str]
+    files: dict[str, str]  # file name -> sha256, checked on load
+    calibration: Calibration | None = None
+    referral_threshold: ReferralThreshold | None = None
+    gate: GateSpec | None = None
+    _document: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest") -> Manifest:
+        """Validate a parsed manifest.json and build the typed manifest; one RetinaLensError otherwise."""
+        validate(d, where)
+        bb, feats, cal, gate = d["backbone"], d["features"], d.get("calibration"), d.get("gate")
+        ref = (d.get("thresholds") or {}).get("referral")
+        tr = d.get("training") or {}
+        lin = d.get("lineage") or {}
+        try:
+            return cls(
+                format=d["format"], created=d.get("created", ""), task=d.get("task", "classes"),
+                classes=tuple(d["classes"]), referral=dict(d.get("referral") or {}),
+                positive_classes=tuple(d.get("positive_classes",
+                                             [c for c, lv in (d.get("referral") or {}).items() if lv == "urgent"])),
+                backbone=BackboneInfo(bb["name"], bb.get("timm_name", bb["name"]), bb["weights_sha256"],
+                                      bb.get("weights_source", ""), Preprocessing.from_dict(bb["preprocessing"])),
+                precision=feats["precision"], feature_shape=tuple(feats["feature_shape"]),  # type: ignore[arg-type]
+                head=HeadConfig.from_dict(d["head"]),
+                training=Training(tr.get("data"), tr.get("layout"), tr.get("mode"), dict(tr.get("splits") or {}),
+                                  tr.get("best_epoch"), tr.get("epochs_run"), tr.get("extract_failures"),
+                                  tr.get("head_selection"), tr.get("baseline_logistic_regression"), tr.get("config")),
+                validation=dict(d.get("validation") or {}), metrics=dict(d.get("metrics") or {}),
+                lineage=Lineage(int(lin.get("version", 1)), lin.get("parent"), lin.get("feedback")),
+                library_versions=dict(d.get("library_versions") or {}), files=dict(d["files"]),
+                calibration=Calibration(float(cal["temperature"]), cal.get("fitted_on", "validation"),
+                                        {k: v for k, v in cal.items() if k not in ("temperature", "fitted_on")})
+                if cal else None,
+                referral_threshold=ReferralThreshold(float(ref["threshold"]), float(ref["target_sensitivity"]),
+                                                     ref.get("val_sensitivity"), ref.get("val_specificity"),
+                                                     tuple(ref["positive_classes"])) if ref else None,
+                gate=GateSpec(tuple(gate["checks"]), (gate.get("features") or {}).get("file"),
+                              {k: v for k, v in gate.items() if k != "checks"}) if gate else None,
+                _document=copy.deepcopy(d),
+            )
+        except (KeyError, TypeError, ValueError) as exc:  # the schema should have caught it; say so plainly
+            raise RetinaLensError(f"{where}: unreadable bundle manifest ({type(exc).__name__}: {exc})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as JSON-ready data (what manifest.json holds)."""
+        return copy.deepcopy(self._document)
+
+    # -- derived ----------------------------------------------------------------------------------
+
+    def level(self, label: str | None) -> str | None:
+        """The referral level of a class (None for an unknown or unmapped class)."""
+        return self.referral.get(label) if label else None
+
+
+def validate(d: Any, where: str = "manifest") -> None:
+    """Check a parsed manifest.json against the shipped schema (bounds included)."""
+    import jsonschema
+
+    if not isinstance(d, dict):
+        raise RetinaLensError(f"{where}: unreadable bundle manifest (not a JSON object)")
+    fmt = d.get("format")
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > FORMAT:
+        raise RetinaLensError(f"{where}: bundle format {fmt} is newer than this RetinaLens understands ({FORMAT})")
+    try:
+        jsonschema.validate(d, schema())
+    except jsonschema.ValidationError as exc:
+        path = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise RetinaLensError(f"{where}: unreadable bundle manifest (at {path}: {exc.message})") from None
+    missing = [c for c in d.get("positive_classes", []) if c not in d["classes"]]
+    unknown = [c for c in d.get("referral", {}) if c not in d["classes"]]
+    if missing or unknown or len(set(d["classes"])) != len(d["classes"]):
+        raise RetinaLensError(f"{where}: unreadable bundle manifest (classes, referral and positive classes "
+                              "do not agree)")

@@ -1,0 +1,33 @@
+"""The commands' options whose default lives in a dataclass of retinalens/config.py, and the options
+several commands share (declared once).
+
+`config_option(ExtractConfig, "batch_size")` is `--batch-size` with ExtractConfig.batch_size's default:
+the CLI writes no default of its own, so `--help` shows the value the Python API uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from ..config import ExtractConfig, default
+
+
+def config_option(cls: type, name: str, *short: str, help: str | None = None) -> Any:  # noqa: A002 (typer's name)
+    """`--name` (underscores as dashes, plus any `short` names) defaulting to dataclass `cls`'s field `name`."""
+    return typer.Option(default(cls, name), f"--{name.replace('_', '-')}", *short, help=help)
+
+
+BackboneOpt = config_option(ExtractConfig, "backbone", "-b", help="Registry name or any timm model name.")
+WeightsOpt = typer.Option(None, "--weights", help="Local weights file (.safetensors/.pth) for the backbone.")
+RandomOpt = typer.Option(not default(ExtractConfig, "pretrained"), "--random-weights",
+                         help="Random backbone weights (for timing only).")
+CacheOpt = typer.Option(None, "--cache", help="Feature cache root (default $RETINALENS_CACHE or ~/.cache/retinalens/features).")
+PrecisionOpt = config_option(ExtractConfig, "precision",
+                             help="auto | fp32 | bf16 (auto: bf16 where the hardware has it).")
+WorkersOpt = config_option(ExtractConfig, "workers",
+                           help="Decoding processes (0: threads between backbone calls, best on few cores).")
+PatientOpt = typer.Option(None, "--patient-regex", help="Regex with a (?P<patient>...) group, matched on file names.")
+ImagesOpt = typer.Option(None, "--images", help="Folder of the images a labels CSV names.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")

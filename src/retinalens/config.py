@@ -1,0 +1,126 @@
+"""The options of `extract`, `train` and `evaluate`, each default written once: in these dataclasses.
+
+The CLI builds its options from these fields' defaults (so `--help` shows them) and the Python API
+passes None for "not given", which leaves the field's default in place (train.pipeline's
+build_run_config). A bundle's config.json is `asdict(RunConfig)`.
+
+The bottom layer of the package: it imports only the standard library, so that `retinalens --help`
+stays cheap, and every layer may read a default here. The two configs that hold a HeadConfig (models,
+a layer above, with torch) are completed above: TrainConfig (train/trainer.py) is TrainConfigBase plus
+the head, RunConfig (train/pipeline.py) is RunConfigBase plus that TrainConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# --epochs when not given, by mode: a head on cached features is cheap to train long (early stopping
+# ends it); an epoch on images costs a pass through the backbone.
+MODE_EPOCHS = {"bottleneck": 60, "frozen": 20, "finetune": 15, "scratch": 30}
+AUTO_HEAD = "auto"  # train's --head: conv and logreg both (bottleneck), or each image mode's own head
+
+
+@dataclass
+class ExtractConfig:
+    backbone: str = "efficientnet_lite0"  # the registry's DEFAULT_BACKBONE (tests/test_config.py checks)
+    weights: str | None = None  # a local weights file instead of the registry's default
+    pretrained: bool = True  # False: random weights (timing only)
+    precision: str = "auto"  # auto = bf16 where the CPU/GPU has fast bf16, else fp32
+    batch_size: int = 16  # measured best on a 2-core CPU for both default backbones (bf16)
+    chunk_size: int = 256
+    workers: int = 0  # 0: decode in threads between backbone calls; N: N decoding processes
+    cache: str | None = None
+
+
+@dataclass
+class ExtractOptions:
+    """What `extract` chooses beyond ExtractConfig (a train run decides these itself)."""
+
+    spatial: bool = True  # also store the spatial maps (the conv head needs them)
+    shard: tuple[int, int] = (0, 1)  # (K, N): only the images whose sha256 falls in share K of N
+
+
+@dataclass
+class SplitConfig:
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15  # used only when the dataset brings no test split
+    seed: int = 0
+
+
+@dataclass
+class TrainConfigBase:
+    """TrainConfig but its head: how a head is trained."""
+
+    epochs: int = MODE_EPOCHS["bottleneck"]
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_patience: int = 5  # epochs without improvement before the LR is halved
+    lr_factor: float = 0.5
+    min_lr: float = 5e-5
+    early_stopping: int = 15  # epochs without improvement before training stops (0 = never)
+    monitor: str = "val_loss"  # or "val_acc": picks the best epoch and drives the LR schedule
+    class_weights: bool = False  # weight the loss by inverse class frequency (= --balance weights)
+    precision: str = "auto"  # bf16 autocast where the CPU/GPU has bf16 units (2x faster conv head)
+    seed: int = 0
+
+
+@dataclass
+class ImageTrainConfig:
+    """What training on images adds to TrainConfig (whose epochs, lr, schedule and seed it uses)."""
+
+    unfreeze: int = 2  # finetune: the last N parameter groups of the backbone train
+    backbone_lr_scale: float = 0.1  # finetune: their learning rate, relative to the head's
+    warmup_epochs: int = 1  # finetune: head-only epochs first
+    augment: str = "auto"  # auto (fundus for DR tasks, else oct) | oct | fundus | none
+    oversample: bool = False  # fill minority classes with rotated / mirrored copies (= --balance oversample)
+    workers: int = 0  # decoding processes (0: threads)
+    device: str = "auto"  # auto: CUDA when present
+
+
+@dataclass
+class RunConfigBase:
+    """RunConfig but its TrainConfig: everything else a `train` run was given."""
+
+    data: str
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    patient_regex: str | None = None
+    images_dir: str | None = None
+    task: str | None = None  # None: the labels as they are (OCT classes); "referable" or "grade": DR grades 0-4
+    mode: str = "bottleneck"  # bottleneck | frozen | finetune | scratch
+    images: ImageTrainConfig = field(default_factory=ImageTrainConfig)
+    resume: bool = False  # image modes: continue from the checkpoint of an interrupted run
+    target_sensitivity: float = 0.95  # the referral threshold is the highest reaching this on validation
+
+
+@dataclass
+class EvaluateConfig:
+    """`evaluate` and `report`: which split, how many bootstrap resamples for the CIs."""
+
+    split: str | None = "test"  # a dataset root's split; None (or a plain class-folder tree): all of DATA
+    n_boot: int = 1000
+
+
+def default(cls: type, name: str) -> Any:
+    """The default of dataclass `cls`'s field `name` (a default_factory is called)."""
+    f = next((f for f in fields(cls) if f.name == name), None)
+    if f is None:
+        raise AttributeError(f"{cls.__name__} has no field {name!r}")
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    raise TypeError(f"{cls.__name__}.{name} has no default")
+
+
+def given(**kw: Any) -> dict[str, Any]:
+    """The keyword arguments that were given: None means "the default", so it is left out."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def str_or_none(path: str | Path | None) -> str | None:
+    """A path for a config field (config.json holds strings); None or "" stays None."""
+    return str(path) if path else None
