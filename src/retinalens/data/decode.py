@@ -1,13 +1,21 @@
 """The one image decoder: training, evaluation, prediction and serving all call `decode_image`.
 
-Pillow does the work. We apply EXIF orientation, normalise every mode (greyscale, 16-bit, palette,
-RGBA, CMYK) to 8-bit RGB, refuse decompression bombs, and turn every failure into ImageDecodeError
-so that callers can list the bad file and carry on.
+Pillow does the work, restricted to an allow-list of formats (`ALLOWED_FORMATS`: no other decoder,
+and no external program such as Ghostscript for EPS/PDF, ever sees input). We refuse damaged files
+(data/integrity.py: JPEG entropy data checked by libjpeg in strict mode, PNG pixel data checked for
+completeness; Pillow itself checks PNG CRCs), apply EXIF orientation, normalise every mode
+(greyscale, 16-bit, palette, RGBA, CMYK) to 8-bit RGB in integer arithmetic, reduce images above
+`REDUCE_ABOVE` pixels a side, refuse decompression bombs, and turn every failure into
+ImageDecodeError so that callers can list the bad file and carry on.
+
+Memory per image is bounded by `decoded_bytes_bound(width, height, mode)` plus the file's own bytes:
+the full-size raster Pillow decodes into, and at most three rasters of the (reduced) output size.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -16,38 +24,87 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDecodeError
+from .integrity import check_jpeg, check_png
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
 
+# The only formats any input is decoded as (the web app's upload sniffing uses the same list).
+ALLOWED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
 # Pillow's own bomb guard warns at MAX_IMAGE_PIXELS and raises at twice that; we pass an explicit
 # limit instead of touching Pillow's global. 50 MP covers a 7000x7000 fundus photograph.
 MAX_PIXELS = 50_000_000
+# Images with a longer side above this are box-reduced by an integer factor to at most this size
+# right after decoding: every model input is far smaller (<= 600 px; fundus preparation decodes at
+# twice its output), so nothing is lost, and images up to this size keep their exact pixels.
+REDUCE_ABOVE = 4096
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_BAND_ROWS = 256  # rows of a 16-bit image mapped to 8 bits at a time
 
 
-def _open(source: ImageSource) -> Image.Image:
+def _bytes_per_pixel(mode: str) -> int:
+    """What Pillow stores per pixel: 1 for 1/L/P, 2 for 16-bit, 4 for everything else (RGB included)."""
+    return 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+
+
+def reduce_factor(width: int, height: int) -> int:
+    return max(1, math.ceil(max(width, height) / REDUCE_ABOVE))
+
+
+def decoded_bytes_bound(width: int, height: int, mode: str) -> int:
+    """Peak bytes `decode_image` needs for a width x height image of Pillow `mode`, beyond the file:
+    two full-size rasters (the decoder's output and Pillow's copy, or for 16-bit / 32-bit / float
+    greyscale the raster and its copy) and an 8-bit one, then at most three 4-byte rasters of the
+    reduced size (reduce, alpha, RGB). A 7071x7071 16-bit PNG: 250 + 150 MB. Servers use it to cap
+    the total over a request's images."""
+    f, pixels = reduce_factor(width, height), width * height
+    return pixels * (2 * _bytes_per_pixel(mode) + 1) + 3 * 4 * math.ceil(width / f) * math.ceil(height / f)
+
+
+def _read(source: ImageSource) -> bytes:
     if isinstance(source, (bytes, bytearray)):
-        if not source:
-            raise ImageDecodeError("empty file")
-        return Image.open(io.BytesIO(source))
-    if isinstance(source, (str, os.PathLike)):
+        data = bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise ImageDecodeError(f"{path}: no such file")
-        if path.stat().st_size == 0:
-            raise ImageDecodeError(f"{path}: empty file")
-    return Image.open(source)
+        data = path.read_bytes()
+    else:
+        data = source.read()
+    if not data:
+        raise ImageDecodeError("empty file")
+    return data
+
+
+def _wide_grey_to_l(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit / float greyscale (some OCT exports) -> 8-bit L, the used range stretched to
+    0..255 (clipping would turn most 16-bit scans white), in integer tables or Pillow's point()."""
+    lo, hi = img.getextrema()
+    if hi <= lo:
+        return Image.new("L", img.size, 0)
+    if img.mode.startswith("I;16"):
+        # A 65536-entry table rounded like np.rint, indexed by the uint16 pixels of one band of rows
+        # at a time: no full-size copy beside the 8-bit result (Pillow's own 65536-entry point()
+        # needs mode "I", 4 bytes a pixel, first).
+        lut = np.clip(np.rint((np.arange(65536, dtype=np.float64) - lo) * 255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+        out = Image.new("L", img.size)
+        for top in range(0, img.height, _BAND_ROWS):
+            band = np.asarray(img.crop((0, top, img.width, min(top + _BAND_ROWS, img.height))))
+            out.paste(Image.fromarray(lut[band]), (0, top))  # 2-D uint8 -> mode "L"
+        return out
+    scale = 255.0 / (hi - lo)  # "I" and "F": Pillow truncates, so +0.5 rounds
+    return img.point(lambda x: x * scale - lo * scale + 0.5).convert("L")
 
 
 def _to_rgb(img: Image.Image, keep_grey: bool = False) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB, the backbones' input (or 8-bit L for a grey image if keep_grey)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit / float greyscale (some OCT exports): stretch the used range to 0..255
-        # rather than clipping, which would turn most 16-bit scans white.
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        stretched = (arr - lo) * 255.0 / (hi - lo) if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(np.rint(stretched).astype(np.uint8))  # 2-D uint8 -> mode "L"
+    if img.mode in _WIDE_GREY:
+        img = _wide_grey_to_l(img)
+    factor = reduce_factor(*img.size)
+    if factor > 1:
+        if img.mode not in ("L", "RGB", "RGBA", "LA"):  # the modes Image.reduce takes
+            img = img.convert("RGBA" if img.mode == "P" and "transparency" in img.info else "RGB")
+        img = img.reduce(factor)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         # Transparent pixels become black, the background of both OCT and fundus images.
         img = img.convert("RGBA")
@@ -56,6 +113,24 @@ def _to_rgb(img: Image.Image, keep_grey: bool = False) -> Image.Image:
     if keep_grey and img.mode in ("L", "1"):
         return img.convert("L")
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _decode_checked(img: Image.Image, data: bytes, draft_size: int | None) -> Image.Image:
+    """`img` (opened, not loaded) decoded in full after the damage checks of its format."""
+    if img.format in ("JPEG", "MPO"):  # MPO: a camera's multi-picture JPEG, read as its first image
+        drafting = bool(draft_size) and img.format == "JPEG"
+        pixels = check_jpeg(data, img.mode, want_pixels=not drafting)
+        if drafting:
+            img.draft(img.mode if img.mode in ("L", "RGB") else None, (draft_size, draft_size))
+        elif pixels is not None:  # the strict decode's pixels: no second full decode
+            decoded = Image.fromarray(pixels)
+            decoded.info.update(img.info)  # EXIF / XMP orientation travels with them
+            img = decoded
+    elif img.format == "PNG":
+        check_png(data)
+    ImageOps.exif_transpose(img, in_place=True)  # in place: no second full-size raster
+    img.load()  # force the full decode here so that truncation errors surface now
+    return img
 
 
 def decode_image(source: ImageSource, *, draft_size: int | None = None, name: str | None = None,
@@ -67,23 +142,23 @@ def decode_image(source: ImageSource, *, draft_size: int | None = None, name: st
     decode, so model inputs never use it (fundus preparation does, at twice its output size).
     `keep_grey` returns greyscale images (most OCT scans) as 8-bit L, so that the resize that
     follows works on one channel instead of three (measured: 4.0 -> 2.3 ms per scan at 299 px).
-    Raises ImageDecodeError with a one-line reason for anything that is not a readable image.
+    Images with a side above REDUCE_ABOVE come back box-reduced to at most that size.
+    Peak memory: the file's bytes plus decoded_bytes_bound(width, height, mode).
+    Raises ImageDecodeError with a one-line reason for anything that is not a sound image of an
+    allowed format ("damaged image (...)" for corrupt or incomplete data).
     """
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
     try:
-        img = _open(source)
+        data = _read(source)
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         width, height = img.size
         if width * height > MAX_PIXELS:
             raise ImageDecodeError(f"{label}: {width}x{height} pixels exceeds the {MAX_PIXELS:,}-pixel limit")
-        if draft_size and img.format == "JPEG":
-            img.draft(img.mode if img.mode in ("L", "RGB") else None, (draft_size, draft_size))
-        img = ImageOps.exif_transpose(img)
-        img.load()  # force the full decode here so that truncation errors surface now
-        return _to_rgb(img, keep_grey)
+        return _to_rgb(_decode_checked(img, data, draft_size), keep_grey)
     except ImageDecodeError as exc:
         raise ImageDecodeError(str(exc) if str(exc).startswith(label) else f"{label}: {exc}") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError(f"{label}: not an image file (or a format Pillow cannot read)") from None
+        raise ImageDecodeError(f"{label}: not an image file (one of {', '.join(ALLOWED_FORMATS)} expected)") from None
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"{label}: refused, {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated/corrupt data surfaces as these

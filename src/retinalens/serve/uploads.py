@@ -11,10 +11,11 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 
+from ..data.decode import ALLOWED_FORMATS
 from ..errors import ImageDecodeError
 
-# Pillow format -> the extension of the stored file.
-ACCEPTED = {"JPEG": "jpeg", "PNG": "png", "TIFF": "tiff", "BMP": "bmp", "WEBP": "webp"}
+# Pillow format -> the extension of the stored file: the decoder's own allow-list.
+ACCEPTED = {fmt: fmt.lower() for fmt in ALLOWED_FORMATS}
 ACCEPTED_TEXT = "JPEG, PNG, TIFF, BMP or WebP"
 
 
