@@ -16,7 +16,8 @@ from .errors import RetinaLensError
 # Top-level module -> the pyproject extra that installs it.
 EXTRAS = {"onnx": "export", "onnxruntime": "export", "coremltools": "coreml", "fastapi": "serve",
           "starlette": "serve", "anyio": "serve", "uvicorn": "serve", "multipart": "serve", "sqlalchemy": "serve",
-          "threadpoolctl": "serve", "psycopg": "postgres"}
+          "threadpoolctl": "serve", "psycopg": "postgres",
+          "litert_torch": "tflite", "ai_edge_litert": "tflite", "ai_edge_quantizer": "tflite"}
 
 
 def install_hint(module: str, extra: str | None = None) -> str:

@@ -1,4 +1,4 @@
-"""`retinalens export BUNDLE --format onnx|torchscript|coreml [--out FILE]`."""
+"""`retinalens export BUNDLE --format onnx|torchscript|coreml|tflite [--quantize int8] [--out FILE]`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from .._console import console
 
 def export(
     bundle: Path = typer.Argument(..., help="Model bundle folder."),
-    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | torchscript | coreml (extra 'coreml')."),
+    fmt: str = typer.Option("onnx", "--format", "-f",
+                            help="onnx | torchscript | coreml (extra 'coreml') | tflite (LiteRT, extra 'tflite')."),
+    quantize: str = typer.Option("none", "--quantize", help="tflite only: none | int8 (int8 weights, 3.5x smaller)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="File to write (a .mlpackage folder for coreml); "
                                        "default: BUNDLE's name with the format's suffix, in the current folder."),
 ) -> None:
@@ -21,7 +23,7 @@ def export(
 
     from ..export.formats import export_bundle, sidecar_path
 
-    path = export_bundle(bundle, fmt, out)
+    path = export_bundle(bundle, fmt, out, quantize=quantize)
     size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     console().print(f"[green]exported:[/] {escape(str(path))} ({size / 1e6:.1f} MB); "
                     f"metadata: {escape(str(sidecar_path(path)))}")

@@ -1,4 +1,4 @@
-"""`retinalens export`: a bundle as one deployable file (ONNX, TorchScript) or package (Core ML).
+"""`retinalens export`: a bundle as one deployable file (ONNX, TorchScript, LiteRT) or package (Core ML).
 
 Each export carries its metadata twice: inside the file (ONNX metadata_props / TorchScript extra
 file / Core ML user metadata, key "retinalens") and in a JSON sidecar `FILE.json` that also holds
@@ -8,25 +8,25 @@ backbone and the bundle's manifest hash are all there.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._deps import require, silenced
+from .._deps import require
 from .._io import atomic_write_bytes, atomic_write_json, check_creatable
 from ..errors import RetinaLensError
 from ..bundle.store import Bundle, load_bundle
-from .graph import INPUT_NAME, OUTPUT_NAMES, DeployableModel, export_metadata
+from .graph import INPUT_NAME, OUTPUT_NAMES, DeployableModel, converting, export_metadata
+from .litert import QUANTIZATIONS, litert_bytes
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage", "tflite": ".tflite"}
 # 17: wide runtime support (onnxruntime >= 1.14, onnxruntime-web, TensorRT 8.6) and all ops we need.
 ONNX_OPSET = 17
 METADATA_KEY = "retinalens"
@@ -58,25 +58,12 @@ def _sample(bundle: Bundle, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     return torch.zeros(2, size, size, 3, dtype=dtype)
 
 
-@contextlib.contextmanager
-def _converting(fmt: str, bundle: Bundle) -> Iterator[None]:
-    """Turn an exporter failure (an operator it cannot express) into one clear line."""
-    try:
-        with silenced(), torch.no_grad():
-            yield
-    except RetinaLensError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - exporters raise many types; all mean "cannot convert"
-        raise RetinaLensError(f"{bundle.path}: backbone '{bundle.manifest.backbone.name}' cannot be "
-                              f"exported to {fmt} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})") from None
-
-
 def onnx_bytes(bundle: Bundle) -> tuple[bytes, dict[str, Any]]:
     """The bundle as one ONNX graph (dynamic batch axis), checked, with its metadata embedded."""
     onnx = require("onnx", "ONNX export")
     meta = export_metadata(bundle, "onnx") | {"opset": ONNX_OPSET}
     buf = io.BytesIO()
-    with _converting("ONNX", bundle):
+    with converting("ONNX", bundle):
         torch.onnx.export(DeployableModel(bundle), (_sample(bundle),), buf, dynamo=False, opset_version=ONNX_OPSET,
                           input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                           dynamic_axes={name: {0: "N"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
@@ -91,7 +78,7 @@ def torchscript_bytes(bundle: Bundle) -> tuple[bytes, dict[str, Any]]:
     """The bundle traced and frozen (fp32, BatchNorm folded), metadata as the extra file retinalens.json."""
     meta = export_metadata(bundle, "torchscript")
     buf = io.BytesIO()
-    with _converting("TorchScript", bundle):
+    with converting("TorchScript", bundle):
         frozen = torch.jit.freeze(torch.jit.trace(DeployableModel(bundle), _sample(bundle), check_trace=False))
         torch.jit.save(frozen, buf, _extra_files={f"{METADATA_KEY}.json": json.dumps(meta, sort_keys=True)})
     return buf.getvalue(), meta
@@ -105,7 +92,7 @@ def write_coreml(bundle: Bundle, out: Path) -> dict[str, Any]:
 
     meta = export_metadata(bundle, "coreml", input_dtype="float32")
     size = bundle.preprocessing.size
-    with _converting("Core ML", bundle):
+    with converting("Core ML", bundle):
         batch = torch.export.Dim("N", min=1, max=1024)
         program = torch.export.export(DeployableModel(bundle), (_sample(bundle, torch.float32),),
                                       dynamic_shapes={INPUT_NAME: {0: batch}}).run_decompositions({})
@@ -142,17 +129,25 @@ def write_export(out: Path, data: bytes, meta: dict[str, Any]) -> None:
     atomic_write_json(sidecar_path(out), meta | {"file": out.name, "sha256": hashlib.sha256(data).hexdigest()})
 
 
-def export_bundle(bundle: str | Path | Bundle, fmt: str = "onnx", out: str | Path | None = None) -> Path:
-    """Export a bundle (backbone + head + preprocessing as one graph); returns the written path."""
+def export_bundle(bundle: str | Path | Bundle, fmt: str = "onnx", out: str | Path | None = None,
+                  quantize: str = "none") -> Path:
+    """Export a bundle (backbone + head + preprocessing as one graph); returns the written path.
+    `quantize` ("none" | "int8") applies to the LiteRT format only."""
     if fmt not in FORMATS:
         raise RetinaLensError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
+    if quantize not in QUANTIZATIONS or (quantize != "none" and fmt != "tflite"):
+        raise RetinaLensError(f"--quantize {quantize}: use one of {', '.join(QUANTIZATIONS)}; "
+                              "quantised exports are LiteRT only (--format tflite)")
     loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     target = Path(out).expanduser() if out is not None else default_output(loaded.path, fmt)
     check_output_path(target, fmt)
-    require({"onnx": "onnx", "coreml": "coremltools"}.get(fmt, "torch"), f"{fmt} export")  # before the slow part
+    # The converter is checked before the slow part.
+    require({"onnx": "onnx", "coreml": "coremltools", "tflite": "litert_torch"}.get(fmt, "torch"), f"{fmt} export")
     if fmt == "coreml":
         meta = write_coreml(loaded, target)
         atomic_write_json(sidecar_path(target), meta | {"file": target.name})
+    elif fmt == "tflite":
+        write_export(target, *litert_bytes(loaded, quantize))
     else:
         write_export(target, *(onnx_bytes(loaded) if fmt == "onnx" else torchscript_bytes(loaded)))
     return target

@@ -10,13 +10,16 @@ the numbers `evaluate.calibration.calibrated` gives), and the globally pooled ba
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._version import __version__
+from .._deps import silenced
 from ..errors import RetinaLensError
 from ..bundle.network import Network
 from ..bundle.store import Bundle
@@ -75,3 +78,16 @@ def export_metadata(bundle: Bundle, fmt: str, input_dtype: str = "uint8") -> dic
         "retinalens_version": __version__,
         "torch_version": torch.__version__,
     }
+
+
+@contextlib.contextmanager
+def converting(fmt: str, bundle: Bundle) -> Iterator[None]:
+    """Turn an exporter failure (an operator it cannot express) into one clear line."""
+    try:
+        with silenced(), torch.no_grad():
+            yield
+    except RetinaLensError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - exporters raise many types; all mean "cannot convert"
+        raise RetinaLensError(f"{bundle.path}: backbone '{bundle.manifest.backbone.name}' cannot be "
+                              f"exported to {fmt} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})") from None

@@ -1,0 +1,68 @@
+"""LiteRT (TensorFlow Lite) export: parity with the eager network on real scans, int8 size and agreement,
+and clear errors where the converter is missing or the option does not apply."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from retinalens.errors import RetinaLensError
+from retinalens.export import export_bundle
+from retinalens.export.formats import sidecar_path
+
+from helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def litert_exports(small_bundle, tmp_path_factory):
+    """The small bundle as fp32 and int8 .tflite files (converted once: each conversion takes a minute)."""
+    pytest.importorskip("litert_torch", reason="LiteRT export needs the 'tflite' extra")
+    pytest.importorskip("ai_edge_litert", reason="the LiteRT runtime needs the 'tflite' extra")
+    folder = tmp_path_factory.mktemp("litert")
+    return {q: export_bundle(small_bundle, "tflite", folder / f"model-{q}.tflite", quantize=q) for q in ("none", "int8")}
+
+
+def test_litert_matches_the_eager_network_on_real_scans(litert_exports, small_bundle, pixels, eager_fp32):
+    from retinalens.export.litert import LiteRTModel
+
+    want_p, want_f = eager_fp32(small_bundle, pixels)
+    got_p, got_f = LiteRTModel(litert_exports["none"]).run(pixels.numpy())
+    assert got_p.shape == want_p.shape and got_f.shape == want_f.shape
+    assert (got_p.argmax(1) == want_p.argmax(1)).all()  # the same class for every scan
+    assert np.abs(got_p - want_p).max() < 1e-4  # the same probabilities, to float32 rounding
+    assert np.allclose(got_p.sum(1), 1, atol=1e-5)
+
+
+def test_int8_is_smaller_and_close(litert_exports, small_bundle, pixels, eager_fp32):
+    from retinalens.export.litert import LiteRTModel
+
+    fp32, int8 = (litert_exports[q] for q in ("none", "int8"))
+    assert int8.stat().st_size < 0.4 * fp32.stat().st_size  # int8 weights: about 3.5x smaller
+    want, _ = eager_fp32(small_bundle, pixels)
+    got, _ = LiteRTModel(int8).run(pixels.numpy())
+    # int8 weights move probabilities (up to 0.18 on these 8 scans, measured), rarely the class: accuracy on
+    # oct-kermany/test is measured in the README; here the class must agree on at least 6 of the 8 scans.
+    assert (got.argmax(1) == want.argmax(1)).sum() >= 6 and np.abs(got - want).max() < 0.3
+    side = json.loads(sidecar_path(int8).read_text())
+    assert side["format"] == "tflite" and side["quantization"] == "int8" and side["input"]["shape"][0] == 1
+    assert side["classes"] == small_bundle.classes and side["temperature"] == pytest.approx(small_bundle.temperature)
+
+
+def test_quantize_is_litert_only(small_bundle, tmp_path):
+    with pytest.raises(RetinaLensError, match="LiteRT only"):
+        export_bundle(small_bundle, "onnx", tmp_path / "m.onnx", quantize="int8")
+    with pytest.raises(RetinaLensError, match="--quantize"):
+        export_bundle(small_bundle, "tflite", tmp_path / "m.tflite", quantize="int4")
+
+
+def test_missing_converter_names_the_extra(small_bundle, tmp_path):
+    try:
+        import litert_torch  # noqa: F401
+    except ImportError:
+        r = run_cli("export", small_bundle.path, "--format", "tflite", "--out", tmp_path / "m.tflite")
+        assert r.returncode == 2 and "retinalens[tflite]" in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "m.tflite").exists()
+    else:
+        pytest.skip("litert-torch is installed here: the missing-converter message cannot be shown")
