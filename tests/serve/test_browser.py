@@ -247,3 +247,34 @@ def test_report_screenshot(browser, small_bundle, small_dataset, feature_cache, 
     browser.get(out.resolve().as_uri())
     _screenshot(browser, "report.png", 1100, max_height=1600)
     assert Path(SHOTS, "report.png").stat().st_size > 10_000
+
+
+CSP = b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:"
+
+
+def test_page_works_under_a_strict_content_security_policy(browser, small_bundle, demo_scans, tmp_path):
+    """The page, served with a policy that forbids inline scripts and styles, still analyses and nothing is blocked."""
+    from retinalens.serve.app import create_app
+    from retinalens.serve.server import running_server
+    from retinalens.serve.service import ServeConfig
+
+    cfg = ServeConfig(bundle=small_bundle.path, port=0, db=str(tmp_path / "feedback.db"), log_level="warning")
+    app = create_app(cfg)
+
+    async def with_policy(scope, receive, send):  # the header the hardened server sends, on every response
+        async def send_with_policy(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"content-security-policy", CSP)]
+            await send(message)
+
+        await app(scope, receive, send_with_policy)
+
+    with running_server(cfg, with_policy) as url:
+        [card] = _analyse(browser, url, [demo_scans["NORMAL"]])  # page.js ran: it chose, sent and showed
+        blocked = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+        assert not blocked, blocked
+        assert browser.execute_script(  # the style sheet applied: the card is laid out by style.css
+            "return getComputedStyle(document.querySelector('article.card')).display") == "grid"
+        assert card.find_element("css selector", "h2").text == demo_scans["NORMAL"].name
+        widths = [bar.rect["width"] for bar in card.find_elements("css selector", "[role=meter]")]
+        assert not widths or max(widths) > 10  # bar widths set through the CSSOM, which the policy allows
