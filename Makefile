@@ -41,6 +41,11 @@ postgres:
 test: $(STAMP) browser postgres
 	$(VENV)/bin/pytest -q
 
+# The README's pictures of the web page (desktop, 390 px) and the HTML report, made by the browser tests.
+.PHONY: screenshots
+screenshots: $(STAMP) browser
+	RETINALENS_SCREENSHOTS=docs/screenshots $(VENV)/bin/pytest -q tests/serve/test_browser.py
+
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --out benchmarks/results.json
 

@@ -54,7 +54,14 @@ def test_health_model_card_and_pages(client, live_app, small_bundle):
     assert 'type="file"' in index and "multiple" in index and "not a medical device" in index
     for page_text in (page, index, client.get("/docs").text):  # offline: nothing to fetch from elsewhere
         assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page_text) and "@import" not in page_text
+    for page_text in (page, client.get("/docs").text):
         assert "<script src" not in page_text and 'rel="stylesheet"' not in page_text
+    # the analysis page's script and style are the app's own files (no inline code, for a script-src 'self' policy)
+    assert not re.search(r"<script>|<style>|\son[a-z]+=", index)
+    for asset, kind in (("/static/page.js", "javascript"), ("/static/style.css", "text/css")):
+        assert f'"{asset}"' in index
+        r = client.get(asset)
+        assert r.status_code == 200 and kind in r.headers["content-type"] and len(r.content) > 1000
 
 
 def test_predict_many_in_order_and_stored_by_content(predict, demo_scans, serve_dir, small_bundle):
@@ -67,6 +74,7 @@ def test_predict_many_in_order_and_stored_by_content(predict, demo_scans, serve_
     assert "not an image" in results[3]["error"] and "id" not in results[3]
     store = _store(serve_dir)
     for part, r in zip(parts, results[:3]):
+        assert "probabilities_unvalidated" not in r  # the gate passed these scans: their probabilities are results
         assert r["label"] in small_bundle.classes and sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-4)
         assert r["referral"] == small_bundle.referral[r["label"]]
         assert r["heatmap"] == f"/api/analyses/{r['id']}/heatmap.png"
@@ -206,7 +214,11 @@ def test_ungradable_image_gets_the_gate_verdict_and_no_label(client, predict, sm
     Image.new("L", (300, 200)).save(black, format="PNG")
     [r] = predict(("black.png", black.getvalue(), "image/png"))["results"]
     assert r["gate"]["ok"] is False and r["gate"]["reason"]  # the quality gate refuses a black frame
-    assert r["label"] is None and r["referral"] is None and set(r["probabilities"]) == set(small_bundle.classes)
+    assert r["label"] is None and r["referral"] is None and r["refer"] is None
+    # no class probabilities as if valid: the raw output only under a name that says so
+    assert r["probabilities"] is None and r["p_referral"] is None
+    assert set(r["probabilities_unvalidated"]) == set(small_bundle.classes)
+    assert sum(r["probabilities_unvalidated"].values()) == pytest.approx(1, abs=1e-4)
     record = client.get(f"/api/analyses/{r['id']}").json()
     assert record["predicted"] is None and record["gate"] == r["gate"]
     fb = client.post("/api/feedback", json={"analysis_id": r["id"], "label": small_bundle.classes[0]})
@@ -248,5 +260,6 @@ def test_openapi_is_the_contract(client):
     assert {"/api/predict", "/api/feedback", "/api/model", "/healthz", "/api/analyses/{analysis_id}",
             "/api/analyses/{analysis_id}/heatmap.png"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/api/predict"]["post"]["requestBody"]["content"]
+    assert "probabilities_unvalidated" in spec["paths"]["/api/predict"]["post"]["description"]  # what ungradable means
     docs = client.get("/docs").text
     assert "/api/predict" in docs and "/openapi.json" in docs and "/api/feedback" in docs

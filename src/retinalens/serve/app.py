@@ -1,4 +1,4 @@
-"""The FastAPI application: one HTML page, the model card, the REST API.
+"""The FastAPI application: one HTML page (its script and style under /static), the model card, the REST API.
 
     POST /api/predict            multipart, one or many files -> class, probabilities, referral, gate
     GET  /api/analyses/{id}      the stored record;  GET /api/analyses/{id}/heatmap.png  the Grad-CAM overlay
@@ -29,6 +29,13 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-d
     "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"},
                              "description": "One or more images (JPEG, PNG, TIFF, BMP, WebP; judged by content)."}}}}}}}
 
+_PREDICT_DESCRIPTION = (
+    "One result per file, in order: `{index, name, id, label, probabilities, referral, p_referral, refer, gate, "
+    "heatmap}`, or `{index, name, error}` for a file that is not an image. When the quality gate refuses an image "
+    "(`gate.ok` false: ungradable), it has no result: `label`, `referral`, `refer`, `probabilities` and `p_referral` "
+    "are null, and the model's raw output is only in `probabilities_unvalidated`, which must not be shown as a "
+    "class probability.")
+
 
 def create_app(cfg: ServeConfig, service: Service | None = None) -> Any:
     """The ASGI app. Loads the model and opens the feedback store now, so that bad input fails before serving."""
@@ -52,6 +59,9 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> Any:
         description="Deep-learning triage of retinal images. Research only, not a medical device.")
     app.add_middleware(BodyLimit, max_bytes=cfg.max_upload_bytes)
     app.state.service = service
+    # The page's script and style sheet, as files: a Content-Security-Policy of `script-src 'self'` forbids inline ones.
+    app.mount("/static", require("starlette.staticfiles").StaticFiles(packages=[("retinalens.serve", "static")]),
+              name="static")
 
     def http_error(status: int, message: str) -> Any:
         return fastapi.HTTPException(status_code=status, detail=message)
@@ -77,6 +87,7 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> Any:
         return service.model_card()
 
     @app.post("/api/predict", summary="Analyse one or many images", openapi_extra=_PREDICT_BODY,
+              description=_PREDICT_DESCRIPTION,
               responses={400: {"description": "no files, or too many"}, 413: {"description": "over the upload limit"}})
     async def predict(request: fastapi.Request) -> dict[str, Any]:
         form = await request.form(max_files=cfg.max_files, max_fields=cfg.max_files)

@@ -109,6 +109,15 @@ def jsonable(obj: Any) -> Any:
     return obj if obj is None or isinstance(obj, (str, int, float, bool)) else str(obj)
 
 
+def shown(pred: dict[str, Any]) -> dict[str, Any]:
+    """A prediction as the API answers it. The probabilities of an image the quality gate refused are no
+    triage result, so they travel only as `probabilities_unvalidated`, and `probabilities` and `p_referral`
+    are null: no client can show them as if valid. (The store keeps them as made, for the records.)"""
+    if (pred.get("gate") or {}).get("ok", True):
+        return pred
+    return pred | {"probabilities": None, "p_referral": None, "probabilities_unvalidated": pred["probabilities"]}
+
+
 class Service:
     def __init__(self, cfg: ServeConfig) -> None:
         from ..predict.model import load
@@ -154,7 +163,7 @@ class Service:
                 continue
             pred = jsonable({k: v for k, v in pred.items() if k != "input"})
             analysis_id = self.store.add_analysis(upload.data, upload.extension, pred, self.version)
-            results.append(result | {"id": analysis_id, **pred, "heatmap": f"/api/analyses/{analysis_id}/heatmap.png"})
+            results.append(result | {"id": analysis_id, **shown(pred), "heatmap": f"/api/analyses/{analysis_id}/heatmap.png"})
         return results
 
     def heatmap_png(self, analysis_id: str) -> bytes:
