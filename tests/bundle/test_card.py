@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
-
-import pytest
 
 from retinalens.bundle.card import (CARD_FILE, bundle_card, card_html, card_markdown, fmt, model_card,
                                     referral_label, served_card_markdown)
