@@ -205,3 +205,103 @@ def test_report_renders_in_a_browser(small_bundle, small_dataset: Path, feature_
     with Image.open(screenshot) as shot:
         assert shot.format == "PNG" and shot.height > 2000
     assert (tmp_path / "evaluate.html").read_bytes() == out.read_bytes()  # evaluate --report: the same report
+
+
+GRADES = ["0", "1", "2", "3", "4"]
+
+
+@pytest.fixture
+def grade_evaluation() -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """A DR grade evaluation as `evaluate --task grade` makes it (ordinal: with kappa), and its manifest."""
+    from retinalens.data.tasks import TASKS
+
+    task = TASKS["grade"]
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 5, 150)
+    logits = rng.normal(size=(150, 5))
+    logits[np.arange(150), y] += 2.0
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    metrics = classification_metrics(y, probs, GRADES, groups=[f"p{i // 2}" for i in range(150)],
+                                     positive_classes=list(task.positive_classes), n_boot=100, ordinal=True)
+    model = {"task": "grade", "classes": GRADES, "referral": dict(task.referral),
+             "positive_classes": list(task.positive_classes), "backbone": {"name": "efficientnet_lite0"}}
+    return y, probs, metrics, model
+
+
+def test_grade_report_has_kappa_and_the_bundles_referral_labels(tmp_path: Path, grade_evaluation: tuple) -> None:
+    from retinalens.evaluate.metrics import roc_curves
+    from retinalens.evaluate.plots import roc_figure
+
+    y, probs, metrics, model = grade_evaluation
+    assert metrics["quadratic_kappa_ci"]
+    page = write_html_report(tmp_path / "r.html", metrics, y_true=y, probs=probs, model=model).read_text("utf-8")
+    kappa = f"{metrics['quadratic_kappa']:.3f} ({metrics['quadratic_kappa_ci'][0]:.3f}–{metrics['quadratic_kappa_ci'][1]:.3f})"
+    metrics_section = page[page.index("<h2>Metrics</h2>"):page.index("<h2>Confusion matrix</h2>")]
+    assert "Quadratic weighted kappa" in metrics_section and kappa in metrics_section
+    card = page[page.index("<h2>Model card</h2>"):]
+    assert f"<td>Quadratic weighted kappa</td>\n<td>{kappa}</td>" in card  # the model card has it too
+    assert "<td>2</td>\n<td>routine</td>" in card  # its referral levels, from the bundle
+    # grade 2 is routine, 3 and 4 urgent: the decision on 2+3+4 is a referral, not an urgent one
+    assert "Urgent referral" not in page and "2+3+4" not in page
+    assert "Referral (urgent or routine) (2 + 3 + 4, score ≥ 0.5): sensitivity" in metrics_section
+    assert "0: observation, 1: observation, 2: routine, 3: urgent, 4: urgent" in metrics_section
+    curves = roc_curves(y, probs, GRADES, metrics["urgent_referral"]["positive_classes"])
+    legend = [t.get_text() for t in roc_figure(curves, metrics, "Referral (urgent or routine)").axes[0]
+              .get_legend().get_texts()]
+    assert any(t.startswith("Referral (urgent or routine): 2 + 3 + 4 (AUC") for t in legend), legend
+
+
+def test_title_names_model_data_set_and_split(tmp_path: Path, evaluation: tuple) -> None:
+    y, probs, metrics = evaluation
+    metrics = metrics | {"data": {"path": "/data/fundus-idrid/labels.csv", "split": "test"},
+                         "model": {"path": "/models/dr-grade-v2"}}
+    page = write_html_report(tmp_path / "r.html", metrics, y_true=y, probs=probs).read_text("utf-8")
+    title = "RetinaLens evaluation of dr-grade-v2 on fundus-idrid/labels.csv, test split"
+    assert f"<title>{title}</title>" in page and f"<h1>{title}</h1>" in page
+    whole = metrics | {"data": {"path": "/data/OCT2017/train", "split": None}}
+    page = write_html_report(tmp_path / "r.html", whole, y_true=y, probs=probs).read_text("utf-8")
+    assert "<h1>RetinaLens evaluation of dr-grade-v2 on train, all images</h1>" in page
+
+
+def test_reliability_bins_show_counts_and_grey_out_small_ones(tmp_path: Path, evaluation: tuple) -> None:
+    from matplotlib.colors import to_rgba
+
+    from retinalens.evaluate.plots import FEW_COLOUR, MIN_BIN_IMAGES, reliability_figure
+
+    bins = {"count": [0, 2, 10, 4, 30], "accuracy": [None, 0.5, 0.6, 0.75, 0.9],
+            "confidence": [None, 0.35, 0.5, 0.7, 0.9]}
+    ax = reliability_figure([("raw", bins)]).axes[0]
+    assert [t.get_text() for t in ax.texts] == ["2", "10", "4", "30"]  # every filled bin, its image count
+    bars = ax.containers[0].patches
+    grey = [bar.get_facecolor()[:3] == to_rgba(FEW_COLOUR)[:3] for bar in bars]
+    assert grey == [n < MIN_BIN_IMAGES for n in (2, 10, 4, 30)] == [True, False, True, False]
+    y, probs, metrics = evaluation
+    metrics = metrics | {"calibration": {"temperature": 1.2, "ece_before": 0.1, "ece_after": 0.05,
+                                         "reliability_before": bins, "reliability_after": bins}}
+    page = write_html_report(tmp_path / "r.html", metrics, y_true=y, probs=probs).read_text("utf-8")
+    assert f"Bins of fewer than {MIN_BIN_IMAGES} images are grey" in page and "number of images above each" in page
+
+
+def test_training_curves_mark_the_best_epoch_and_flag_overfitting(tmp_path: Path, evaluation: tuple,
+                                                                 curves_csv: Path) -> None:
+    from retinalens.evaluate.plots import overfitting_note, read_curves, training_figure
+
+    overfit = tmp_path / "overfit.csv"
+    overfit.write_text("epoch,train_loss,train_acc,val_loss,val_acc,lr\n1,0.9,0.6,0.45,0.8,0.001\n"
+                       "2,0.2,0.95,0.41,0.84,0.001\n3,0.05,0.99,0.5,0.83,0.001\n4,0.01,1.0,0.62,0.82,0.001\n")
+    for ax in training_figure(read_curves(overfit), best_epoch=2).axes:
+        [marker] = [line for line in ax.get_lines() if line.get_label() == "best epoch 2 (kept)"]
+        assert list(marker.get_xdata()) == [2, 2]
+    y, probs, metrics = evaluation
+    page = write_html_report(tmp_path / "r.html", metrics, y_true=y, probs=probs, curves_csv=overfit,
+                             best_epoch=2).read_text("utf-8")
+    curves = page[page.index("<h2>Training curves</h2>"):page.index("<h2>Model card</h2>")]
+    assert "The dotted line marks epoch 2, whose weights the bundle kept" in curves
+    assert "at epoch 2 the training loss (0.200) is less than 0.5 times the validation loss (0.410)" in curves
+    assert "rose from 0.410 (epoch 2) to 0.620 (epoch 4)" in curves and "Rule: flagged when" in curves
+    # without a best epoch the last one is judged; healthy curves raise nothing
+    assert "at epoch 4 the training loss (0.010)" in overfitting_note(read_curves(overfit))
+    assert overfitting_note(read_curves(curves_csv), best_epoch=2) is None
+    page = write_html_report(tmp_path / "r.html", metrics, y_true=y, probs=probs, curves_csv=curves_csv,
+                             best_epoch=2).read_text("utf-8")
+    assert "Overfitting" not in page and "marks epoch 2" in page

@@ -26,6 +26,10 @@ def test_evaluate_writes_json_and_report(small_bundle, small_dataset, feature_ca
     assert m["overlap_with_training"] == 0
     html = (tmp_path / "r.html").read_text()
     assert html.count("data:image/png;base64,") >= 3  # confusion, ROC, training curves
+    title = f"RetinaLens evaluation of {small_bundle.path.name} on {small_dataset.name}, test split"
+    assert f"<title>{title}</title>" in html  # the model, the data set and the split
+    best = small_bundle.manifest.training.best_epoch
+    assert best and f"The dotted line marks epoch {best}, whose weights the bundle kept" in html
 
 
 def test_evaluate_matches_predict(small_bundle, small_dataset, feature_cache):

@@ -3,7 +3,9 @@
 Self-contained means one file that opens anywhere, offline, years later: CSS inline, plots and
 thumbnails as base64 data URIs, no scripts, no external links. Every string that comes from data
 (class names, file names, the model manifest, the title) is HTML-escaped. The figures are drawn in
-evaluate/plots.py, the model card is written in evaluate/card.py.
+evaluate/plots.py; the model card is the bundle's (bundle/card.py), the same text as its MODEL_CARD.md.
+Every label of the referral decision comes from the bundle's referral levels (bundle/card.py
+referral_label): a DR grade model refers grade 2 routinely, so its decision is not called "urgent".
 
 Sections: metrics with CIs, confusion matrix, ROC curves, calibration (reliability diagram),
 operating point, quality gate, misclassified images with heat maps, data, training curves and a
@@ -22,13 +24,16 @@ import numpy as np
 
 from retinalens._io import atomic_write_bytes
 from retinalens.errors import RetinaLensError
-from retinalens.bundle.card import model_card as bundle_card
-from retinalens.evaluate.card import INTENDED_USE, model_card, ordered_splits
+from retinalens.bundle.card import bundle_card, dataset_name, model_card as manifest_card, ordered_splits, \
+    referral_label
+from retinalens.evaluate.card import INTENDED_USE, model_card
 from retinalens.evaluate.markup import fmt as _fmt
 from retinalens.evaluate.markup import table as _table
 from retinalens.evaluate.metrics import roc_curves
 from retinalens.evaluate.plots import (
+    MIN_BIN_IMAGES,
     confusion_figure,
+    overfitting_note,
     plot_training_curves,
     png_bytes,
     read_curves,
@@ -68,13 +73,14 @@ def write_html_report(
     *,
     y_true: np.ndarray,
     probs: np.ndarray,
-    title: str = "RetinaLens evaluation",
+    title: str | None = None,
     model: dict | None = None,
     curves_csv: str | Path | None = None,
     extra_sections: Sequence[tuple[str, str]] = (),
     images: Sequence[str | Path] | None = None,
     bundle: Bundle | Model | None = None,
     gallery_limit: int = 48,
+    best_epoch: int | None = None,
 ) -> Path:
     """Write the report for `metrics` (from classification_metrics on the same y_true/probs).
 
@@ -82,6 +88,7 @@ def write_html_report(
     per-epoch log; `images` the evaluated files in the order of y_true: with `bundle`, the
     misclassified ones (at most `gallery_limit`) are shown with their Grad-CAM heat maps.
     `extra_sections` are (plain-text heading, already-safe HTML body) pairs appended at the end.
+    `title` defaults to the model, data set and split; `best_epoch` (marked on the curves) to the bundle's.
     """
     try:
         names = list(metrics["classes"])
@@ -95,22 +102,31 @@ def write_html_report(
         raise RetinaLensError(f"y_true has {len(y_true)} images but the metrics cover {n_images}")
     if images is not None and len(images) != n_images:
         raise RetinaLensError(f"{len(images)} image paths for {n_images} evaluated images")
-    if model is None and bundle is not None:
-        model = bundle.manifest
+    trained = getattr(bundle, "bundle", bundle)  # a predict.Model wraps its Bundle
+    if model is None and trained is not None:
+        model = trained.manifest.to_dict()
+    # With a bundle, the card is its MODEL_CARD.md's (name, manifest hash); else the manifest document's.
+    card = bundle_card(trained) if trained is not None else \
+        manifest_card(model) | {"name": Path((metrics.get("model") or {}).get("path", "")).name or None}
+    if best_epoch is None and trained is not None:
+        best_epoch = trained.manifest.training.best_epoch
+    if (card.get("head") or {}).get("kind") == "logreg":
+        best_epoch = None  # a fitted logistic head has no epochs: the curves are another candidate's
+    referral = referral_label(urgent["positive_classes"], card["referral"]) if urgent else "Referral"
+    title = title or report_title(metrics, card.get("name"))
 
     confusion = confusion_figure(metrics["confusion_matrix"], names)
     sections = [
-        ("Metrics", _summary_table(metrics) + _per_class_table(metrics)),
+        ("Metrics", _summary_table(metrics, referral, card["referral"]) + _per_class_table(metrics)),
         ("Confusion matrix", _img(confusion, "Confusion matrix")),
-        ("ROC curves", _img(roc_figure(curves, metrics), "ROC curves")),
+        ("ROC curves", _img(roc_figure(curves, metrics, referral), "ROC curves")),
         ("Calibration", _calibration_section(metrics.get("calibration"))),
-        ("Operating point", _operating_point_section(metrics.get("operating_point"))),
+        ("Operating point", _operating_point_section(metrics.get("operating_point"), card["referral"])),
         ("Quality gate", _gate_section(metrics.get("gate"))),
         ("Misclassified images", _gallery_section(bundle, images, y_true, probs, names, gallery_limit)),
         ("Data", _data_section(metrics, model)),
-        ("Training curves", _img(training_figure(read_curves(curves_csv)), "Training curves")
-         if curves_csv is not None else _NOT_AVAILABLE),
-        ("Model card", model_card(model, metrics)),
+        ("Training curves", _curves_section(curves_csv, best_epoch) if curves_csv is not None else _NOT_AVAILABLE),
+        ("Model card", model_card(card, metrics)),
     ]
     sections += [(html.escape(str(heading)), body) for heading, body in extra_sections]
 
@@ -126,23 +142,35 @@ def write_html_report(
     return out
 
 
-def _summary_table(metrics: dict) -> str:
+def report_title(metrics: dict, model_name: str | None) -> str:
+    """"RetinaLens evaluation of MODEL on DATA SET, SPLIT split": what was evaluated on what."""
+    data = metrics.get("data") or {}
+    title = "RetinaLens evaluation" + (f" of {model_name}" if model_name else "")
+    if data.get("path"):
+        title += f" on {dataset_name(data['path'])}, " + (f"{data['split']} split" if data.get("split") else "all images")
+    return title
+
+
+def _summary_table(metrics: dict, referral: str, levels: dict[str, str | None] | None) -> str:
     ci = metrics.get("ci") or {}
     rows = [
         ("Images / patients", f"{metrics['n_images']} / {metrics['n_patients']}"),
         ("Accuracy (argmax)", _fmt(metrics["accuracy"], metrics.get("accuracy_ci"))),
         ("ROC AUC, macro one-vs-rest", _fmt(metrics["roc_auc_macro"], metrics.get("roc_auc_macro_ci"))),
     ]
+    if "quadratic_kappa" in metrics:  # ordinal classes (DR grades): how far off the wrong grades are
+        rows.append(("Quadratic weighted kappa", _fmt(metrics["quadratic_kappa"], metrics.get("quadratic_kappa_ci"))))
     urgent = metrics["urgent_referral"]
     if urgent:
         flag = f"{' + '.join(urgent['positive_classes'])}, score ≥ {urgent['threshold']:g}"
         rows += [
-            (f"Urgent referral ({flag}): sensitivity",
-             _fmt(urgent["sensitivity"], urgent.get("sensitivity_ci"))),
-            ("Urgent referral: specificity", _fmt(urgent["specificity"], urgent.get("specificity_ci"))),
-            ("Urgent referral: ROC AUC", _fmt(urgent["auc"], urgent.get("auc_ci"))),
-            ("Urgent / non-urgent images", f"{urgent['n_positive']} / {urgent['n_negative']}"),
+            (f"{referral} ({flag}): sensitivity", _fmt(urgent["sensitivity"], urgent.get("sensitivity_ci"))),
+            (f"{referral}: specificity", _fmt(urgent["specificity"], urgent.get("specificity_ci"))),
+            (f"{referral}: ROC AUC", _fmt(urgent["auc"], urgent.get("auc_ci"))),
+            (f"{referral}: referred / other images", f"{urgent['n_positive']} / {urgent['n_negative']}"),
         ]
+    if levels:
+        rows.append(("Referral levels (from the bundle)", ", ".join(f"{c}: {lv or 'none'}" for c, lv in levels.items())))
     table = _table(("Metric", "Value (CI)"), [(html.escape(k), html.escape(v)) for k, v in rows])
     note = (
         f"{100 * ci['level']:g}% confidence intervals: {ci['method']}, "
@@ -172,16 +200,19 @@ def _calibration_section(cal: dict | None) -> str:
     panels = [(label, cal[key]) for label, key in (("raw", "reliability_before"), ("temperature-scaled", "reliability_after"))
               if cal.get(key)]
     figure = _img(reliability_figure(panels), "Reliability diagram") if panels else ""
-    note = ('<p class="note">Reliability diagram: the accuracy of the images in each confidence bin (bars) '
-            "and their mean confidence (red marks); where a model is calibrated, the two meet on the diagonal.</p>")
+    note = ('<p class="note">Reliability diagram: the accuracy of the images in each confidence bin (bars, with the '
+            "number of images above each) and their mean confidence (red marks); where a model is calibrated, the two "
+            f"meet on the diagonal. Bins of fewer than {MIN_BIN_IMAGES} images are grey: their accuracy is too few "
+            "images to read.</p>")
     return _table(("Measure", "Value"), rows) + figure + (note if panels else "")
 
 
-def _operating_point_section(op: dict | None) -> str:
+def _operating_point_section(op: dict | None, levels: dict[str, str | None] | None) -> str:
     if not op:
         return _NOT_AVAILABLE
     positives = " + ".join(op.get("positive_classes") or [])
     rows = [
+        ("Decision", referral_label(op.get("positive_classes") or [], levels)),
         (f"Threshold on P({positives})", _fmt(op.get("threshold"), None)),
         ("Target sensitivity (on validation)", _fmt(op.get("target_sensitivity"), None)),
         ("Sensitivity", _fmt(op.get("sensitivity"), op.get("sensitivity_ci"))),
@@ -241,7 +272,7 @@ def _data_section(metrics: dict, model: dict | None) -> str:
     if metrics.get("overlap_with_training"):
         evaluated += f"; {metrics['overlap_with_training']} were in the training data, so these metrics are optimistic"
     parts = [f"<p>{html.escape(evaluated)}.</p>"]
-    training = bundle_card(model, local_paths=True)["training_data"]
+    training = manifest_card(model, local_paths=True)["training_data"]
     splits = training.get("splits")
     if not splits:
         return parts[0] + '<p class="note">The training data summary is not available for this model.</p>'
@@ -258,6 +289,16 @@ def _data_section(metrics: dict, model: dict | None) -> str:
               _table(("Split", "Images", "Patients", *classes), rows),
               f'<p class="note">{html.escape(note)}</p>']
     return "".join(parts)
+
+
+def _curves_section(curves_csv: str | Path, best_epoch: int | None) -> str:
+    curves = read_curves(curves_csv)
+    notes = [f"The dotted line marks epoch {best_epoch}, whose weights the bundle kept (the best on validation)."
+             if best_epoch is not None else "The epoch whose weights were kept is not recorded."]
+    if warning := overfitting_note(curves, best_epoch):
+        notes.append(f"<strong>{html.escape(warning)}</strong>")
+    return _img(training_figure(curves, best_epoch), "Training curves") + "".join(
+        f'<p class="note">{n}</p>' for n in notes)
 
 
 def _img(figure: Figure, alt: str) -> str:

@@ -16,6 +16,7 @@ from ..errors import RetinaLensError
 from ..features.cache import FeatureCache
 from ..features.extract import ExtractReport, extract_features, head_inputs, open_cache
 from .trust import trust_metrics
+from ..bundle.card import write_model_card
 from ..bundle.store import Bundle
 from ..models.heads import head_probabilities
 from ..trust.calibration import calibrated
@@ -68,10 +69,10 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
                         "train/validation data; these metrics are optimistic[/]")
     if json_path:
         atomic_write_json(Path(json_path), metrics)
-    if report_path:
+    _rewrite_card(bundle, metrics)
+    if report_path:  # titled with the model, the data set and the split
         write_html_report(report_path, metrics, y_true=y, probs=probs, model=bundle.manifest.to_dict(),
                           curves_csv=bundle.curves_file(),
-                          title=f"RetinaLens evaluation: {ds.root.name}",
                           bundle=bundle, images=[ds.samples[i].path for i in keep])  # gallery of mistakes
     return metrics
 
@@ -88,6 +89,15 @@ def bundle_probabilities(bundle: Bundle, paths: list[Path], hashes: list[str], c
     keep = [i for i, h in enumerate(hashes) if h in store]
     probs = head_probabilities(bundle.head, head_inputs(store, [hashes[i] for i in keep], bundle.head_config.input_kind))
     return store, report, keep, probs
+
+
+def _rewrite_card(bundle: Bundle, metrics: dict[str, Any]) -> None:
+    """MODEL_CARD.md with these results. A bundle that cannot be written (read-only, shared) keeps its
+    card: the metrics are what was asked for, so that is a warning, never a lost evaluation."""
+    try:
+        write_model_card(bundle, metrics)
+    except RetinaLensError as exc:
+        console().print(f"[yellow]warning: the model card was not updated: {exc}[/]")
 
 
 def _overlap(bundle: Bundle, hashes: set[str]) -> int:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from ..bundle.card import served_card_markdown
 from ..errors import RetinaLensError
 from ._deps import require
 from .batching import Batcher
@@ -72,7 +73,7 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> Any:
 
     @app.get("/model", response_class=responses.HTMLResponse, include_in_schema=False)
     async def model_page() -> str:
-        return model_card_page(service.model_card())
+        return model_card_page(service.model_card(), served_card_markdown(service.model.bundle))
 
     @app.get("/docs", response_class=responses.HTMLResponse, include_in_schema=False)
     async def docs() -> str:

@@ -30,6 +30,7 @@ from ..evaluate.metrics import classification_metrics
 from ..features.cache import FeatureCache
 from ..features.extract import ExtractReport, extract_features, head_inputs, open_cache, print_extract_report
 from ..trust import fit_trust
+from ..bundle.card import write_model_card
 from ..bundle.store import Bundle, check_output_folder, load_bundle, positive_classes_for, save_bundle
 from ..models.heads import HEADS, HeadConfig, check_head_config, head_probabilities
 from ..models.registry import DEFAULT_BACKBONE, Backbone, create_backbone, resolve_precision, resolve_spec
@@ -323,7 +324,9 @@ def _finish(cfg: RunConfig, out: Path, data: _Data, trained: _Trained, cache: Fe
                        task=task, referral=dict(task.referral) if task else None)
     if trained.curves is not None:
         write_curves(trained.curves, path)
-    return load_bundle(path)
+    bundle = load_bundle(path)
+    write_model_card(bundle)  # MODEL_CARD.md from the manifest; `evaluate` adds its results
+    return bundle
 
 
 def _jsonable(obj: Any) -> Any:
