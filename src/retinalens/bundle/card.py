@@ -3,12 +3,15 @@
 One card for every surface: the web app's `/api/model` and `/model` page, and the HTML report's
 "Model card" and "Data" sections all render this dictionary. It reads the manifest document (a
 hand-made or partial one too, as reports of older bundles have), so it lives beside the manifest:
-no other module needs to know its keys.
+no other module needs to know its keys. Its "version" is the bundle's digest (signature.py), the
+identity `retinalens verify` prints.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from .signature import manifest_digest
 
 INTENDED_USE = ("Research only, not a medical device: for studying automated triage of retinal images. "
                 "Not for diagnosis, screening or treatment decisions about any person.")
@@ -30,6 +33,7 @@ def model_card(document: dict[str, Any] | None, *, local_paths: bool = False) ->
     backbone = m.get("backbone")
     card: dict[str, Any] = {
         "intended_use": INTENDED_USE,
+        "version": {"digest": _digest(m), "created": m.get("created")},
         "created": m.get("created"),
         "task": m.get("task"),
         "classes": m.get("classes"),
@@ -54,3 +58,11 @@ def model_card(document: dict[str, Any] | None, *, local_paths: bool = False) ->
     if local_paths:
         card["training_data"]["data"] = training.get("data")
     return card
+
+
+def _digest(document: dict[str, Any]) -> str | None:
+    """The digest of a manifest as RetinaLens reads one; None for a partial one JSON cannot hold."""
+    try:
+        return manifest_digest(document) if document else None
+    except (TypeError, ValueError):
+        return None
