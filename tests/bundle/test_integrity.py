@@ -105,11 +105,15 @@ def test_files_cannot_be_switched_off(bundle_dir: Path, change) -> None:
         load_bundle(bundle_dir)
 
 
-def test_an_unlisted_file_in_the_folder_is_refused(bundle_dir: Path) -> None:
-    (bundle_dir / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden: no command reads it
+@pytest.mark.parametrize("name", ["extra.safetensors", "model.onnx", "curves.png"])
+def test_an_unlisted_file_that_a_command_reads_is_refused(bundle_dir: Path, name: str) -> None:
+    (bundle_dir / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # read by nothing: allowed
+    (bundle_dir / "notes.txt").write_text("trained on the March export")
     load_bundle(bundle_dir)
-    (bundle_dir / "extra.safetensors").write_bytes(b"x")
-    with pytest.raises(RetinaLensError, match="extra.safetensors is in the bundle but not hashed"):
+    if name in _document(bundle_dir)["files"]:
+        _edit(bundle_dir, lambda d: d["files"].pop(name))
+    (bundle_dir / name).write_bytes(b"x")
+    with pytest.raises(RetinaLensError, match=f"{name} is in the bundle but not hashed"):
         load_bundle(bundle_dir)
 
 

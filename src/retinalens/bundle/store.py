@@ -7,8 +7,8 @@ side files `config.json`, `splits.json`, `curves.csv` / `curves.png` and the gat
 `gate.safetensors`, which are read here (and by trust/gate.py) only.
 
 Integrity: the manifest's `files` lists the sha256 of every file of the bundle (but itself and
-`signature.json`), and load refuses a bundle where one is missing, differs, or where a file that is
-not listed lies in the folder. The bundle's digest, the sha256 of the canonical manifest (what
+`signature.json`), and load refuses a bundle where one is missing, differs, or where an unlisted file
+that a command would read (weights, side files) lies in the folder. The bundle's digest, the sha256 of the canonical manifest (what
 `sha256sum manifest.json` prints for a bundle RetinaLens wrote), therefore stands for every byte of it:
 it is the bundle's identity (`Bundle.digest`, `retinalens verify`, the model card's version), and what
 a key signs (signature.py: the threat model).
@@ -42,7 +42,8 @@ from .signature import SIGNATURE, check_signature, configured_key, manifest_dige
 BUNDLE_FORMAT = FORMAT
 MANIFEST = "manifest.json"
 CONFIG, SPLITS, CURVES = "config.json", "splits.json", "curves.csv"
-UNHASHED = (MANIFEST, SIGNATURE)  # the manifest holds the hashes; the signature signs the manifest
+CURVES_PNG = "curves.png"
+READ = (CONFIG, SPLITS, CURVES, CURVES_PNG)  # the side files commands read: hashed whenever present
 _CLASSES_KEY = "retinalens.classes"  # head.safetensors' metadata: the names of the head's outputs, in order
 # Kermany et al.: choroidal neovascularisation and diabetic macular oedema need urgent referral,
 # drusen (early AMD) routine follow-up, a normal scan observation.
@@ -282,14 +283,15 @@ def load_bundle(path: str | Path, key: str | Path | None = None) -> Bundle:
 
 
 def _check_files(path: Path, manifest: Manifest) -> None:
-    """Every listed file present with its hash; no other file beside them (hidden ones aside: no command
-    reads them, and file managers leave them)."""
+    """Every listed file present with its hash, and no unlisted file that a command would read: weights
+    of any name, the side files. Other files (a report written beside the model, a file manager's
+    `.DS_Store`) are read by nothing, so they may be there."""
     for name, digest in manifest.files.items():
         f = path / name
         if not f.is_file() or _sha256(f) != digest:
             raise RetinaLensError(f"{path}: {name} is missing or does not match its hash in the manifest")
-    unlisted = sorted(p.name for p in path.iterdir()
-                      if p.name not in manifest.files and p.name not in UNHASHED and not p.name.startswith("."))
+    unlisted = sorted(p.name for p in path.iterdir() if p.name not in manifest.files
+                      and (p.name in READ or p.suffix in (".safetensors", ".onnx", ".pt", ".pth")))
     if unlisted:
         raise RetinaLensError(f"{path}: {', '.join(unlisted[:3])}{' ...' if len(unlisted) > 3 else ''} is in the "
                               "bundle but not hashed in its manifest (every file must be; bundles written before "

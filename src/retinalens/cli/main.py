@@ -115,8 +115,7 @@ def train(
                        class_weights=class_weights, unfreeze=unfreeze, backbone_lr_scale=backbone_lr_scale,
                        warmup_epochs=warmup_epochs, augment=augment, device=device, resume=resume,
                        target_sensitivity=target_sensitivity, sign_key=sign_key)
-    console().print(f"[green]bundle written:[/] {bundle.path} (digest {bundle.digest[:12]}"
-                    f"{', signed' if bundle.signature else ''})")
+    console().print(f"[green]bundle written:[/] {bundle.path}")
 
 
 @app.command()
