@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,6 +36,16 @@ def run_cli(*args: object, timeout: float = 600, **env: str) -> subprocess.Compl
     """`retinalens ARGS` as users run it: the real entry point, in its own process."""
     return subprocess.run(cli_command(*args), capture_output=True, text=True, env=cli_env(**env), timeout=timeout,
                           check=False)
+
+
+def assert_clean_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    """A refused command: exit code 2, no traceback, the last line `error: ...` holding every needle."""
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error:"), r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
 
 
 def small_oct_dataset(dst: Path, per_class_train: int = 12, per_class_test: int = 4) -> Path:
@@ -97,3 +108,21 @@ def copy_cache(cache: "FeatureCache", dest: Path) -> Path:
     target = dest / cache.dir.name
     shutil.copytree(cache.dir, target)
     return target
+
+
+# -- full disks and read-only file systems -------------------------------------------------------------
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, options: str = "size=64k"):
+    """A real small file system at `folder` (a tmpfs: writes past its size fail with ENOSPC as on a
+    full disk; "ro,..." makes it read-only). Skips the test where mounting needs a root it lacks."""
+    import pytest
+
+    folder.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, check=False)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.decode().strip()}): needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

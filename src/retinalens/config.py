@@ -94,6 +94,10 @@ class RunConfigBase:
     images: ImageTrainConfig = field(default_factory=ImageTrainConfig)
     resume: bool = False  # image modes: continue from the checkpoint of an interrupted run
     target_sensitivity: float = 0.95  # the referral threshold is the highest reaching this on validation
+    # A key file: sign the bundle (signature.json). None: the key $RETINALENS_BUNDLE_KEY names, if any. Saved
+    # as None in the bundle's config.json (a retrain signs with the key configured then), and no part of
+    # what a resumed run must share.
+    sign_key: str | None = None
 
 
 @dataclass

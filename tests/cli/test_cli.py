@@ -8,22 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import assert_clean_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: object, cache: Path | None = None) -> subprocess.CompletedProcess:
     return run_cli(*args, **({"RETINALENS_CACHE": str(cache)} if cache else {}))
-
-
-def assert_clean_error(r: subprocess.CompletedProcess, *needles: str) -> None:
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr + r.stdout
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error:"), r.stderr
-    for n in needles:
-        assert n in r.stderr, r.stderr
 
 
 def test_train_evaluate_predict_round_trip(tmp_path, small_dataset, feature_cache):

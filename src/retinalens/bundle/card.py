@@ -6,7 +6,8 @@ One card for every surface. `model_card` is the card as data (the web app's `/ap
 MODEL_CARD.md (written at train time, rewritten by `evaluate` with the evaluated metrics), the web
 app's `/model` page and the HTML report's "Model card" section (both through `card_html`). The card
 reads the manifest document (a hand-made or partial one too, as reports of older bundles have), so
-it lives beside the manifest: no other module needs to know its keys.
+it lives beside the manifest: no other module needs to know its keys. Its "version" is the bundle's digest (signature.py), the
+identity `retinalens verify` prints.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._io import atomic_write_bytes
 from .manifest import REFERRAL_LEVELS
+from .signature import manifest_digest
 
 if TYPE_CHECKING:
     from .store import Bundle
@@ -62,6 +64,7 @@ def model_card(document: dict[str, Any] | None, *, local_paths: bool = False) ->
     backbone = m.get("backbone")
     card: dict[str, Any] = {
         "intended_use": INTENDED_USE,
+        "version": {"digest": _digest(m), "created": m.get("created")},
         "created": m.get("created"),
         "task": m.get("task"),
         "classes": m.get("classes"),
@@ -360,3 +363,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _digest(document: dict[str, Any]) -> str | None:
+    """The digest of a manifest as RetinaLens reads one; None for a partial one JSON cannot hold."""
+    try:
+        return manifest_digest(document) if document else None
+    except (TypeError, ValueError):
+        return None

@@ -7,6 +7,10 @@ never through dictionary keys, so a field is renamed or checked in one place. Th
 keeps the validated document it came from, so `to_dict()` writes back exactly what was read
 (free-form sections such as metrics survive untouched).
 
+`parse` reads manifest.json's bytes before the schema sees them: at most MAX_BYTES, numbers finite
+(JSON has no NaN; Python's reader would take `NaN`, `Infinity` or `1e999`, and a NaN passes every
+schema bound), nesting at most MAX_DEPTH deep (a 200k-deep document would exhaust the stack).
+
 Format history: 1 = the first bundle format (the only one so far).
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -25,6 +30,8 @@ from ..models.heads import HeadConfig
 
 FORMAT = 1
 SCHEMA_FILE = "manifest.schema.json"
+MAX_BYTES = 4 * 1024 * 1024  # a trained model's manifest is a few kB (the split hashes are in splits.json)
+MAX_DEPTH = 32  # RetinaLens writes 6 levels
 REFERRAL_LEVELS = ("urgent", "routine", "observation")
 
 
@@ -168,6 +175,45 @@ class Manifest:
         return self.referral.get(label) if label else None
 
 
+def parse(raw: bytes, where: str = "manifest") -> Any:
+    """manifest.json's bytes to JSON data, refusing what no RetinaLens wrote (see the module's notes)."""
+    if len(raw) > MAX_BYTES:
+        raise RetinaLensError(f"{where}: unreadable bundle manifest (over {MAX_BYTES // 2**20} MiB)")
+    try:
+        d = json.loads(raw, parse_constant=_not_finite, parse_float=_finite_float)
+    except RecursionError:
+        raise RetinaLensError(f"{where}: unreadable bundle manifest (nested too deep)") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RetinaLensError(f"{where}: unreadable bundle manifest ({exc})") from None
+    if _depth(d) > MAX_DEPTH:
+        raise RetinaLensError(f"{where}: unreadable bundle manifest (nested over {MAX_DEPTH} levels deep)")
+    return d
+
+
+def _not_finite(token: str) -> float:
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise ValueError(f"{token} is out of range")
+    return value
+
+
+def _depth(d: Any) -> int:
+    """How deeply arrays and objects nest (iterative: a deep document must not exhaust the stack here)."""
+    deepest, stack = 0, [(d, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, level)
+            if deepest > MAX_DEPTH:
+                break
+            stack.extend((v, level + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def validate(d: Any, where: str = "manifest") -> None:
     """Check a parsed manifest.json against the shipped schema (bounds included)."""
     import jsonschema
@@ -182,8 +228,14 @@ def validate(d: Any, where: str = "manifest") -> None:
     except jsonschema.ValidationError as exc:
         path = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise RetinaLensError(f"{where}: unreadable bundle manifest (at {path}: {exc.message})") from None
-    missing = [c for c in d.get("positive_classes", []) if c not in d["classes"]]
-    unknown = [c for c in d.get("referral", {}) if c not in d["classes"]]
-    if missing or unknown or len(set(d["classes"])) != len(d["classes"]):
+    classes = set(d["classes"])
+    ref = (d.get("thresholds") or {}).get("referral") or {}
+    positives = [*d.get("positive_classes", []), *ref.get("positive_classes", [])]
+    if (len(classes) != len(d["classes"]) or not set(positives) <= classes
+            or ("referral" in d and set(d["referral"]) != classes)):
         raise RetinaLensError(f"{where}: unreadable bundle manifest (classes, referral and positive classes "
-                              "do not agree)")
+                              "do not agree: each class once, a referral level for each, positives among them)")
+    features_file = ((d.get("gate") or {}).get("features") or {}).get("file")
+    if features_file and features_file not in d["files"]:
+        raise RetinaLensError(f"{where}: unreadable bundle manifest (the gate's {features_file} is not among its "
+                              "hashed files)")

@@ -3,37 +3,48 @@
 A bundle is a folder: `manifest.json` (what the model is, how to feed it, what it was trained on,
 how it scored on validation; typed and validated by `manifest.py`), weights in safetensors
 (`head.safetensors`, `backbone.safetensors`: tensors only, nothing is ever unpickled), and the run's
-side files `config.json`, `splits.json` and `curves.csv`, which are read here and nowhere else.
-Every file is hashed in the manifest and checked on load.
+side files `config.json`, `splits.json`, `curves.csv` / `curves.png` and the gate's
+`gate.safetensors`, which are read here (and by trust/gate.py) only.
+
+Integrity: the manifest's `files` lists the sha256 of every file of the bundle (but itself and
+`signature.json`), and load refuses a bundle where one is missing, differs, or where an unlisted file
+that a command would read (weights, side files) lies in the folder. The bundle's digest, the sha256 of the canonical manifest (what
+`sha256sum manifest.json` prints for a bundle RetinaLens wrote), therefore stands for every byte of it:
+it is the bundle's identity (`Bundle.digest`, `retinalens verify`, the model card's version), and what
+a key signs (signature.py: the threat model).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
-from .._io import atomic_write_json, check_creatable
+from .._io import TEMP_PREFIX, TEMP_SUFFIX, atomic_write_bytes, canonical_json, check_creatable, temp_folder, writing
 from ..data.tasks import Task
 from ..data.transforms import Preprocessing
 from ..errors import RetinaLensError
 from ..models.heads import HeadConfig, create_head
 from ..models.registry import Backbone, create_backbone
-from .manifest import FORMAT, Manifest
+from .manifest import FORMAT, Manifest, parse
+from .signature import SIGNATURE, check_signature, configured_key, manifest_digest, sign
 
 BUNDLE_FORMAT = FORMAT
 MANIFEST = "manifest.json"
 CONFIG, SPLITS, CURVES = "config.json", "splits.json", "curves.csv"
+CURVES_PNG = "curves.png"
+READ = (CONFIG, SPLITS, CURVES, CURVES_PNG)  # the side files commands read: hashed whenever present
+_CLASSES_KEY = "retinalens.classes"  # head.safetensors' metadata: the names of the head's outputs, in order
 # Kermany et al.: choroidal neovascularisation and diabetic macular oedema need urgent referral,
 # drusen (early AMD) routine follow-up, a normal scan observation.
 OCT_REFERRAL = {"CNV": "urgent", "DME": "urgent", "DRUSEN": "routine", "NORMAL": "observation"}
@@ -69,6 +80,8 @@ class Bundle:
     path: Path
     manifest: Manifest
     head: nn.Module
+    digest: str  # manifest_digest(manifest): the bundle's identity
+    signature: dict[str, Any] | None = None  # signature.json when the bundle is signed (checked against a key if set)
     _backbone: Backbone | None = field(default=None, repr=False)
 
     @property
@@ -102,8 +115,8 @@ class Bundle:
 
     @property
     def manifest_sha256(self) -> str:
-        """The model's identity: the hash of manifest.json, which names every weights file by its hash."""
-        return _sha256(self.path / MANIFEST)
+        """The model's identity, as feedback records and exports name it: the bundle digest."""
+        return self.digest
 
     @cached_property
     def backbone(self) -> Backbone:
@@ -124,7 +137,7 @@ class Bundle:
 
     def split_hashes(self) -> dict[str, set[str]]:
         """sha256 of every image in each split the model was built with (splits.json), {} if absent."""
-        if not (self.path / SPLITS).is_file():
+        if SPLITS not in self.manifest.files:
             return {}
         saved = self._side_json(SPLITS, "the splits")
         try:
@@ -133,14 +146,19 @@ class Bundle:
             raise RetinaLensError(f"{self.path / SPLITS}: cannot read the splits ({type(exc).__name__})") from None
 
     def curves_file(self) -> Path | None:
-        """curves.csv (the training history), or None for a head without epochs."""
-        f = self.path / CURVES
-        return f if f.is_file() else None
+        """curves.csv (the training history, hashed at load), or None for a head without epochs."""
+        return self.path / CURVES if CURVES in self.manifest.files else None
 
     def _side_json(self, name: str, what: str) -> dict[str, Any]:
+        """A side file, read once and checked against its hash as read (not only at load)."""
         f = self.path / name
+        if name not in self.manifest.files:
+            raise RetinaLensError(f"{f}: cannot read {what} (the bundle has no {name})")
         try:
-            data = json.loads(f.read_text())
+            raw = f.read_bytes()
+            if hashlib.sha256(raw).hexdigest() != self.manifest.files[name]:
+                raise RetinaLensError(f"{self.path}: {name} does not match its hash in the manifest")
+            data = json.loads(raw)
         except (OSError, ValueError, RecursionError) as exc:
             raise RetinaLensError(f"{f}: cannot read {what} ({type(exc).__name__})") from None
         if not isinstance(data, dict):
@@ -151,25 +169,31 @@ class Bundle:
 def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_config: HeadConfig,
                 classes: list[str], precision: str, feature_shape: tuple[int, int, int],
                 sections: dict[str, Any], files: dict[str, bytes] | None = None,
-                referral: dict[str, str | None] | None = None, task: Task | None = None) -> Path:
-    """Write the bundle into a temp folder beside `out`, then swap it in: never half a bundle."""
-    from safetensors.torch import save_file
+                referral: dict[str, str | None] | None = None, task: Task | None = None,
+                side_files: Callable[[Path], None] | None = None, sign_key: bytes | None = None) -> Path:
+    """Write the bundle into a temp folder beside `out`, then swap it in: never half a bundle.
+
+    `files`: side files by name; `side_files(folder)`: writes more of them into the folder (the training
+    curves, drawn from a file); every one is hashed into the manifest before the swap. `sign_key`: also
+    write signature.json, the HMAC of the digest with that key."""
+    from safetensors.torch import save
 
     out = Path(out).expanduser()
     check_output_folder(out)
-    for stale in out.parent.glob(f".{out.name}.*.tmp") if out.parent.is_dir() else ():
-        if time.time() - stale.stat().st_mtime > 3600:  # left by a run killed over an hour ago
-            shutil.rmtree(stale, ignore_errors=True)
-    try:
+    if out.parent.is_dir():
+        _sweep_stale(out.parent)
+    with writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    except OSError as exc:
-        raise RetinaLensError(f"cannot write the bundle at {out}: {exc.strerror or exc}") from None
+        tmp = temp_folder(out.parent)
     try:
-        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp / "head.safetensors"))
-        save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(tmp / "backbone.safetensors"))
-        for name, data in (files or {}).items():
-            (tmp / name).write_bytes(data)
+        weights = {"head.safetensors": save({k: v.contiguous() for k, v in head.state_dict().items()},
+                                            metadata={_CLASSES_KEY: json.dumps(classes)}),
+                   "backbone.safetensors": save({k: v.contiguous() for k, v in backbone.model.state_dict().items()})}
+        for name, data in (weights | (files or {})).items():
+            with writing(out / name):
+                (tmp / name).write_bytes(data)
+        if side_files is not None:
+            side_files(tmp)
         manifest = {
             "format": BUNDLE_FORMAT,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -184,24 +208,45 @@ def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_co
             "thresholds": {},
             **sections,
             "library_versions": library_versions(),
-            "files": {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))},
+            "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},  # every file: the digest covers all
         }
-        atomic_write_json(tmp / MANIFEST, Manifest.from_dict(manifest, str(out)).to_dict())  # never write a bad one
+        document = Manifest.from_dict(manifest, str(out)).to_dict()  # never write a bad one
+        with writing(out / MANIFEST):
+            atomic_write_bytes(tmp / MANIFEST, canonical_json(document))
+        if sign_key is not None:
+            with writing(out / SIGNATURE):
+                atomic_write_bytes(tmp / SIGNATURE, canonical_json(sign(manifest_digest(document), sign_key)))
         tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared, like every output
         for f in tmp.iterdir():
             f.chmod(0o644)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        with writing(out):
+            _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished folder to `out`, replacing an older bundle there (short temp names: a long
+    bundle name plus a suffix could overflow the file-name limit)."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = temp_folder(out.parent)
+    out.rename(old)  # onto the new empty folder: rename(2) replaces an empty directory
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sweep_stale(folder: Path) -> None:
+    """Temp folders left by a save killed over an hour ago (a young one may be a live writer's)."""
+    for stale in folder.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        try:
+            if stale.is_dir() and time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+        except FileNotFoundError:
+            pass
 
 
 def is_bundle(folder: Path) -> bool:
@@ -217,27 +262,74 @@ def check_output_folder(out: Path) -> None:
     check_creatable(out, out)
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Read and verify a bundle. Raises RetinaLensError for anything that is not a sound bundle."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def load_bundle(path: str | Path, key: str | Path | None = None) -> Bundle:
+    """Read and verify a bundle: the manifest, every file's hash, nothing unlisted, and the signature
+    when a key is configured (`key`, a key file, else $RETINALENS_BUNDLE_KEY). Raises RetinaLensError
+    for anything that is not a sound bundle."""
     path = Path(path).expanduser()
+    secret = configured_key(key)
     if not (path / MANIFEST).is_file():
         raise RetinaLensError(f"{path}: not a RetinaLens model bundle (no {MANIFEST})")
     try:
-        document = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise RetinaLensError(f"{path}: unreadable bundle manifest ({type(exc).__name__})") from None
+        raw = (path / MANIFEST).read_bytes()
+    except OSError as exc:
+        raise RetinaLensError(f"{path}: unreadable bundle manifest ({exc.strerror or exc})") from None
+    document = parse(raw, str(path))
     manifest = Manifest.from_dict(document, str(path))
+    digest = manifest_digest(document)
+    signature = check_signature(path, digest, secret)  # before the weights are read: a refused bundle costs nothing
+    _check_files(path, manifest)
+    return Bundle(path, manifest, _load_head(path, manifest), digest, signature)
+
+
+def _check_files(path: Path, manifest: Manifest) -> None:
+    """Every listed file present with its hash, and no unlisted file that a command would read: weights
+    of any name, the side files. Other files (a report written beside the model, a file manager's
+    `.DS_Store`) are read by nothing, so they may be there."""
     for name, digest in manifest.files.items():
         f = path / name
         if not f.is_file() or _sha256(f) != digest:
             raise RetinaLensError(f"{path}: {name} is missing or does not match its hash in the manifest")
-    classes, feature_shape, head_cfg = manifest.classes, manifest.feature_shape, manifest.head
-    head = create_head(head_cfg, feature_shape, len(classes))  # type: ignore[arg-type]
+    unlisted = sorted(p.name for p in path.iterdir() if p.name not in manifest.files
+                      and (p.name in READ or p.suffix in (".safetensors", ".onnx", ".pt", ".pth")))
+    if unlisted:
+        raise RetinaLensError(f"{path}: {', '.join(unlisted[:3])}{' ...' if len(unlisted) > 3 else ''} is in the "
+                              "bundle but not hashed in its manifest (every file must be; bundles written before "
+                              "side files were hashed need training again)")
+
+
+def _load_head(path: Path, manifest: Manifest) -> nn.Module:
+    """The head, built to the shapes its file holds: a manifest claiming huge sizes is refused before any
+    memory is spent (the head is first made on the meta device), and the head's outputs must be the
+    manifest's classes in the manifest's order (recorded in the hashed head file)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    f = path / "head.safetensors"
     try:
-        head.load_state_dict(load_file(str(path / "head.safetensors")))
-    except (SafetensorError, RuntimeError, OSError) as exc:
+        with safe_open(str(f), framework="pt") as st:
+            recorded = (st.metadata() or {}).get(_CLASSES_KEY)
+            tensors = {k: st.get_tensor(k) for k in st.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
         raise RetinaLensError(f"{path}: head weights do not load ({type(exc).__name__})") from None
-    return Bundle(path, manifest, head.eval())
+    if recorded is None or _json_or_none(recorded) != list(manifest.classes):
+        raise RetinaLensError(f"{path}: the manifest's classes {list(manifest.classes)} are not the head's outputs "
+                              f"{recorded or '(not recorded)'}")
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in create_head(manifest.head, manifest.feature_shape,
+                                                            len(manifest.classes)).state_dict().items()}
+    if shapes != {k: tuple(v.shape) for k, v in tensors.items()}:
+        raise RetinaLensError(f"{path}: head weights do not fit the manifest's head, features and classes")
+    head = create_head(manifest.head, manifest.feature_shape, len(manifest.classes))
+    try:
+        head.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise RetinaLensError(f"{path}: head weights do not load ({type(exc).__name__})") from None
+    return head.eval()
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None

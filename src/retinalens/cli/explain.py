@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import typer
 from .._console import console
 
 _SAFE = re.compile(r"[^\w.-]+")  # what may stay in a file name built from an input name or a class
+NAME_MAX = 255  # bytes in a file name, on every common file system
 
 
 def explain(
@@ -46,12 +48,23 @@ def explain(
 
 
 def _png_name(name: str, class_name: str, used: set[str]) -> str:
-    """`scan.jpeg` -> `scan.CNV.png`; a name already taken in this run gets `-2`, `-3`, ..."""
+    """`scan.jpeg` -> `scan.CNV.png`; a name already taken in this run gets `-2`, `-3`, ...
+    At most NAME_MAX bytes: a long stem is cut and given a hash of the whole name, so that two long
+    names that share their first 200 bytes still get two files."""
     stem = _SAFE.sub("_", Path(name.split("?")[0].rstrip("/")).stem) or "image"
-    base = f"{stem}.{_SAFE.sub('_', class_name)}"
+    label = _cut(_SAFE.sub("_", class_name), 64)
+    room = NAME_MAX - len(f".{label}-999999.png".encode())
+    if len(stem.encode()) > room:
+        stem = f"{_cut(stem, room - 9)}~{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    base = f"{stem}.{label}"
     candidate, n = f"{base}.png", 1
     while candidate in used:
         n += 1
         candidate = f"{base}-{n}.png"
     used.add(candidate)
     return candidate
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8, never inside a character."""
+    return text.encode()[:limit].decode(errors="ignore")

@@ -25,6 +25,7 @@ from .prepare import prepare_app
 from .retrain import retrain
 from .serve import serve
 from .explain import explain
+from .verify import verify
 from .report import report
 from .export import export
 
@@ -37,6 +38,7 @@ app.command()(serve)
 app.command()(explain)
 app.command()(report)
 app.command()(export)
+app.command()(verify)
 
 
 @app.command()
@@ -98,6 +100,8 @@ def train(
                                 "cuda[:N]."),
     target_sensitivity: float = config_option(RunConfigBase, "target_sensitivity", help="The referral threshold is the "
                                               "highest that reaches this sensitivity on validation."),
+    sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="Key file: sign the bundle (signature.json; "
+                                            "default: the key $RETINALENS_BUNDLE_KEY names, if set)."),
     cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
 ) -> None:
@@ -110,7 +114,7 @@ def train(
                        progress=not quiet, batch_size=batch_size, lr=lr, monitor=monitor, balance=balance,
                        class_weights=class_weights, unfreeze=unfreeze, backbone_lr_scale=backbone_lr_scale,
                        warmup_epochs=warmup_epochs, augment=augment, device=device, resume=resume,
-                       target_sensitivity=target_sensitivity)
+                       target_sensitivity=target_sensitivity, sign_key=sign_key)
     console().print(f"[green]bundle written:[/] {bundle.path}")
 
 
@@ -200,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         if code == 130:  # typer turns Ctrl-C into a silent exit 130
             console().print("interrupted: what was finished is kept (the feature cache resumes on the next run)")
         return code
-    except RetinaLensError as exc:
+    except (RetinaLensError, OSError) as exc:
+        from .._io import is_environment_error, write_error
+
+        if isinstance(exc, OSError) and not is_environment_error(exc):
+            return _internal_error(exc, debug)
+        if isinstance(exc, OSError):  # a writer outside _io met a full disk or a read-only folder: the user's to fix
+            exc = write_error(None, exc)
         from rich.markup import escape  # a message may hold brackets (pip extras, file names): print them as they are
 
         console().print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -209,12 +219,16 @@ def main(argv: list[str] | None = None) -> int:
         console().print("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug: say so in one line unless --debug
-        if debug:
-            raise
-        console().print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-                        highlight=False, soft_wrap=True)
-        return 1
+        return _internal_error(exc, debug)
     return 0
+
+
+def _internal_error(exc: Exception, debug: bool) -> int:
+    if debug:
+        raise exc
+    console().print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                    highlight=False, soft_wrap=True)
+    return 1
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from ..features.cache import FeatureCache
 from ..features.extract import ExtractReport, extract_features, head_inputs, open_cache, print_extract_report
 from ..trust import fit_trust
 from ..bundle.card import write_model_card
+from ..bundle.signature import configured_key
 from ..bundle.store import Bundle, check_output_folder, load_bundle, positive_classes_for, save_bundle
 from ..models.heads import HEADS, HeadConfig, check_head_config, head_probabilities
 from ..models.registry import DEFAULT_BACKBONE, Backbone, create_backbone, resolve_precision, resolve_spec
@@ -63,7 +64,8 @@ def build_run_config(data: str | Path, *, mode: str | None = None, backbone: str
                      class_weights: bool | None = None, unfreeze: int | None = None,
                      backbone_lr_scale: float | None = None, warmup_epochs: int | None = None,
                      augment: str | None = None, device: str | None = None, resume: bool | None = None,
-                     target_sensitivity: float | None = None, **train_options: Any) -> RunConfig:
+                     target_sensitivity: float | None = None, sign_key: str | Path | None = None,
+                     **train_options: Any) -> RunConfig:
     """`train`'s options, as the CLI spells them, to a RunConfig: the one place this is done (the CLI
     and `retinalens.train` both come here). An option left out or None keeps its dataclass default
     (retinalens/config.py); `epochs` defaults by mode (MODE_EPOCHS). `seed` seeds the split and the
@@ -76,7 +78,8 @@ def build_run_config(data: str | Path, *, mode: str | None = None, backbone: str
     run_train = default(RunConfig, "train")
     return RunConfig(
         data=str(data), **given(task=task, patient_regex=patient_regex, images_dir=str_or_none(images_dir),
-                                mode=mode, resume=resume, target_sensitivity=target_sensitivity),
+                                mode=mode, resume=resume, target_sensitivity=target_sensitivity,
+                                sign_key=str_or_none(sign_key)),
         extract=ExtractConfig(**given(backbone=backbone, weights=str_or_none(weights), pretrained=pretrained,
                                       precision=precision, workers=workers, cache=str_or_none(cache))),
         split=SplitConfig(**given(val_fraction=val_fraction, seed=seed)),
@@ -176,6 +179,7 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
 def _check(cfg: RunConfig, out: Path) -> None:
     """Everything that can be wrong with the options is found before minutes of work, not after."""
     check_output_folder(out)
+    configured_key(cfg.sign_key)  # a missing or short key file fails now, not after training
     check_train_config(cfg.train)
     if not 0 < cfg.target_sensitivity <= 1:
         raise RetinaLensError(f"--target-sensitivity must be in (0, 1], got {cfg.target_sensitivity}")
@@ -273,6 +277,7 @@ def _resumable(cfg: RunConfig) -> dict[str, Any]:
     d = asdict(cfg)
     for section, key in (("extract", "cache"), ("extract", "workers"), ("images", "workers")):
         d[section].pop(key, None)
+    d.pop("sign_key", None)
     return d
 
 
@@ -298,7 +303,7 @@ def _finish(cfg: RunConfig, out: Path, data: _Data, trained: _Trained, cache: Fe
     if val_metrics["accuracy"] < baseline["val_acc"]:
         say.print(f"[yellow]note: this model is below the logistic-regression baseline on validation "
                   f"({val_metrics['accuracy']:.3f} < {baseline['val_acc']:.3f})[/]")
-    config = _jsonable(asdict(cfg))
+    config = _jsonable(asdict(replace(cfg, sign_key=None)))  # where the key lies is not the bundle's to tell
     sections: dict[str, Any] = {
         "training": {"data": str(ds.root), "layout": ds.layout, "mode": cfg.mode, "splits": data.summary,
                      "best_epoch": trained.result.best_epoch, "epochs_run": len(trained.result.history),
@@ -319,12 +324,13 @@ def _finish(cfg: RunConfig, out: Path, data: _Data, trained: _Trained, cache: Fe
         val_paths=[ds.samples[i].path for i in idx["val"]], preprocessing=trained.backbone.preprocessing,
         target_sensitivity=cfg.target_sensitivity, workers=cfg.extract.workers, seed=cfg.train.seed)
     sections, files = sections | trust, files | trust_files
+    key = configured_key(cfg.sign_key)
+    curves = trained.curves
     path = save_bundle(out, backbone=trained.backbone, head=trained.result.head, head_config=hc, classes=ds.classes,
                        precision=precision, feature_shape=cache.key.feature_shape, sections=sections, files=files,
-                       task=task, referral=dict(task.referral) if task else None)
-    if trained.curves is not None:
-        write_curves(trained.curves, path)
-    bundle = load_bundle(path)
+                       task=task, referral=dict(task.referral) if task else None, sign_key=key,
+                       side_files=(lambda folder: write_curves(curves, folder)) if curves is not None else None)
+    bundle = load_bundle(path, key=cfg.sign_key)
     write_model_card(bundle)  # MODEL_CARD.md from the manifest; `evaluate` adds its results
     return bundle
 

@@ -170,7 +170,7 @@ def _full_probs(lr: Any, z: np.ndarray, k: int) -> np.ndarray:
 
 
 def write_curves(result: TrainResult, folder: Path) -> None:
-    """curves.csv + curves.png beside the model."""
+    """curves.csv + curves.png into a folder: the bundle's, before save_bundle hashes and seals it."""
     from .._io import atomic_write_bytes
     from ..evaluate.report import plot_training_curves
 
