@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def test_upload_in_the_page_shows_class_heatmap_and_saves_feedback(browser, live
     assert first.find_element(By.CSS_SELECTOR, ".saved").text == f"Saved: corrected to {corrected}"
     browser.save_screenshot(str(tmp_path / "feedback.png"))
     with FeedbackStore(serve_dir / "feedback.db") as store:
-        mine = [c for c in store.confirmed() if c.image.read_bytes() == scans[0].read_bytes()]
+        digest = hashlib.sha256(scans[0].read_bytes()).hexdigest()
+        mine = [c for c in store.confirmed() if c.record["image_sha256"] == digest]
         assert mine and mine[-1].label == corrected
 
     browser.get(live_url + "/model")  # the model card page
