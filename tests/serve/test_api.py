@@ -74,7 +74,7 @@ def test_predict_many_in_order_and_stored_by_content(predict, demo_scans, serve_
             assert set(r["gate"]) >= {"ok", "reason", "scores"}
         record = store.analysis(r["id"])
         stored = (serve_dir / "images" / record["image"]).read_bytes()
-        assert record["image"] == f"{hashlib.sha256(stored).hexdigest()}.png" and stored.startswith(b"\x89PNG")
+        assert record["image"] == f"{hashlib.sha256(stored).hexdigest()}.jpeg" and stored.startswith(b"\xff\xd8")
         assert record["image_sha256"] == hashlib.sha256(part[1]).hexdigest()  # the upload's identity
         assert record["probabilities"] == r["probabilities"] and record["original"] is None
         assert record["model_sha256"] == body["model"] and record["predicted"] == r["label"]

@@ -59,7 +59,8 @@ def test_logs_and_storage_hold_no_identifiers(small_bundle, tmp_path, demo_scans
     assert f"model calls: {usable_cores()} at a time, 1 thread(s) each, up to 4 images per call" in log
     assert SECRET not in log
     _files_hold_no_secret(tmp_path)
-    assert {p.suffix for p in (tmp_path / "images").iterdir()} == {".png"} and not (tmp_path / "originals").exists()
+    assert {p.suffix for p in (tmp_path / "images").iterdir()} == {".jpeg", ".png"}
+    assert not (tmp_path / "originals").exists()
 
 
 def test_keep_originals_keeps_the_upload_verbatim(small_bundle, tmp_path, demo_scans, with_metadata):

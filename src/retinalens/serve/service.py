@@ -19,7 +19,7 @@ from ..errors import ImageDecodeError, RetinaLensError
 from ..bundle.card import model_card
 from ..feedback.store import FeedbackStore, ModelVersion, UnknownAnalysis
 from .security import LOOPBACK_NAMES, host_name, is_loopback
-from .uploads import ImageTooLarge, display_name, pixels_png, sniff_image
+from .uploads import ImageTooLarge, display_name, sniff_image, without_metadata
 
 HEATMAP_SIDE = 1024  # a fundus photo's full-size overlay would be megabytes of PNG for a page that shows ~500 px
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -173,9 +173,9 @@ class Service:
                 continue
             pred = jsonable({k: v for k, v in pred.items() if k != "input"})
             original = (upload.data, upload.extension) if self.cfg.keep_originals else None
-            analysis_id = self.store.add_analysis(pixels_png(upload.data), "png", pred, self.version,
-                                                  upload_sha256=hashlib.sha256(upload.data).hexdigest(),
-                                                  original=original)
+            stored, extension = without_metadata(upload.data, upload.extension)
+            analysis_id = self.store.add_analysis(stored, extension, pred, self.version, original=original,
+                                                  upload_sha256=hashlib.sha256(upload.data).hexdigest())
             results.append(result | {"id": analysis_id, **pred, "heatmap": f"/api/analyses/{analysis_id}/heatmap.png"})
         return results
 
