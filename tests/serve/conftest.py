@@ -1,11 +1,15 @@
-"""Fixtures of the web app tests: a real server on loopback (uvicorn in a thread) with a real bundle."""
+"""Fixtures of the web app tests: a real server on loopback (uvicorn in a thread) with a real bundle;
+what an image is once decoded, and images that carry identifiers in their metadata."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image, PngImagePlugin
 
 UPLOAD_MB = 1.0  # the test server's cap: every real scan is far below it (the largest is ~0.3 MB)
 
@@ -56,3 +60,41 @@ def predict(client) -> Callable:
         return r.json()
 
     return post
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    """What the model sees of an image file (orientation applied, 8-bit RGB)."""
+    from retinalens.data.decode import decode_image
+
+    return np.asarray(decode_image(data))
+
+
+def _jpeg_with_metadata(scan: Path, secret: str) -> bytes:
+    """A real scan as a JPEG with `secret` in EXIF (description, artist) and in a JPEG comment (COM)."""
+    exif = Image.Exif()
+    exif[0x010E] = f"patient {secret}"  # ImageDescription
+    exif[0x013B] = secret  # Artist
+    buf = io.BytesIO()
+    Image.open(scan).save(buf, format="JPEG", exif=exif, quality=95, comment=f"MRN {secret}".encode())
+    return buf.getvalue()
+
+
+def _png_with_metadata(scan: Path, secret: str) -> bytes:
+    """A real scan as a PNG with `secret` in tEXt and iTXt chunks."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Patient", secret)
+    info.add_itxt("Comment", f"record of {secret}")
+    buf = io.BytesIO()
+    Image.open(scan).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def pixels() -> Callable[[bytes], np.ndarray]:
+    return _pixels
+
+
+@pytest.fixture(scope="session")
+def with_metadata() -> dict[str, Callable[[Path, str], bytes]]:
+    """Format -> (scan, secret) -> the scan's bytes with `secret` in that format's metadata."""
+    return {"jpeg": _jpeg_with_metadata, "png": _png_with_metadata}

@@ -64,7 +64,7 @@ def test_health_model_card_and_pages(client, live_app, small_bundle):
         assert r.status_code == 200 and kind in r.headers["content-type"] and len(r.content) > 1000
 
 
-def test_predict_many_in_order_and_stored_by_content(predict, demo_scans, serve_dir, small_bundle):
+def test_predict_many_in_order_and_stored_by_content(predict, demo_scans, serve_dir, small_bundle, pixels):
     names = ["CNV", "DME", "NORMAL"]
     parts = [(f"{n}.jpeg", demo_scans[n].read_bytes(), "image/jpeg") for n in names]
     body = predict(*parts, ("notes.jpeg", b"not an image at all", "image/jpeg"))
@@ -81,20 +81,23 @@ def test_predict_many_in_order_and_stored_by_content(predict, demo_scans, serve_
         if "gate" in r:  # the quality gate's verdict travels with the result
             assert set(r["gate"]) >= {"ok", "reason", "scores"}
         record = store.analysis(r["id"])
-        digest = hashlib.sha256(part[1]).hexdigest()
-        assert record["image"] == f"{digest}.jpeg" and record["probabilities"] == r["probabilities"]
+        stored = (serve_dir / "images" / record["image"]).read_bytes()
+        assert record["image"] == f"{hashlib.sha256(stored).hexdigest()}.jpeg" and stored.startswith(b"\xff\xd8")
+        assert record["image_sha256"] == hashlib.sha256(part[1]).hexdigest()  # the upload's identity
+        assert record["probabilities"] == r["probabilities"] and record["original"] is None
         assert record["model_sha256"] == body["model"] and record["predicted"] == r["label"]
-        assert (serve_dir / "images" / record["image"]).read_bytes() == part[1]
+        assert np.array_equal(pixels(stored), pixels(part[1]))  # the pixels, losslessly
     assert all(n.split(".")[0] not in ("CNV", "DME", "NORMAL", "notes") for n in _stored_images(serve_dir))
     store.close()
 
 
-def test_content_is_sniffed_never_the_name_or_type(predict, serve_dir):
+def test_content_is_sniffed_never_the_name_or_type(predict, serve_dir, pixels):
     png = _png_bytes(1)
     before = _stored_images(serve_dir)
     [r] = predict(("scan.txt", png, "text/plain"))["results"]  # a real PNG that claims to be text
     assert "id" in r
-    assert _stored_images(serve_dir) - before == {f"{hashlib.sha256(png).hexdigest()}.png"}
+    [new] = _stored_images(serve_dir) - before
+    assert np.array_equal(pixels((serve_dir / "images" / new).read_bytes()), pixels(png))
     before = _stored_images(serve_dir)
     [r] = predict(("scan.jpeg", b"%PDF-1.4 not an image", "image/jpeg"))["results"]  # a lie the other way
     assert "not an image" in r["error"]
@@ -110,7 +113,7 @@ def test_client_paths_are_never_used(predict, serve_dir):
     [r] = predict(("../../../escaped.png", png, "image/png"))["results"]
     assert r["name"] == "escaped.png"  # shown without its path, stored under the hash
     assert not list(serve_dir.parent.rglob("escaped*"))
-    assert (serve_dir / "images" / f"{hashlib.sha256(png).hexdigest()}.png").is_file()
+    assert _store(serve_dir).analysis(r["id"])["image_sha256"] == hashlib.sha256(png).hexdigest()
 
 
 def test_no_files_and_too_many_files(client):
@@ -162,7 +165,7 @@ def _slow_chunks(total: int, size: int = 64 * 1024):
 
 def test_upload_cap_on_declared_length(live_url, client, serve_dir):
     before = _stored_images(serve_dir)
-    head = ("POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    head = ("POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             f"Content-Length: {200 * 1024 * 1024}\r\n\r\n")
     status, sent = _raw_request(live_url, head, _slow_chunks(200 * 1024 * 1024), chunked=False)
     assert status.startswith("HTTP/1.1 413"), status
@@ -175,7 +178,7 @@ def test_upload_cap_on_declared_length(live_url, client, serve_dir):
 
 def test_upload_cap_on_chunked_body(live_url, client, serve_dir):
     before = _stored_images(serve_dir)
-    head = ("POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    head = ("POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             "Transfer-Encoding: chunked\r\n\r\n")
     total = 64 * 1024 * 1024
     status, sent = _raw_request(live_url, head, _slow_chunks(total), chunked=True)
@@ -185,7 +188,7 @@ def test_upload_cap_on_chunked_body(live_url, client, serve_dir):
     assert client.get("/healthz").status_code == 200
 
 
-def test_feedback_confirm_correct_and_refuse(client, predict, demo_scans, serve_dir, small_bundle):
+def test_feedback_confirm_correct_and_refuse(client, predict, demo_scans, serve_dir, small_bundle, pixels):
     [r] = predict(("a.jpeg", demo_scans["DRUSEN"].read_bytes(), "image/jpeg"))["results"]
     other = next(c for c in small_bundle.classes if c != r["label"])
     ok = client.post("/api/feedback", json={"analysis_id": r["id"], "label": r["label"]})
@@ -203,7 +206,7 @@ def test_feedback_confirm_correct_and_refuse(client, predict, demo_scans, serve_
     mine = [c for c in store.confirmed() if c.record["analysis_id"] == r["id"]]
     assert len(mine) == 1  # the latest label wins
     image, label, rec = mine[0]
-    assert label == other and image.read_bytes() == demo_scans["DRUSEN"].read_bytes()
+    assert label == other and np.array_equal(pixels(image.read_bytes()), pixels(demo_scans["DRUSEN"].read_bytes()))
     assert rec["model_sha256"] == client.get("/healthz").json()["model"] and rec["probabilities"] == r["probabilities"]
     assert rec["analysed_at"] and rec["feedback_at"] and rec["confirmed"] is False
     store.close()

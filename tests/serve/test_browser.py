@@ -8,6 +8,7 @@ the page with real results (desktop and 390 px) and the HTML report, as small pa
 from __future__ import annotations
 
 import os
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -136,7 +137,8 @@ def test_upload_in_the_page_shows_class_heatmap_and_saves_feedback(browser, live
     WebDriverWait(browser, 60).until(lambda d: first.find_element(By.CSS_SELECTOR, ".saved").text.startswith("Saved"))
     assert first.find_element(By.CSS_SELECTOR, ".saved").text == f"Saved: corrected to {corrected}"
     with FeedbackStore(serve_dir / "feedback.db") as store:
-        mine = [c for c in store.confirmed() if c.image.read_bytes() == scans[index].read_bytes()]
+        digest = hashlib.sha256(scans[index].read_bytes()).hexdigest()
+        mine = [c for c in store.confirmed() if c.record["image_sha256"] == digest]
         assert mine and mine[-1].label == corrected
 
     # the ungradable image has no label to confirm: the clinician must choose one

@@ -2,7 +2,13 @@
 
 Records live in a SQL database (an SQLite file by default; any SQLAlchemy URL, e.g. PostgreSQL),
 images in a folder beside it, named by their sha256 (content-addressed: one file per distinct image,
-whatever the client called it; no client name or path is ever used or stored).
+whatever the client called it; no client name or path is ever used or stored). The web app hands in
+the pixels re-encoded without metadata; `image_sha256` is the hash of the bytes the client sent (the
+upload's identity), the file name the hash of the stored file. Originals are kept verbatim, in
+`originals/` beside the images, only when asked.
+
+Storage that cannot be written (disk full, read-only, a folder gone, the database down) raises
+StorageError, which says what failed without a path, so that it can go to clients as it is.
 
 Durability: an image is written (temp name, fsync, rename, folder fsync) before the row that refers
 to it is committed, and the web app answers only after the commit. A server killed at any moment
@@ -16,9 +22,13 @@ image that no row refers to yet.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,6 +69,25 @@ class Confirmed(NamedTuple):
 
 class UnknownAnalysis(RetinaLensError):
     """Feedback names an analysis id the store does not hold."""
+
+
+class StorageError(RetinaLensError):
+    """The images folder or the database cannot be used. `full`: out of space (HTTP 507, not 503)."""
+
+    def __init__(self, message: str, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
+
+
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _os_problem(what: str, exc: BaseException) -> StorageError:
+    # atomic_write_bytes raises RetinaLensError from None: the OSError with its errno is its context.
+    os_exc = exc if isinstance(exc, OSError) else exc.__context__
+    code = getattr(os_exc, "errno", None)
+    reason = os.strerror(code) if code else "write failed"
+    return StorageError(f"feedback storage unavailable: {what} cannot be written ({reason})", full=code in _FULL)
 
 
 def database_url(db: str | Path) -> str:
@@ -116,6 +145,7 @@ class FeedbackStore:
             else:
                 self.engine = sa.create_engine(self.url, pool_pre_ping=True)
             self.metadata.create_all(self.engine)
+            self._add_original_column(sa)
         except ImportError as exc:  # the URL names a driver that is not installed (e.g. psycopg)
             hint = f"; {install_hint(exc.name)}" if (exc.name or "").split(".")[0] in EXTRAS else ""
             raise RetinaLensError(f"{self.safe_url}: database driver missing ({exc}{hint})") from None
@@ -134,7 +164,8 @@ class FeedbackStore:
             "analyses", self.metadata,
             sa.Column("id", sa.String(32), primary_key=True),
             sa.Column("image", sa.String(80), nullable=False),  # file name in images_dir: <sha256>.<format>
-            sa.Column("image_sha256", sa.String(64), nullable=False, index=True),
+            sa.Column("image_sha256", sa.String(64), nullable=False, index=True),  # of the bytes the client sent
+            sa.Column("original", sa.String(80)),  # the verbatim upload in originals/, when kept
             sa.Column("model_sha256", sa.String(64), nullable=False),
             sa.Column("model_created", sa.String(40), nullable=False),
             sa.Column("label", sa.String(64)),  # None when the quality gate refused the image
@@ -152,33 +183,62 @@ class FeedbackStore:
             sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         )
 
+    def _add_original_column(self, sa: Any) -> None:
+        """Databases made before `original` existed get the column (nullable: nothing else changes)."""
+        if "original" not in {c["name"] for c in sa.inspect(self.engine).get_columns("analyses")}:
+            with self.engine.begin() as conn:
+                conn.execute(sa.text("ALTER TABLE analyses ADD COLUMN original VARCHAR(80)"))
+
+    @property
+    def originals_dir(self) -> Path:
+        return self.images_dir.parent / "originals"
+
+    @contextmanager
+    def _database(self) -> Iterator[None]:
+        """Database failures of the server or the disk (not our own bugs) -> StorageError."""
+        sa = require("sqlalchemy")
+        try:
+            yield
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            full = "full" in str(exc.orig).lower()  # SQLite: "database or disk is full"
+            kind = type(exc.orig).__name__
+            raise StorageError(f"feedback storage unavailable: the database cannot be used ({kind})", full) from None
+
     # -- writing -----------------------------------------------------------------------------------
 
-    def store_image(self, data: bytes, extension: str) -> str:
+    def store_image(self, data: bytes, extension: str, folder: Path | None = None) -> str:
         """Write an image under its content hash (atomic, durable); returns the file name."""
+        folder = folder or self.images_dir
         name = f"{hashlib.sha256(data).hexdigest()}.{extension}"
-        path = self.images_dir / name
-        if not path.is_file():  # the same bytes are already there under this very name
-            atomic_write_bytes(path, data)
-            _fsync_dir(self.images_dir)  # the rename itself survives a power cut
+        path = folder / name
+        try:
+            if not path.is_file():  # the same bytes are already there under this very name
+                atomic_write_bytes(path, data)
+                _fsync_dir(folder)  # the rename itself survives a power cut
+        except (OSError, RetinaLensError) as exc:
+            raise _os_problem(f"the {folder.name} folder", exc) from None
         return name
 
-    def add_analysis(self, data: bytes, extension: str, result: dict[str, Any], model: ModelVersion) -> str:
-        """Store the image, then the prediction made on it; returns the new analysis id."""
+    def add_analysis(self, data: bytes, extension: str, result: dict[str, Any], model: ModelVersion, *,
+                     upload_sha256: str | None = None, original: tuple[bytes, str] | None = None) -> str:
+        """Store the image (and the verbatim `original` (bytes, extension) if given), then the prediction
+        made on it; returns the new analysis id. `upload_sha256`: the hash of what the client sent, when
+        `data` is a re-encoding of it."""
         image = self.store_image(data, extension)
+        kept = self.store_image(*original, folder=self.originals_dir) if original else None
         analysis_id = uuid.uuid4().hex
-        row = {"id": analysis_id, "image": image, "image_sha256": image.split(".")[0],
-               "model_sha256": model.sha256, "model_created": model.created,
+        row = {"id": analysis_id, "image": image, "image_sha256": upload_sha256 or image.split(".")[0],
+               "original": kept, "model_sha256": model.sha256, "model_created": model.created,
                "label": result.get("label"), "referral": result.get("referral"),
                "probabilities": result["probabilities"], "gate": result.get("gate"), "created_at": _now()}
-        with self.engine.begin() as conn:
+        with self._database(), self.engine.begin() as conn:
             conn.execute(self.analyses.insert().values(**row))
         return analysis_id
 
     def add_feedback(self, analysis_id: str, label: str) -> dict[str, Any]:
         """Record a clinician's label for an analysis (committed before returning)."""
         sa = require("sqlalchemy")
-        with self.engine.begin() as conn:
+        with self._database(), self.engine.begin() as conn:
             analysis = conn.execute(sa.select(self.analyses).where(self.analyses.c.id == analysis_id)).mappings().first()
             if analysis is None:
                 raise UnknownAnalysis(f"no analysis with id {analysis_id!r}")
@@ -196,7 +256,7 @@ class FeedbackStore:
     def analysis(self, analysis_id: str) -> dict[str, Any] | None:
         """One analysis record, with its latest feedback (None when there is none yet)."""
         sa = require("sqlalchemy")
-        with self.engine.connect() as conn:
+        with self._database(), self.engine.connect() as conn:
             row = conn.execute(sa.select(self.analyses).where(self.analyses.c.id == analysis_id)).mappings().first()
             if row is None:
                 return None
@@ -209,6 +269,31 @@ class FeedbackStore:
 
     def image_path(self, record: dict[str, Any]) -> Path:
         return self.images_dir / record["image"]
+
+    def read_image(self, record: dict[str, Any]) -> bytes:
+        try:
+            return self.image_path(record).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"feedback storage unavailable: the stored image of analysis {record['analysis_id']} "
+                               f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+
+    def health(self) -> str | None:
+        """What keeps the store from taking new analyses (None: nothing): a probe file written, synced and
+        removed in the images folder, and a round trip to the database."""
+        sa = require("sqlalchemy")
+        try:
+            with tempfile.TemporaryFile(dir=self.images_dir, prefix=".probe.") as probe:
+                probe.write(b"probe")
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as exc:
+            return str(_os_problem("the images folder", exc))
+        try:
+            with self._database(), self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except StorageError as exc:
+            return str(exc)
+        return None
 
     def confirmed(self) -> list[Confirmed]:
         """(image path, label, record) for every analysis a clinician labelled, the latest label each."""
@@ -235,17 +320,20 @@ class FeedbackStore:
                     for name, table in (("analyses", self.analyses), ("feedback", self.feedback))}
 
     def verify(self) -> list[str]:
-        """Problems found: referenced images missing or not matching their hash (empty: consistent)."""
+        """Problems found: referenced images missing or not matching the hash they are named by (empty: consistent)."""
         sa = require("sqlalchemy")
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(self.analyses.c.id, self.analyses.c.image, self.analyses.c.image_sha256)).all()
+            rows = conn.execute(sa.select(self.analyses.c.id, self.analyses.c.image, self.analyses.c.original)).all()
         problems = []
-        for analysis_id, image, digest in rows:
-            path = self.images_dir / image
-            if not path.is_file():
-                problems.append(f"analysis {analysis_id}: image {image} is missing")
-            elif sha256_file(path) != digest:
-                problems.append(f"analysis {analysis_id}: image {image} does not match its hash")
+        for analysis_id, *files in rows:
+            for folder, name in zip((self.images_dir, self.originals_dir), files):
+                if name is None:
+                    continue
+                path = folder / name
+                if not path.is_file():
+                    problems.append(f"analysis {analysis_id}: {folder.name} file {name} is missing")
+                elif sha256_file(path) != name.split(".")[0]:
+                    problems.append(f"analysis {analysis_id}: {folder.name} file {name} does not match its hash")
         return problems
 
     def close(self) -> None:
@@ -261,6 +349,7 @@ class FeedbackStore:
 def _analysis_record(row: Any) -> dict[str, Any]:
     """A database row -> the JSON-ready record the API returns and the retrain step reads."""
     return {"analysis_id": row["id"], "image": row["image"], "image_sha256": row["image_sha256"],
+            "original": row["original"],
             "model_sha256": row["model_sha256"], "model_created": row["model_created"],
             "predicted": row["label"], "referral": row["referral"], "probabilities": dict(row["probabilities"]),
             "gate": row["gate"], "analysed_at": _iso(row["created_at"])}

@@ -49,7 +49,9 @@ def url_of(sock: socket.socket) -> str:
 def _server(app: Any, cfg: ServeConfig) -> Any:
     uvicorn = require("uvicorn")
     # h11: pure Python, the same everywhere; the event loop is not where the time goes (the model is).
-    return uvicorn.Server(uvicorn.Config(app, http="h11", log_level=cfg.log_level, timeout_graceful_shutdown=5))
+    # access_log off: uvicorn's logs each URL with its query; security.Guard logs the route template instead.
+    return uvicorn.Server(uvicorn.Config(app, http="h11", log_level=cfg.log_level, access_log=False,
+                                         timeout_graceful_shutdown=5))
 
 
 def run_server(cfg: ServeConfig) -> None:
@@ -72,9 +74,9 @@ def run_server(cfg: ServeConfig) -> None:
               f"model calls: {cfg.model_calls} at a time, {torch.get_num_threads()} thread(s) each, "
               f"up to {cfg.max_batch} images per call",
               highlight=False, soft_wrap=True)
-    if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
-        say.print("[yellow]note:[/] there is no authentication: anyone who reaches this address can upload images "
-                  "and read analyses (put an authenticating reverse proxy with TLS in front)", soft_wrap=True)
+    if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:  # ServeConfig made sure of a token
+        say.print("[yellow]note:[/] reachable from other machines, with an API token but over plain HTTP: "
+                  "put a reverse proxy with TLS in front", soft_wrap=True)
     try:
         _server(app, cfg).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl-C: a normal end
@@ -113,7 +115,7 @@ def child_env(**extra: str) -> dict[str, str]:
 class ServerProcess:
     """`retinalens serve` in a child process (benchmarks, tests, scripts): its URL and its log lines.
 
-    Its output (stdout: uvicorn's access log; stderr: the rest) is read all along, so that the pipe
+    Its output (stdout and stderr: the startup lines, the access log, errors) is read all along, so that the pipe
     never fills and `log` holds everything it wrote."""
 
     def __init__(self, bundle: str | Path, *options: str, start_timeout: float = 120.0) -> None:

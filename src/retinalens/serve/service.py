@@ -7,6 +7,7 @@ backbone, which is not thread-safe, so heat maps are made one at a time under a 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import threading
@@ -17,10 +18,12 @@ from typing import Any
 from ..errors import ImageDecodeError, RetinaLensError
 from ..bundle.card import model_card
 from ..feedback.store import FeedbackStore, ModelVersion, UnknownAnalysis
-from .uploads import display_name, sniff_image
+from .security import LOOPBACK_NAMES, host_name, is_loopback
+from .uploads import ImageTooLarge, display_name, sniff_image, without_metadata
 
 HEATMAP_SIDE = 1024  # a fundus photo's full-size overlay would be megabytes of PNG for a page that shows ~500 px
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+MIN_TOKEN = 16  # characters: a token short enough to guess is no protection
 
 
 @dataclass
@@ -36,6 +39,9 @@ class ServeConfig:
                         # in 16), and a smaller batch is answered sooner (benchmarks/bench_serve.py measures both)
     max_files: int = 32  # per request
     log_level: str = "info"
+    allowed_hosts: tuple[str, ...] = ()  # Host names served besides --host and the loopback names
+    token: str | None = None  # API token; required when --host is reachable from other machines
+    keep_originals: bool = False  # also keep each upload verbatim (with its metadata) in originals/
 
     def __post_init__(self) -> None:
         if not self.max_upload_mb > 0:
@@ -48,6 +54,17 @@ class ServeConfig:
             raise RetinaLensError(f"--port must be 0-65535 (got {self.port})")
         if self.log_level not in LOG_LEVELS:
             raise RetinaLensError(f"--log-level must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r})")
+        if self.token is not None and len(self.token) < MIN_TOKEN:
+            raise RetinaLensError(f"--token must be at least {MIN_TOKEN} characters (e.g. python -c "
+                                  "'import secrets; print(secrets.token_urlsafe())')")
+        if not self.token and not is_loopback(self.host):
+            raise RetinaLensError(f"--host {self.host} is reachable from other machines: set an API token "
+                                  "(--token or RETINALENS_TOKEN)")
+
+    @property
+    def host_names(self) -> set[str]:
+        """The Host header names this server answers for."""
+        return {host_name(h) for h in (self.host, *LOOPBACK_NAMES, *self.allowed_hosts)}
 
     @property
     def max_upload_bytes(self) -> int:
@@ -142,6 +159,8 @@ class Service:
             upload = Upload(i, display_name(filename, i), data)
             try:
                 upload.extension = sniff_image(data)
+            except ImageTooLarge as exc:  # a bomb refuses the whole request (413): it is an attack, not a scan
+                raise ImageTooLarge(f"{upload.name}: {exc}") from None
             except ImageDecodeError as exc:
                 upload.error = str(exc)
             uploads.append(upload)
@@ -162,7 +181,10 @@ class Service:
                 results.append(result | {"error": str(pred["error"])})
                 continue
             pred = jsonable({k: v for k, v in pred.items() if k != "input"})
-            analysis_id = self.store.add_analysis(upload.data, upload.extension, pred, self.version)
+            original = (upload.data, upload.extension) if self.cfg.keep_originals else None
+            stored, extension = without_metadata(upload.data, upload.extension)
+            analysis_id = self.store.add_analysis(stored, extension, pred, self.version, original=original,
+                                                  upload_sha256=hashlib.sha256(upload.data).hexdigest())
             results.append(result | {"id": analysis_id, **shown(pred), "heatmap": f"/api/analyses/{analysis_id}/heatmap.png"})
         return results
 
@@ -170,7 +192,7 @@ class Service:
         """The Grad-CAM overlay of an analysed image for its predicted class (for the most likely one
         when the quality gate refused a label), at most HEATMAP_SIDE pixels a side."""
         record = self.analysis(analysis_id)
-        data = self.store.image_path(record).read_bytes()
+        data = self.store.read_image(record)
         # A database kept across models may hold a label this model does not have: explain its own best then.
         target = record["predicted"] if record["predicted"] in self.model.classes else None
         with self._cam_lock:  # one at a time: the explainer's hooks keep per-call state

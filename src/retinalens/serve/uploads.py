@@ -1,8 +1,14 @@
-"""What an upload is, judged by its bytes alone.
+"""What an upload is, judged by its bytes alone, and what of it is kept.
 
 The format comes from the magic bytes (Pillow, restricted to the formats we accept, so that no exotic
 decoder ever sees client data), never from the client's file name or content type. The client's name
 is only echoed back for display; it never becomes a path and is never logged.
+
+What is stored is the pixels alone: EXIF, JPEG comments, PNG text chunks and ICC profiles, where
+clinics' software writes patient names and record numbers, never reach the disk. A JPEG keeps its
+compressed data bit for bit without its metadata segments; anything else becomes a PNG of the
+decoder's output, the very pixels the model saw (orientation applied, 16-bit scans stretched). Either
+way a prediction or a heat map made from the stored copy is the one made from the upload.
 """
 
 from __future__ import annotations
@@ -11,12 +17,16 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data.decode import ALLOWED_FORMATS
+from ..data.decode import ALLOWED_FORMATS, MAX_PIXELS, decode_image
 from ..errors import ImageDecodeError
 
 # Pillow format -> the extension of the stored file: the decoder's own allow-list.
 ACCEPTED = {fmt: fmt.lower() for fmt in ALLOWED_FORMATS}
 ACCEPTED_TEXT = "JPEG, PNG, TIFF, BMP or WebP"
+
+
+class ImageTooLarge(ImageDecodeError):
+    """More pixels than any retinal image has: a decompression bomb, refused before it is decoded."""
 
 
 def sniff_image(data: bytes) -> str:
@@ -25,15 +35,90 @@ def sniff_image(data: bytes) -> str:
         raise ImageDecodeError("empty file")
     try:
         with Image.open(io.BytesIO(data), formats=list(ACCEPTED)) as img:  # reads the header only
-            fmt = img.format
+            fmt, (width, height) = img.format, img.size
+    except Image.DecompressionBombError:  # Pillow's own, far higher limit: the header alone says so
+        raise ImageTooLarge(f"refused: more than {MAX_PIXELS:,} pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise ImageDecodeError(f"not an image file ({ACCEPTED_TEXT} expected)") from None
     if fmt not in ACCEPTED:
         raise ImageDecodeError(f"{fmt} files are not accepted ({ACCEPTED_TEXT} expected)")
+    if width * height > MAX_PIXELS:
+        raise ImageTooLarge(f"refused: {width}x{height} pixels, more than {MAX_PIXELS:,}")
     return ACCEPTED[fmt]
 
 
+def without_metadata(data: bytes, extension: str) -> tuple[bytes, str]:
+    """(the bytes to store, their extension): the upload without any metadata, with the same pixels.
+
+    A JPEG keeps its compressed data bit for bit and loses its APPn and COM segments (EXIF, XMP, ICC,
+    comments, vendor blocks) and whatever trails its end: no re-encoding, no cost, no larger file.
+    Everything else, and a JPEG whose EXIF rotates it (the decoder turns it upright; without EXIF it
+    would not), becomes a PNG of the decoded pixels."""
+    if extension == "jpeg":
+        with Image.open(io.BytesIO(data)) as img:
+            upright = img.getexif().get(0x0112, 1) == 1  # EXIF orientation
+        stripped = _strip_jpeg(data) if upright else None
+        if stripped:
+            return stripped, "jpeg"
+    return pixels_png(data), "png"
+
+
+# APP0 (JFIF) and APP14 (Adobe) say how the decoder turns the components into colours: kept (they hold
+# no free text); every other APPn (0xE1-0xEF) and COM (0xFE) goes.
+_KEPT_APP = (0xE0, 0xEE)
+_NO_LENGTH = {0x01, *range(0xD0, 0xDA)}  # TEM, RST0-7, SOI, EOI: markers without a segment
+_IN_SCAN = {0x00, *range(0xD0, 0xD8)}  # after 0xFF inside entropy-coded data: a stuffed 0xFF byte, RSTn
+
+
+def _strip_jpeg(data: bytes) -> bytes | None:
+    """The JPEG with its metadata segments dropped, up to its EOI; None if its marker structure is not
+    what it should be (then the caller re-encodes)."""
+    out, i, n = [data[:2]], 2, len(data)
+    if data[:2] != b"\xff\xd8":
+        return None
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xD9:  # EOI: anything after it (some software appends data there) is dropped
+            out.append(b"\xff\xd9")
+            return b"".join(out)
+        if marker in _NO_LENGTH:
+            out.append(data[i:i + 2])
+            i += 2
+            continue
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if end > n:
+            return None
+        if not (0xE0 <= marker <= 0xEF or marker == 0xFE) or marker in _KEPT_APP:
+            out.append(data[i:end])
+        i = end
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker (0xFF00: a data byte, RSTn)
+            j = data.find(b"\xff", i)
+            while 0 <= j < n - 1 and data[j + 1] in _IN_SCAN:
+                j = data.find(b"\xff", j + 2)
+            if j < 0:
+                return None
+            out.append(data[i:j])
+            i = j
+    return None
+
+
+def pixels_png(data: bytes) -> bytes:
+    """The upload's decoded pixels as a PNG with no metadata chunk (nothing but the pixels is written).
+    keep_grey: a grey scan stays one channel; the model's RGB conversion of it is the same either way."""
+    img = decode_image(data, keep_grey=True)
+    img.info.clear()  # Pillow's PNG writer would copy an ICC profile (free text inside) from here
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)  # level 1: fast, ~5% larger than the default
+    return buf.getvalue()
+
+
 def display_name(filename: str | None, index: int) -> str:
-    """The client's file name for display only: its last component, bounded; never used as a path."""
+    """The client's file name for display only: its last component, bounded, valid UTF-8; never used as a path."""
     name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    name = name.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate could not be sent back as JSON
     return name[:200] or f"image {index + 1}"
