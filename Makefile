@@ -9,11 +9,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench clean browser postgres
 
+# pip runs --quiet (its log would be thousands of lines): one line before each step says what is
+# installed and roughly how big it is, measured on our machines (wheels, and their size once unpacked).
 $(STAMP): pyproject.toml Makefile
+	@echo "creating the virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "installing $(TORCH_PINS) with its CUDA libraries and triton"
+	@echo "  (about 2.8 GB of wheels, 5.4 GB on disk; a few minutes)"
 	$(PY) -m pip install --quiet $(TORCH_PINS)
+	@echo "installing retinalens (editable) and its dependencies: timm, scikit-learn, matplotlib, FastAPI,"
+	@echo "  SQLAlchemy, onnxruntime, pytest, ... (about 0.7 GB on disk; a minute or two)"
 	$(PY) -m pip install --quiet -e ".[test]" $(TORCH_PINS)
 	touch $(STAMP)
+	@echo "installed: $(VENV)/bin/retinalens"
 
 install: $(STAMP)
 
@@ -38,8 +46,9 @@ postgres:
 	      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null 2>&1; }; }; } || \
 	  echo "PostgreSQL is not installed: the PostgreSQL tests will be skipped"
 
+# -rs: why each skipped test was skipped; --durations=15: the slowest tests, at the end.
 test: $(STAMP) browser postgres
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -rs --durations=15
 
 # The README's pictures of the web page (desktop, 390 px) and the HTML report, made by the browser tests.
 .PHONY: screenshots

@@ -8,10 +8,13 @@
 
     bundle = retinalens.train("OCT2017", out="bundle")            # discover, split, extract, train
     retinalens.extract("OCT2017", backbone="inception_v3")        # just the feature cache
+    retinalens.predict("bundle", ["scan.jpeg"], csv_path="p.csv")  # = retinalens predict
 
-Every public name is imported on first use: `import retinalens` (and `retinalens --help`) loads no
-torch. `train`, `extract` and `evaluate` are the functions of retinalens.api, also after a subpackage
-of the same name (retinalens/train, retinalens/evaluate) is imported: see _Package.
+One function per command (retinalens.api): extract, train, evaluate, report, predict, explain, export,
+serve, retrain, prepare_fundus, demo, backbones. Every public name is imported on first use:
+`import retinalens` (and `retinalens --help`) loads no torch. The API functions stay functions also
+after a subpackage of the same name (retinalens/train, /evaluate, /predict, /explain, /export, /serve,
+/demo) is imported: see _Package.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from ._version import __version__
 from .errors import ImageDecodeError, RetinaLensError
 
 if TYPE_CHECKING:
-    from .api import evaluate, extract, train  # noqa: F401
+    from .api import (backbones, demo, evaluate, explain, export, extract, predict, prepare_fundus,  # noqa: F401
+                      report, retrain, serve, train)
 
-# The API functions named like the subpackages that implement them.
-_API = ("train", "extract", "evaluate")
+# The API functions: one per command, several named like the subpackages that implement them.
+_API = ("extract", "train", "evaluate", "report", "predict", "explain", "export", "serve", "retrain",
+        "prepare_fundus", "demo", "backbones")
 
 _LAZY = {
     **dict.fromkeys(_API, "retinalens.api"),

@@ -1,23 +1,38 @@
 """Python functions that mirror the CLI commands one to one (`retinalens train` = `retinalens.train`).
 
-An option left out (or None) takes its default from the dataclasses of retinalens/config.py, the
-same default the CLI shows in `--help`: each one is written there and nowhere else.
+One function per command, each a thin call into the module that does the work. An option left out
+(or None) takes its default from the dataclasses of retinalens/config.py, the same default the CLI
+shows in `--help` (each one is written there and nowhere else), or else from the implementing
+function's own signature. The functions return what the command prints; the CLI adds the printing.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ._io import atomic_write_bytes, atomic_write_json
 from .bundle.store import Bundle, load_bundle
-from .config import EvaluateConfig, ExtractConfig, ExtractOptions, given, str_or_none
+from .config import (DEMO_OUT, EXPLAIN_OUT, EvaluateConfig, ExtractConfig, ExtractOptions, given,
+                     str_or_none)
 from .data.discover import discover
+from .data.fundus.prepare import PrepareReport
 from .data.hashing import sha256_files
+from .demo import DEMO_DATA
+from .errors import RetinaLensError
 from .features.cache import FeatureCache
 from .features.extract import ExtractReport, extract_features, open_cache
-from .models.registry import create_backbone, resolve_precision
+from .models.registry import BackboneSpec, create_backbone, list_backbones, resolve_precision
+from .predict.model import Model, load
+from .predict.table import predictions_csv
 from .train.pipeline import build_run_config, train_bundle
+
+NAME_MAX = 255  # bytes in a file name, on every common file system
+_SAFE = re.compile(r"[^\w.-]+")  # what may stay in a file name built from an input name or a class
 
 
 def extract(data: str | Path, *, backbone: str | None = None, weights: str | Path | None = None,
@@ -48,9 +63,154 @@ def train(data: str | Path, out: str | Path, *, progress: bool = False, **option
 
 def evaluate(bundle: str | Path | Bundle, data: str | Path, *, progress: bool = False,
              **options: Any) -> dict[str, Any]:
-    """`retinalens evaluate`: metrics with CIs (see evaluate.run.evaluate_bundle for the options; `split`
-    and `n_boot` default to EvaluateConfig's)."""
+    """`retinalens evaluate`: metrics with CIs (options: evaluate.run.evaluate_bundle's: split, cache,
+    json_path, report_path, n_boot, workers, patient_regex, images_dir; `split` and `n_boot` default to
+    EvaluateConfig's). The one way to evaluate a bundle."""
     from .evaluate.run import evaluate_bundle
 
     return evaluate_bundle(bundle if isinstance(bundle, Bundle) else load_bundle(bundle), data, progress=progress,
                            **(asdict(EvaluateConfig()) | options))
+
+
+def report(bundle: str | Path | Bundle, data: str | Path, out: str | Path, *, progress: bool = False,
+           **options: Any) -> dict[str, Any]:
+    """`retinalens report`: evaluate and write the full HTML report to `out`; returns the metrics."""
+    return evaluate(bundle, data, report_path=out, progress=progress, **options)
+
+
+def predict(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[str | Path], *,
+            json_path: str | Path | None = None, csv_path: str | Path | None = None, batch_size: int | None = None,
+            workers: int | None = None, runtime: str | None = None, progress: bool = False) -> list[dict[str, Any]]:
+    """`retinalens predict`: one result per image (`load(bundle).predict_many`), written as JSON and/or
+    CSV when asked. Bad inputs get {"input", "error"}; the rest still complete."""
+    model = _model(bundle, runtime)
+    sources = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    results = model.predict_many(sources, progress=progress, **given(batch_size=batch_size, workers=workers))
+    if json_path:
+        atomic_write_json(Path(json_path), results)
+    if csv_path:
+        atomic_write_bytes(Path(csv_path), predictions_csv(results, model.classes).encode())
+    return results
+
+
+def _model(bundle: str | Path | Bundle | Model, runtime: str | None = None) -> Model:
+    if isinstance(bundle, Model):
+        return bundle
+    if isinstance(bundle, Bundle):
+        return Model(bundle, **given(runtime=runtime))
+    return load(bundle, **given(runtime=runtime))
+
+
+def explain(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[str | Path], *,
+            class_name: str | None = None, out: str | Path = EXPLAIN_OUT, batch_size: int | None = None,
+            on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """`retinalens explain`: a Grad-CAM overlay PNG per image in `out` (`scan.CNV.png`). Returns, per image,
+    {input, png, label, probability, class} or {input, error}; `on_result` sees each one as it is done."""
+    from .explain import Explainer
+
+    model = _model(bundle)
+    sources = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    used: set[str] = set()
+    done: list[dict[str, Any]] = []
+    with Explainer(model) as ex:
+        if class_name is not None:
+            ex.class_index(class_name)  # an unknown class fails before any image is read
+        for result in ex.explain_many(sources, class_name, **given(batch_size=batch_size)):
+            if isinstance(result, dict):
+                record = result
+            else:
+                png = Path(out).expanduser() / _png_name(result.input, result.class_name, used)
+                atomic_write_bytes(png, result.overlay_png())
+                record = {"input": result.input, "png": str(png), "label": result.label,
+                          "probability": result.probabilities[result.label], "class": result.class_name}
+            done.append(record)
+            if on_result is not None:
+                on_result(record)
+    if done and all("error" in r for r in done):
+        raise RetinaLensError(f"none of the {len(done)} input(s) could be read")
+    return done
+
+
+def _png_name(name: str, class_name: str, used: set[str]) -> str:
+    """`scan.jpeg` -> `scan.CNV.png`; a name already taken in this run gets `-2`, `-3`, ...
+    At most NAME_MAX bytes: a long stem is cut and given a hash of the whole name, so that two long
+    names that share their first 200 bytes still get two files."""
+    stem = _SAFE.sub("_", Path(name.split("?")[0].rstrip("/")).stem) or "image"
+    label = _cut(_SAFE.sub("_", class_name), 64)
+    room = NAME_MAX - len(f".{label}-999999.png".encode())
+    if len(stem.encode()) > room:
+        stem = f"{_cut(stem, room - 9)}~{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    base = f"{stem}.{label}"
+    candidate, n = f"{base}.png", 1
+    while candidate in used:
+        n += 1
+        candidate = f"{base}-{n}.png"
+    used.add(candidate)
+    return candidate
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8, never inside a character."""
+    return text.encode()[:limit].decode(errors="ignore")
+
+
+def export(bundle: str | Path | Bundle, fmt: str | None = None, out: str | Path | None = None,
+           quantize: str | None = None) -> Path:
+    """`retinalens export`: onnx (default) | torchscript | coreml | tflite (`quantize`: none | int8, LiteRT
+    only), with its FILE.json sidecar; returns the file."""
+    from .export.formats import export_bundle
+
+    return export_bundle(bundle, **given(fmt=fmt, quantize=quantize), out=out)
+
+
+def serve(bundle: str | Path, **options: Any) -> None:
+    """`retinalens serve`: the web app and REST API, until stopped (extra `serve`). `options` are
+    serve.service.ServeConfig's fields (host, port, db, images, max_upload_mb, threads, max_batch, ...)."""
+    from .serve.server import run_server
+    from .serve.service import ServeConfig
+
+    run_server(ServeConfig(bundle=Path(bundle), **options))
+
+
+def retrain(bundle: str | Path, feedback: str | Path, out: str | Path, *, images_dir: str | Path | None = None,
+            cache: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """`retinalens retrain`: a candidate trained with the confirmed feedback, promoted to `out` only if
+    not worse on validation (else written to OUT.rejected). Returns the comparison."""
+    from .train.retrain import retrain as run_retrain
+
+    return run_retrain(bundle, feedback, out, images_dir=images_dir, cache=cache, progress=progress)
+
+
+def prepare_fundus(src: str | Path, dst: str | Path, *, size: int | None = None, contrast: bool | None = None,
+                   fmt: str | None = None, workers: int | None = None, progress: bool = False) -> PrepareReport:
+    """`retinalens prepare fundus`: crop, square and resize fundus photographs (workers None: every core)."""
+    from .data.fundus.prepare import prepare_fundus as run_prepare
+
+    return run_prepare(src, dst, workers=workers, progress=progress, **given(size=size, contrast=contrast, fmt=fmt))
+
+
+def backbones() -> list[BackboneSpec]:
+    """`retinalens backbones`: the registered backbones."""
+    return list_backbones()
+
+
+@dataclass
+class DemoRun:
+    """What `retinalens demo` made: the test metrics, the example predictions and the bundle."""
+
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]]
+    bundle: Bundle
+    out: Path
+
+
+def demo(out: str | Path = DEMO_OUT, *, epochs: int | None = None, progress: bool = False) -> DemoRun:
+    """`retinalens demo`: extract -> train -> evaluate -> predict on the bundled sample of real OCT scans,
+    into `out` (cache/, bundle/, report.html, metrics.json, predictions.csv). `epochs`: None is train's default."""
+    out = Path(out).expanduser()
+    bundle = train(DEMO_DATA, out / "bundle", cache=out / "cache", epochs=epochs, progress=progress)
+    metrics = evaluate(bundle, DEMO_DATA, split="test", cache=out / "cache", json_path=out / "metrics.json",
+                       report_path=out / "report.html", progress=progress)
+    examples = sorted((DEMO_DATA / "test").glob("*/*.jpeg"))[::8]
+    predictions = predict(bundle, examples, csv_path=out / "predictions.csv")
+    return DemoRun(metrics, predictions, bundle, out)

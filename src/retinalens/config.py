@@ -20,6 +20,8 @@ from typing import Any
 # ends it); an epoch on images costs a pass through the backbone.
 MODE_EPOCHS = {"bottleneck": 60, "frozen": 20, "finetune": 15, "scratch": 30}
 AUTO_HEAD = "auto"  # train's --head: conv and logreg both (bottleneck), or each image mode's own head
+DEMO_OUT = "demo-out"  # demo's --out: the cache, bundle, report and predictions of the bundled sample
+EXPLAIN_OUT = "heatmaps"  # explain's --out: the folder of the overlay PNGs
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .._console import console
+from .._console import console, markup_safe
 
 
 def export(
@@ -17,13 +17,14 @@ def export(
     out: Path | None = typer.Option(None, "--out", "-o", help="File to write (a .mlpackage folder for coreml); "
                                        "default: BUNDLE's name with the format's suffix, in the current folder."),
 ) -> None:
-    """Export backbone + head + preprocessing as one graph (uint8 pixels in, probabilities and pooled
-    features out, dynamic batch), with a FILE.json sidecar holding classes, preprocessing and provenance."""
-    from rich.markup import escape
+    """Export the model as one graph for other runtimes (ONNX, TorchScript, Core ML).
 
-    from ..export.formats import export_bundle, sidecar_path
+    Backbone + head + preprocessing in one graph (uint8 pixels in, probabilities and pooled features out,
+    dynamic batch), with a FILE.json sidecar holding classes, preprocessing and provenance."""
+    from ..api import export as run_export
+    from ..export.formats import sidecar_path
 
-    path = export_bundle(bundle, fmt, out, quantize=quantize)
+    path = run_export(bundle, fmt, out, quantize=quantize)
     size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    console().print(f"[green]exported:[/] {escape(str(path))} ({size / 1e6:.1f} MB); "
-                    f"metadata: {escape(str(sidecar_path(path)))}")
+    console().print(f"[green]exported:[/] {markup_safe(path)} ({size / 1e6:.1f} MB); "
+                    f"metadata: {markup_safe(sidecar_path(path))}", highlight=False, soft_wrap=True)

@@ -13,14 +13,14 @@ from typing import Optional
 
 import typer
 
-from .._console import console
-from ..config import (AUTO_HEAD, MODE_EPOCHS, EvaluateConfig, ExtractConfig, ExtractOptions, ImageTrainConfig,
+from .._console import console, markup_safe
+from ..config import (AUTO_HEAD, DEMO_OUT, MODE_EPOCHS, EvaluateConfig, ExtractConfig, ExtractOptions, ImageTrainConfig,
                       RunConfigBase, SplitConfig, TrainConfigBase, default)
 from ..errors import RetinaLensError
-from .demo import DEMO_OUT
+from ..predict.table import predictions_csv
 from .options import (BackboneOpt, CacheOpt, ImagesOpt, PatientOpt, PrecisionOpt, QuietOpt, RandomOpt, WeightsOpt,
-                      WorkersOpt, config_option)
-from .output import predictions_csv, print_gate_summary, print_metrics, print_predictions
+                      WorkersOpt, add_command, config_option)
+from .output import print_gate_summary, print_metrics, print_predictions
 from .prepare import prepare_app
 from .retrain import retrain
 from .serve import serve
@@ -32,21 +32,11 @@ from .export import export
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="RetinaLens: deep-learning triage of retinal images (OCT B-scans, fundus photos).")
 
-app.add_typer(prepare_app, name="prepare")
-app.command()(retrain)
-app.command()(serve)
-app.command()(explain)
-app.command()(report)
-app.command()(export)
-app.command()(verify)
-
-
-@app.command()
 def extract(
     data: Path = typer.Argument(..., help="Dataset root, class-folder tree or labels CSV."),
     backbone: str = BackboneOpt, weights: Optional[Path] = WeightsOpt, random_weights: bool = RandomOpt,
     cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
-    batch_size: int = config_option(ExtractConfig, "batch_size"),
+    batch_size: int = config_option(ExtractConfig, "batch_size", help="Images per backbone call."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: extract only this process's share (for many machines)."),
     spatial: bool = typer.Option(default(ExtractOptions, "spatial"), "--spatial/--no-spatial",
                                  help="Also store spatial maps (the conv head needs them)."),
@@ -60,10 +50,9 @@ def extract(
                                 precision=precision, batch_size=batch_size, workers=workers, shard=parse_shard(shard),
                                 spatial=spatial, patient_regex=patient_regex, images_dir=images, progress=not quiet)
     print_extract_report(report)
-    console().print(f"cache: {store.dir} ({len(store)} images)")
+    console().print(f"cache: {markup_safe(store.dir)} ({len(store)} images)", highlight=False, soft_wrap=True)
 
 
-@app.command()
 def train(
     data: Path = typer.Argument(..., help="Dataset root (train/ and test/ used when present), class folders or CSV."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
@@ -76,8 +65,9 @@ def train(
     hidden: Optional[int] = typer.Option(None, "--hidden", help="Linear head: hidden units (0 = logistic regression)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Default by mode: " + ", ".join(
         f"{m} {n}" for m, n in MODE_EPOCHS.items()) + " (early stopping may end sooner)."),
-    seed: int = config_option(TrainConfigBase, "seed"), batch_size: int = config_option(TrainConfigBase, "batch_size"),
-    lr: float = config_option(TrainConfigBase, "lr"),
+    seed: int = config_option(TrainConfigBase, "seed", help="Seeds the split and the training."),
+    batch_size: int = config_option(TrainConfigBase, "batch_size", help="Training batch size."),
+    lr: float = config_option(TrainConfigBase, "lr", help="Learning rate (of the head)."),
     balance: Optional[str] = typer.Option(None, "--balance", help="none | oversample (image modes: minority classes "
                                           "rotated 90/120/180/270 and mirrored) | weights (inverse-frequency loss "
                                           "weights)."),
@@ -115,14 +105,13 @@ def train(
                        class_weights=class_weights, unfreeze=unfreeze, backbone_lr_scale=backbone_lr_scale,
                        warmup_epochs=warmup_epochs, augment=augment, device=device, resume=resume,
                        target_sensitivity=target_sensitivity, sign_key=sign_key)
-    console().print(f"[green]bundle written:[/] {bundle.path}")
+    console().print(f"[green]bundle written:[/] {markup_safe(bundle.path)}", highlight=False, soft_wrap=True)
 
 
-@app.command()
 def evaluate(
     bundle: Path = typer.Argument(..., help="Model bundle folder."),
     data: Path = typer.Argument(..., help="Dataset root (its --split is used) or a class-folder tree (used whole)."),
-    split: str = config_option(EvaluateConfig, "split"),
+    split: str = config_option(EvaluateConfig, "split", help="The split of a dataset root to evaluate on."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write a self-contained HTML report."),
     n_boot: int = config_option(EvaluateConfig, "n_boot", help="Bootstrap resamples for the confidence intervals."),
@@ -136,46 +125,41 @@ def evaluate(
                      workers=workers, progress=not quiet, patient_regex=patient_regex, images_dir=images)
     print_metrics(m)
     for f in m["failures"]:
-        console().print(f"[red]failed[/] {f['error']}")
+        console().print(f"[red]failed[/] {markup_safe(f['error'])}", highlight=False, soft_wrap=True)
     for label, path in (("json", json_out), ("report", report)):
         if path:
-            console().print(f"{label}: {path}")
+            console().print(f"{label}: {markup_safe(path)}", highlight=False, soft_wrap=True)
 
 
-@app.command()
 def predict(
     bundle: Path = typer.Argument(..., help="Model bundle folder."),
     inputs: list[str] = typer.Argument(..., help="Image files, folders or http(s) URLs."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write the results as CSV."),
-    batch_size: int = typer.Option(16, "--batch-size"), workers: int = WorkersOpt,
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per model call."), workers: int = WorkersOpt,
     runtime: str = typer.Option("auto", "--runtime", help="torch | onnx (onnxruntime, fp32) | auto (onnx for fp32 "
                                 "bundles on the CPU, where it measured faster; torch for bf16 bundles)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Class, probabilities and referral level for each image; failures are listed at the end."""
-    from .._io import atomic_write_bytes, atomic_write_json
+    from ..api import predict as run_predict
     from ..predict.model import load
 
     model = load(bundle, runtime=runtime)
-    results = model.predict_many(inputs, batch_size=batch_size, workers=workers, progress=not quiet)
+    results = run_predict(model, inputs, json_path=json_out, csv_path=csv_out, batch_size=batch_size, workers=workers,
+                          progress=not quiet)
     if sys.stdout.isatty():
         print_predictions(results, model.classes)
     else:  # piped or redirected: whole CSV rows, never a table cut to 80 columns
         sys.stdout.write(predictions_csv(results, model.classes))
-    if json_out:
-        atomic_write_json(json_out, results)
-    if csv_out:
-        atomic_write_bytes(csv_out, predictions_csv(results, model.classes).encode())
     failed = [r for r in results if "error" in r]
     for r in failed:
-        console().print(f"[red]failed[/] {r['error']}")
+        console().print(f"[red]failed[/] {markup_safe(r['error'])}", highlight=False, soft_wrap=True)
     print_gate_summary(results, gated=model.gate is not None)
     if failed and len(failed) == len(results):
         raise RetinaLensError(f"none of the {len(results)} input(s) could be read")
 
 
-@app.command()
 def demo(out: Path = typer.Option(DEMO_OUT, "--out", help="Folder for the cache, bundle and report."),
          quiet: bool = QuietOpt) -> None:
     """Offline end-to-end run on the bundled Kermany OCT sample: extract, train, evaluate, predict."""
@@ -184,13 +168,20 @@ def demo(out: Path = typer.Option(DEMO_OUT, "--out", help="Folder for the cache,
     run_demo(out, progress=not quiet)
 
 
-@app.command()
 def backbones() -> None:
     """List the registered backbones."""
-    from ..models.registry import list_backbones
+    from ..api import backbones as registered
 
-    for spec in list_backbones():
+    for spec in registered():
         typer.echo(f"{spec.name:22s} {spec.description}")
+
+
+# In the order of `retinalens --help`: the pipeline, then the tools around it.
+for _fn in (extract, train, evaluate, report, predict, explain, export, verify, serve, retrain):
+    add_command(app, _fn)
+app.add_typer(prepare_app, name="prepare")
+for _fn in (demo, backbones):
+    add_command(app, _fn)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             return _internal_error(exc, debug)
         if isinstance(exc, OSError):  # a writer outside _io met a full disk or a read-only folder: the user's to fix
             exc = write_error(None, exc)
-        from rich.markup import escape  # a message may hold brackets (pip extras, file names): print them as they are
-
-        console().print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        # A message may hold brackets (pip extras) and file names (with any character): printed as they are.
+        console().print(f"[red]error:[/] {markup_safe(exc)}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console().print("interrupted")
@@ -226,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 def _internal_error(exc: Exception, debug: bool) -> int:
     if debug:
         raise exc
-    console().print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+    console().print(f"[red]internal error:[/] {type(exc).__name__}: {markup_safe(exc)} (run with --debug for the traceback)",
                     highlight=False, soft_wrap=True)
     return 1
 

@@ -7,7 +7,8 @@ the CLI writes no default of its own, so `--help` shows the value the Python API
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Callable, TypeVar
 
 import typer
 
@@ -17,6 +18,22 @@ from ..config import ExtractConfig, default
 def config_option(cls: type, name: str, *short: str, help: str | None = None) -> Any:  # noqa: A002 (typer's name)
     """`--name` (underscores as dashes, plus any `short` names) defaulting to dataclass `cls`'s field `name`."""
     return typer.Option(default(cls, name), f"--{name.replace('_', '-')}", *short, help=help)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def help_text(doc: str | None) -> str:
+    """A docstring as typer help: its paragraphs, each on one line. Typer's rich help keeps a docstring's
+    line breaks in the command list and in the paragraphs after the first, where rich then wraps the
+    lines again at the terminal's width: every source line would end in a ragged break."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc or "").split("\n\n"))
+
+
+def add_command(app: typer.Typer, fn: F, name: str | None = None) -> F:
+    """Register `fn` as a command of `app`, its docstring as the help (see help_text)."""
+    app.command(name, help=help_text(fn.__doc__))(fn)
+    return fn
 
 
 BackboneOpt = config_option(ExtractConfig, "backbone", "-b", help="Registry name or any timm model name.")

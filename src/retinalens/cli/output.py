@@ -1,16 +1,22 @@
-"""What the commands print: metrics and prediction tables, prediction CSV, the quality-gate summary.
+"""What the commands print: metrics and prediction tables, the quality-gate summary (the CSV rows of
+`predict` are predict/table.py's). File names are shown with their control characters escaped.
 
-Import-light (rich is imported when a table is drawn), and free of the commands themselves, so that
+Import-light (rich's tables are imported when one is drawn), and free of the commands themselves, so that
 cli/demo.py and others print exactly what `evaluate` and `predict` print without importing cli/main.py.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any, Iterator
 
-from .._console import console
+from .._console import console, markup_safe, printable
+from ..predict.table import yes_no
+
+if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions
+    from rich.measure import Measurement
+    from rich.text import Text
 
 
 def print_metrics(m: dict[str, Any]) -> None:
@@ -44,23 +50,60 @@ def print_metrics(m: dict[str, Any]) -> None:
                         + (f": {', '.join(f'{k} {v}' for k, v in gate['reasons'].items())}" if gate["reasons"] else ""))
 
 
-def print_predictions(results: list[dict[str, Any]], classes: list[str]) -> None:
+def print_predictions(results: list[dict[str, Any]], classes: list[str], out: Console | None = None) -> None:
+    """The results as a table on stdout (or `out`), narrow enough for 80 columns: single spaces between
+    columns, the inputs' common folder said once above, and a name still too long loses its start."""
+    from rich import box
     from rich.table import Table
 
-    t = Table()
+    ok = [r for r in results if "error" not in r]
+    folder = _common_folder([r["input"] for r in ok])
+    t = Table(box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False, title_justify="left",
+              title=f"in {markup_safe(folder)}/" if folder else None, title_style="")
     for col in ("input", "label", "referral", "refer", "gate", *classes):
         t.add_column(col)
-    for r in results:
-        if "error" not in r:
-            gate = r.get("gate", {"ok": True})
-            t.add_row(r["input"], r["label"] or "-", r["referral"] or "", _yes_no(r.get("refer")),
-                      "ok" if gate["ok"] else f"ungradable: {gate['reason']}",
-                      *(f"{r['probabilities'][c]:.3f}" for c in classes))
-    console(stdout=True).print(t)
+    for r in ok:
+        gate = r.get("gate", {"ok": True})
+        name = r["input"][len(folder) + 1:] if folder else r["input"]
+        t.add_row(ElidedStart(printable(name)), r["label"] or "-", r["referral"] or "",
+                  yes_no(r.get("refer")), "ok" if gate["ok"] else f"ungradable: {gate['reason']}",
+                  *(f"{r['probabilities'][c]:.3f}" for c in classes))
+    (out or console(stdout=True)).print(t, highlight=False)
 
 
-def _yes_no(value: bool | None) -> str:
-    return "" if value is None else ("yes" if value else "no")
+def _common_folder(names: list[str]) -> str:
+    """The folder every one of several file inputs is under ("" for one input, a URL, or none shared)."""
+    if len(names) < 2 or any("://" in n for n in names):
+        return ""
+    try:
+        folder = os.path.commonpath([os.path.dirname(n) for n in names]) if all(os.path.dirname(n) for n in names) else ""
+    except ValueError:  # absolute and relative names mixed
+        return ""
+    return "" if folder == os.sep else folder
+
+
+class ElidedStart:
+    """A table cell of one line that, when narrowed, drops the start of its text (`…CNV-108392-3.jpeg`).
+
+    Rich cuts a long cell from the right, which turns every file of one folder into the same
+    `folder/CNV/CNV-10839…`: the end of a path is what tells files apart."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        from rich.measure import Measurement
+
+        # At least the file name (and the ellipsis) when the table has to shrink, up to 40 columns.
+        tail = len(self.text.rstrip("/").rsplit("/", 1)[-1]) + 1
+        return Measurement(min(len(self.text), tail, 40), len(self.text))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Text]:
+        from rich.text import Text
+
+        w = options.max_width
+        shown = self.text if len(self.text) <= w else "…" + self.text[len(self.text) - w + 1:]
+        yield Text(shown, no_wrap=True, overflow="crop")
 
 
 def print_gate_summary(results: list[dict[str, Any]], gated: bool) -> None:
@@ -74,17 +117,3 @@ def print_gate_summary(results: list[dict[str, Any]], gated: bool) -> None:
         s = summarize(checked)
         console().print(f"{s['n_rejected']} of {s['n_checked']} ungradable"
                         + (" (" + ", ".join(f"{k} {v}" for k, v in s["reasons"].items()) + ")" if s["reasons"] else ""))
-
-
-def predictions_csv(results: list[dict[str, Any]], classes: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["input", "label", "referral", *[f"p_{c}" for c in classes], "p_referral", "refer", "gate", "gate_reason",
-                "error"])
-    for r in results:
-        p, gate = r.get("probabilities", {}), r.get("gate")
-        w.writerow([r["input"], r.get("label") or "", r.get("referral") or "", *[p.get(c, "") for c in classes],
-                    "" if r.get("p_referral") is None else r["p_referral"], _yes_no(r.get("refer")),
-                    "" if gate is None else ("ok" if gate["ok"] else "ungradable"), (gate or {}).get("reason") or "",
-                    r.get("error", "")])
-    return buf.getvalue()

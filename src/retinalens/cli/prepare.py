@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .._console import console
+from .._console import console, markup_safe
 
 prepare_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                           help="Prepare raw images for training (crop, square, resize).")
@@ -34,12 +34,13 @@ def fundus(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Crop each photo to its circular field of view, pad to a square, resize; drop black or unusable ones."""
-    from ..data.fundus import prepare_fundus
+    from ..api import prepare_fundus
 
     out = console()
     # Bad input raises RetinaLensError, which the main CLI's entry point turns into one line, exit 2.
     report = prepare_fundus(src, dst, size=size, contrast=contrast, workers=workers, progress=not quiet, fmt=fmt)
     for path, reason in report.dropped:
-        out.print(f"[yellow]dropped[/] {path}: {reason}", highlight=False, soft_wrap=True)
-    out.print(f"prepared {report.kept} images in {dst} ({report.prepared} new, {report.skipped_existing} already there), "
-              f"dropped {len(report.dropped)}; report: {report.report_path}", highlight=False, soft_wrap=True)
+        out.print(f"[yellow]dropped[/] {markup_safe(path)}: {markup_safe(reason)}", highlight=False, soft_wrap=True)
+    out.print(f"prepared {report.kept} images in {markup_safe(dst)} ({report.prepared} new, "
+              f"{report.skipped_existing} already there), dropped {len(report.dropped)}; "
+              f"report: {markup_safe(report.report_path)}", highlight=False, soft_wrap=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .._console import console
+from .._console import console, markup_safe
 from ..config import EvaluateConfig
 from .options import config_option
 
@@ -15,17 +15,20 @@ def report(
     bundle: Path = typer.Argument(..., help="Model bundle folder."),
     data: Path = typer.Argument(..., help="Dataset root (its --split is used) or a class-folder tree (used whole)."),
     out: Path = typer.Option(..., "--out", "-o", help="The HTML file to write."),
-    split: str = config_option(EvaluateConfig, "split"),
+    split: str = config_option(EvaluateConfig, "split", help="The split of a dataset root to evaluate on."),
     n_boot: int = config_option(EvaluateConfig, "n_boot", help="Bootstrap resamples for the confidence intervals."),
     cache: Path | None = typer.Option(None, "--cache", help="Feature cache root (as for evaluate)."),
     patient_regex: str | None = typer.Option(None, "--patient-regex", help="Regex with a (?P<patient>...) group."),
     images: Path | None = typer.Option(None, "--images", help="Folder of the images a labels CSV names."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Data, curves, confusion matrix, ROC, calibration, operating point, gate, misclassified images with
-    heat maps, and a model card: one HTML file (the same as `evaluate --report`)."""
-    from ..api import evaluate as run_evaluate
+    """The full HTML report of a bundle on a labelled dataset: one self-contained file.
 
-    m = run_evaluate(bundle, data, split=split, cache=cache, report_path=out, n_boot=n_boot, progress=not quiet,
-                     patient_regex=patient_regex, images_dir=images)
-    console().print(f"{m['n_images']} images, accuracy {m['accuracy']:.3f}; report: {out}", highlight=False, soft_wrap=True)
+    Data, curves, confusion matrix, ROC, calibration, operating point, gate, misclassified images with
+    heat maps, and a model card (the same report as `evaluate --report`)."""
+    from ..api import report as run_report
+
+    m = run_report(bundle, data, out, split=split, cache=cache, n_boot=n_boot, progress=not quiet,
+                   patient_regex=patient_regex, images_dir=images)
+    console().print(f"{m['n_images']} images, accuracy {m['accuracy']:.3f}; report: {markup_safe(out)}",
+                    highlight=False, soft_wrap=True)

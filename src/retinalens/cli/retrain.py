@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .._console import console
+from .._console import console, markup_safe
 
 
 def retrain(
@@ -20,7 +20,7 @@ def retrain(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Retrain on the parent's data plus confirmed feedback images that pass the quality gate."""
-    from ..train.retrain import retrain as run_retrain
+    from ..api import retrain as run_retrain
 
     r = run_retrain(bundle, feedback, out, images_dir=feedback_images, cache=cache, progress=not quiet)
     say = console()
@@ -29,8 +29,9 @@ def retrain(
         say.print(f"{split}: parent accuracy {_fmt(p['accuracy'])}, candidate {_fmt(c['accuracy'])} "
                   f"({c['n_images']} images)")
     say.print(f"{r['feedback']['added']} feedback image(s) added, {len(r['feedback']['left_out'])} left out; "
-              + (f"[green]promoted[/]: {r['bundle']} (version {r['version']})" if r["promoted"] else
-                 f"[yellow]not promoted[/] (worse on validation): kept at {r['bundle']}"))
+              + (f"[green]promoted[/]: {markup_safe(r['bundle'])} (version {r['version']})" if r["promoted"] else
+                 f"[yellow]not promoted[/] (worse on validation): kept at {markup_safe(r['bundle'])}"),
+              highlight=False, soft_wrap=True)
 
 
 def _fmt(v: float | None) -> str:

@@ -13,7 +13,7 @@ def serve(
     port: int = typer.Option(8000, "--port", help="Port (0: any free port; the address is printed)."),
     db: str | None = typer.Option(None, "--db", help="Feedback database: an SQLAlchemy URL (e.g. "
                                      "postgresql+psycopg://user@host/db, extra postgres) or an SQLite file "
-                                     "(default ~/.local/share/retinalens/feedback/feedback.db)."),
+                                     "(default: feedback.db in ~/.local/share/retinalens/feedback)."),
     images: Path | None = typer.Option(None, "--images", help="Folder for the stored images "
                                           "(default: images/ beside the SQLite file; required for other databases)."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest request body (all files), in MB."),

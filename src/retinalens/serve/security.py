@@ -19,7 +19,6 @@ import base64
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 import re
 import socket

@@ -88,8 +88,8 @@ def run_epochs(model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, *
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         state = LoopState(**{f.name: saved[f.name] for f in fields(LoopState)})
-    with progress_bar(cfg.epochs, description, progress, unit="epoch") as advance:
-        advance(state.epoch)
+    # The rate column shows s/epoch once an epoch takes longer than a second (an epoch on images does).
+    with progress_bar(cfg.epochs, description, progress, unit="epoch", completed=state.epoch) as advance:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             # Checked before an epoch, not after the one that ran out of patience: a run resumed from
             # that epoch's checkpoint stops there as well.

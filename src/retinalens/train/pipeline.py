@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .._console import console
+from .._console import console, markup_safe
 from ..config import (AUTO_HEAD, MODE_EPOCHS, ExtractConfig, ImageTrainConfig, RunConfigBase, SplitConfig, default, given,
                       str_or_none)
 from ..data.discover import Dataset, discover
@@ -208,7 +208,7 @@ def _prepare(cfg: RunConfig) -> _Data:
     task = get_task(cfg.task)
     ds, dropped = apply_task(discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir), task)
     for d in dropped:
-        say.print(f"[red]skipped[/] {d['path']}: {d['reason']}")
+        say.print(f"[red]skipped[/] {markup_safe(d['path'])}: {markup_safe(d['reason'])}")
     hashes = sha256_files(s.path for s in ds.samples)
     splits = make_splits(ds, cfg.split, hashes)
     summary = splits.summary(ds)
@@ -216,6 +216,13 @@ def _prepare(cfg: RunConfig) -> _Data:
               + "; ".join(f"{k} {v['n_images']} images / {v['n_patients']} patients" for k, v in summary.items() if k != "removed"))
     if splits.removed:
         say.print(f"removed {len(splits.removed)} image(s) to keep splits disjoint: {summary['removed']['reasons']}")
+    # Two copies of one image with different labels: one label is wrong, and only a person can tell which.
+    label = {str(s.path): s.label for s in ds.samples}
+    for r in splits.removed:
+        if r.get("label_conflict"):
+            say.print(f"[yellow]label conflict:[/] {markup_safe(r['path'])} ({markup_safe(label[r['path']])}) is the "
+                      f"same image as {markup_safe(r['same_as'])} ({markup_safe(label[r['same_as']])}); kept the "
+                      "latter's label (see splits.json)", highlight=False, soft_wrap=True)
     return _Data(ds, task, hashes, splits, summary)
 
 
