@@ -74,11 +74,12 @@ class Check:
 # the demo sample (README, Quality gate): flat_band 0 and block_run <= 1 on every one, contrast >= 19
 # grey levels, correlation >= 0.85; scans blurred (Gaussian radius 4-16) or dimmed to 5%: 0 and 0.
 FLOORS: tuple[Check, ...] = (
-    Check("min_side", "below", 32, "too_small"),  # pixels, of the decoded file
     Check("aspect", "above", 8, "wrong_shape"),  # a strip, not a scan or a photograph
+    Check("min_side", "below", 32, "too_small"),  # pixels, of the decoded file
     Check("contrast", "below", 0.5, "blank"),  # std of the grey image: one flat colour
     Check("block_run", "above", 4, "damaged"),  # 5+ identical flat 8x8 blocks in a row: corrupt JPEG data
-    Check("flat_band", "above", 0.015, "damaged"),  # 4+ of 224 rows of one flat value: a truncated tail
+    Check("flat_band", "above", 0.015, "damaged"),  # 4+ of 224 rows of one flat grey: a truncated tail
+    Check("black_band", "above", 0.4, "damaged"),  # a black band of 40%: more than any letterbox
     Check("correlation", "below", 0.3, "noisy"),  # neighbouring pixels unrelated: pure noise
 )
 
