@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 from retinalens.errors import RetinaLensError
 from retinalens.trust import NO_GATE, Gate, summarize
 from retinalens.trust.gate import GATE_FILE, Check, fit_gate
-from retinalens.trust.statistics import image_statistics
+from retinalens.trust.statistics import ALL_STATISTICS, image_statistics
 from retinalens.bundle.store import load_bundle
 from retinalens.predict.model import Model
 
@@ -61,7 +61,7 @@ def test_unusable_scans_are_ungradable_with_the_reason(model, scans, tmp_path, h
         assert r["gate"]["ok"] is False and r["gate"]["reason"] == expected, r
         assert r["label"] is None and r["referral"] is None and r["refer"] is None
         assert sum(r["probabilities"].values()) == pytest.approx(1.0)  # still there
-        assert set(r["gate"]["scores"]) == {"brightness", "clipped", "sharpness", "saturation", "distance"}
+        assert set(r["gate"]["scores"]) == {*ALL_STATISTICS, "distance"}
 
 
 def test_clean_scans_pass(model, scans):

@@ -90,6 +90,7 @@ class Training:
     best_epoch: int | None = None
     epochs_run: int | None = None
     extract_failures: int | None = None
+    screened: tuple[dict[str, str], ...] = ()  # {path, reason}: left out by the gate's floors before splitting
     head_selection: dict[str, Any] | None = None
     baseline: dict[str, float] | None = None  # the logistic-regression baseline on the same split
     config: dict[str, Any] | None = None  # the run's config, as config.json holds it
@@ -147,7 +148,7 @@ class Manifest:
                 head=HeadConfig.from_dict(d["head"]),
                 training=Training(tr.get("data"), tr.get("layout"), tr.get("mode"), dict(tr.get("splits") or {}),
                                   tr.get("best_epoch"), tr.get("epochs_run"), tr.get("extract_failures"),
-                                  tr.get("head_selection"), tr.get("baseline_logistic_regression"), tr.get("config")),
+                                  tuple(tr.get("screened") or ()), tr.get("head_selection"), tr.get("baseline_logistic_regression"), tr.get("config")),
                 validation=dict(d.get("validation") or {}), metrics=dict(d.get("metrics") or {}),
                 lineage=Lineage(int(lin.get("version", 1)), lin.get("parent"), lin.get("feedback")),
                 library_versions=dict(d.get("library_versions") or {}), files=dict(d["files"]),

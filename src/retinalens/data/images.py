@@ -1,37 +1,52 @@
 """Batches of decoded images for the backbone; a bad image yields its error message instead of
 stopping the batch. Decoding runs in threads (workers=0: Pillow releases the GIL, so on a small
 machine both cores decode between backbone calls) or in DataLoader processes (workers>0: decoding
-overlaps the backbone, which pays off when there are cores to spare)."""
+overlaps the backbone, which pays off when there are cores to spare).
+
+`measure`: a function of the full-resolution decode (the quality gate's file statistics: its size,
+its 8x8 blocks), called before the resize throws that resolution away; its values come back as a
+fourth element of each item (NaN for an image that could not be decoded)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..errors import ImageDecodeError, RetinaLensError
+from .decode import decode_image
 from .transforms import Preprocessing
 
 ImageItem = Union[Path, bytes]
 
 
 class ImageFiles(Dataset):
-    def __init__(self, items: Sequence[ImageItem], preprocessing: Preprocessing, names: Sequence[str] | None = None) -> None:
+    def __init__(self, items: Sequence[ImageItem], preprocessing: Preprocessing, names: Sequence[str] | None = None,
+                 measure: Callable[[Image.Image], Sequence[float]] | None = None, n_measures: int = 0) -> None:
         self.items, self.pp = items, preprocessing
         self.names = names
+        self.measure, self.n_measures = measure, n_measures
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        name = self.names[i] if self.names else None
         try:
-            return self.pp.load(self.items[i], name=self.names[i] if self.names else None), i, ""
+            if self.measure is None:
+                return self.pp.load(self.items[i], name=name), i, ""
+            img = decode_image(self.items[i], name=name, keep_grey=True)  # Preprocessing.load, keeping the image
+            return self.pp.pixels(img), i, "", torch.tensor(self.measure(img), dtype=torch.float64)
         except ImageDecodeError as exc:
-            return torch.zeros(self.pp.size, self.pp.size, 3, dtype=torch.uint8), i, str(exc)
+            blank = torch.zeros(self.pp.size, self.pp.size, 3, dtype=torch.uint8)
+            if self.measure is None:
+                return blank, i, str(exc)
+            return blank, i, str(exc), torch.full((self.n_measures,), float("nan"), dtype=torch.float64)
 
 
 def _background_priority(_: int) -> None:

@@ -17,6 +17,7 @@ from ..data.images import ImageFiles, check_batching, image_batches
 from ..errors import RetinaLensError
 from ..trust.calibration import calibrated, positive_score
 from ..trust import NO_GATE, Gate
+from ..trust.statistics import SOURCE_STATISTICS, source_statistics
 from ..bundle.manifest import Manifest
 from ..bundle.network import head_input
 from ..bundle.store import Bundle, load_bundle
@@ -96,13 +97,16 @@ class Model:
         results: list[dict[str, Any] | None] = [{"input": i.name, "error": i.error} if i.error else None for i in inputs]
         good: list[tuple[int, Input]] = [(k, i) for k, i in enumerate(inputs) if not i.error]
         if good:
-            dataset = ImageFiles([i.item for _, i in good], self.bundle.preprocessing, [i.name for _, i in good])
+            # With a gate, each file's full-resolution statistics (size, 8x8 blocks) come with its pixels.
+            measure = source_statistics if self.gate else None
+            dataset = ImageFiles([i.item for _, i in good], self.bundle.preprocessing, [i.name for _, i in good],
+                                 measure=measure, n_measures=len(SOURCE_STATISTICS))
             order = list(range(len(good)))
             loader = image_batches(dataset, [order[i:i + batch_size] for i in range(0, len(order), batch_size)], workers)
             with progress_bar(len(good), "predict", progress) as advance:
-                for x, idx, errors in loader:
+                for x, idx, errors, *source in loader:
                     probs, pooled = self.probabilities_and_pooled(x)
-                    gates = self.gate.check(x, pooled) if self.gate else [{**NO_GATE, "scores": {}} for _ in range(len(x))]
+                    gates = self.gate.check(x, pooled, source[0]) if self.gate else [{**NO_GATE, "scores": {}} for _ in range(len(x))]
                     for j, (i, err) in enumerate(zip(idx.tolist(), errors)):
                         k, inp = good[i]
                         results[k] = {"input": inp.name, "error": err} if err else self._result(inp.name, probs[j], gates[j])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .._console import console, markup_safe
 from ..config import (AUTO_HEAD, MODE_EPOCHS, ExtractConfig, ImageTrainConfig, RunConfigBase, SplitConfig, default, given,
                       str_or_none)
 from ..data.discover import Dataset, discover
+from ..data.transforms import Preprocessing
 from ..data.hashing import sha256_files
 from ..data.splits import Splits, make_splits
 from ..data.tasks import Task, apply_task, get_task
@@ -29,7 +31,7 @@ from ..errors import RetinaLensError
 from ..evaluate.metrics import classification_metrics
 from ..features.cache import FeatureCache
 from ..features.extract import ExtractReport, extract_features, head_inputs, open_cache, print_extract_report
-from ..trust import fit_trust
+from ..trust import fit_trust, screen_files
 from ..bundle.card import write_model_card
 from ..bundle.signature import configured_key
 from ..bundle.store import Bundle, check_output_folder, load_bundle, positive_classes_for, save_bundle
@@ -108,6 +110,7 @@ class _Data:
     hashes: list[str]
     splits: Splits
     summary: dict[str, Any]
+    screened: list[dict[str, str]] = field(default_factory=list)  # {path, reason}: excluded before splitting
 
     def index(self, name: str, cache: FeatureCache) -> list[int]:
         """The split's samples that the cache could read (a failed decode is left out)."""
@@ -143,7 +146,6 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     `lineage`: the bundle's version and parent (default: version 1, no parent)."""
     out = Path(out).expanduser()
     _check(cfg, out)
-    data = data or _prepare(cfg)
     x = cfg.extract
     precision = resolve_precision(x.precision)
     scratch = resolve_spec(x.backbone).from_scratch
@@ -151,6 +153,7 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     # baseline's features (a from-scratch model is measured against the default backbone's).
     pretrained = create_backbone(DEFAULT_BACKBONE if scratch else x.backbone, weights=None if scratch else x.weights,
                                  pretrained=x.pretrained)
+    data = data or _prepare(cfg, pretrained.preprocessing)  # screened through the model input it will see
     image_head = default_head(cfg.mode, scratch) if cfg.train.head.kind == "auto" else cfg.train.head
     spatial = "conv" in _candidates(cfg) if cfg.mode == "bottleneck" else (
         cfg.mode == "frozen" and image_head.input_kind == "spatial")
@@ -203,17 +206,21 @@ def _check(cfg: RunConfig, out: Path) -> None:
                                  "--mode scratch is for models without pretrained weights (--backbone eyenet)"))
 
 
-def _prepare(cfg: RunConfig) -> _Data:
+def _prepare(cfg: RunConfig, preprocessing: Preprocessing | None = None) -> _Data:
+    """Discover, screen (with `preprocessing`: the model input; None: no screening, as when retraining
+    on a parent's splits, which were screened) and split the data set."""
     say = console()
     task = get_task(cfg.task)
     ds, dropped = apply_task(discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir), task)
     for d in dropped:
         say.print(f"[red]skipped[/] {markup_safe(d['path'])}: {markup_safe(d['reason'])}")
+    ds, screened = _screen(ds, preprocessing, cfg.extract.workers) if preprocessing else (ds, [])
     hashes = sha256_files(s.path for s in ds.samples)
     splits = make_splits(ds, cfg.split, hashes)
-    summary = splits.summary(ds)
+    summary = splits.summary(ds) | {"screened": {"n": len(screened), "reasons": dict(Counter(d["reason"] for d in screened))}}
     say.print(f"[bold]{ds.root}[/]: {len(ds)} images, classes {', '.join(ds.classes)}; "
-              + "; ".join(f"{k} {v['n_images']} images / {v['n_patients']} patients" for k, v in summary.items() if k != "removed"))
+              + "; ".join(f"{k} {v['n_images']} images / {v['n_patients']} patients" for k, v in summary.items()
+                          if k not in ("removed", "screened")))
     if splits.removed:
         say.print(f"removed {len(splits.removed)} image(s) to keep splits disjoint: {summary['removed']['reasons']}")
     # Two copies of one image with different labels: one label is wrong, and only a person can tell which.
@@ -223,7 +230,19 @@ def _prepare(cfg: RunConfig) -> _Data:
             say.print(f"[yellow]label conflict:[/] {markup_safe(r['path'])} ({markup_safe(label[r['path']])}) is the "
                       f"same image as {markup_safe(r['same_as'])} ({markup_safe(label[r['same_as']])}); kept the "
                       "latter's label (see splits.json)", highlight=False, soft_wrap=True)
-    return _Data(ds, task, hashes, splits, summary)
+    return _Data(ds, task, hashes, splits, summary, screened)
+
+
+def _screen(ds: Dataset, preprocessing: Preprocessing, workers: int) -> tuple[Dataset, list[dict[str, str]]]:
+    """Leave out the training and validation images the quality gate's absolute floors refuse (too
+    small, a strip, blank, damaged, noise, unreadable) before anything is split or fitted. The data
+    set's own test split stays whole: what evaluation measures is its business."""
+    candidates = [i for i, s in enumerate(ds.samples) if s.split != "test"]
+    reasons = dict(zip(candidates, screen_files([ds.samples[i].path for i in candidates], preprocessing, workers=workers)))
+    screened = [{"path": str(ds.samples[i].path), "reason": r} for i, r in reasons.items() if r]
+    for d in screened:
+        console().print(f"[yellow]screened out[/] {markup_safe(d['path'])}: {markup_safe(d['reason'])}", highlight=False)
+    return replace(ds, samples=[s for i, s in enumerate(ds.samples) if not reasons.get(i)]), screened
 
 
 def _extract(data: _Data, backbone: Backbone, x: ExtractConfig, precision: str, spatial: bool,
@@ -314,7 +333,8 @@ def _finish(cfg: RunConfig, out: Path, data: _Data, trained: _Trained, cache: Fe
     sections: dict[str, Any] = {
         "training": {"data": str(ds.root), "layout": ds.layout, "mode": cfg.mode, "splits": data.summary,
                      "best_epoch": trained.result.best_epoch, "epochs_run": len(trained.result.history),
-                     "extract_failures": len(report.failures), "head_selection": trained.selection,
+                     "extract_failures": len(report.failures), "screened": data.screened,
+                     "head_selection": trained.selection,
                      "baseline_logistic_regression": baseline, "config": config},
         "validation": {k: val_metrics[k] for k in ("accuracy", "accuracy_ci", "roc_auc_macro", "n_images", "n_patients")}
         | {"loss": trained.result.val_metrics["val_loss"]},

@@ -20,7 +20,7 @@ from .calibration import (
     referral_threshold,
 )
 from .gate import MIN_VALIDATION, fit_gate
-from .statistics import STATISTICS, file_statistics
+from .statistics import ALL_STATISTICS, file_statistics
 
 MAX_STATISTICS_IMAGES = 2000  # validation images decoded again for the statistics (evenly spaced beyond this)
 
@@ -76,7 +76,7 @@ def _validation_statistics(paths: list[Path], preprocessing: Preprocessing, work
     n = len(paths)
     rows = np.arange(n) if n <= MAX_STATISTICS_IMAGES else np.linspace(0, n - 1, MAX_STATISTICS_IMAGES).round().astype(int)
     sample, _ = file_statistics([paths[i] for i in rows], preprocessing, workers=workers)
-    out = {k: np.full(n, np.nan) for k in STATISTICS}
-    for k in STATISTICS:
+    out = {k: np.full(n, np.nan) for k in ALL_STATISTICS}
+    for k in ALL_STATISTICS:
         out[k][rows] = sample[k]
     return out

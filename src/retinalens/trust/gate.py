@@ -1,6 +1,12 @@
 """The gate: ordered checks on image statistics and on the distance of the backbone's pooled features
 to the training set, with thresholds fitted on validation and stored in the bundle.
 
+First come the absolute floors (FLOORS): images that are never gradable whatever the training data
+held (too small, a strip, one flat colour, structurally damaged, pure noise). No fitting moves them,
+and a bundle fitted before a floor existed gets it when loaded. Then the fitted checks, whose
+thresholds come from a robust spread of the validation statistics (median +- k MAD, never wider than
+the validation extremes), so that a few broken files among the validation images cannot open the gate.
+
 Feature check: the Mahalanobis distance to the training features' mean under a Ledoit-Wolf shrinkage
 covariance (a full covariance of 1280 features from a few hundred images is singular; shrinkage makes
 it invertible and stable). Its mean and precision matrix are `gate.safetensors` in the bundle, hashed
@@ -18,19 +24,20 @@ import numpy as np
 import torch
 
 from ..errors import RetinaLensError
-from .statistics import image_statistics
+from .statistics import all_statistics
 
 if TYPE_CHECKING:
     from ..bundle.store import Bundle
 
 GATE_FILE = "gate.safetensors"
-GATE_VERSION = 1
+GATE_VERSION = 2  # 2: absolute floors and robust fitting
 # What a bundle without a gate (trained before it existed) answers for every image.
 NO_GATE: dict[str, Any] = {"ok": True, "reason": None, "scores": {}}
 MIN_VALIDATION = 5  # fewer validation images cannot place a threshold
 QUANTILES = (0.005, 0.995)  # of validation statistics, widened by the margins below
 DISTANCE_QUANTILE, DISTANCE_Z = 0.99, 2.576  # empirical 99th percentile, or 99.5th of a log-normal fit
 MAX_TRAIN_ROWS = 20_000  # enough for a stable covariance; bounds fitting time on large sets
+ROBUST_K = 5.0  # fitted bounds: median +- 5 robust standard deviations (1.4826 MAD), inside the quantiles
 
 # (statistic, side, reason, bound from the validation quantiles (lo, hi)), checked in this order: the
 # first failing check is the reason given. Margins are wide on purpose: these checks are for images no
@@ -61,6 +68,28 @@ class Check:
             return values < self.threshold if self.side == "below" else values > self.threshold
 
 
+# The absolute floors, checked first and in this order (statistics: trust/statistics.py). The file's
+# geometry comes before its pixels: a 1x1 PNG resized to the model input is also one flat colour, but
+# "too_small" is what is wrong with it. Measured on the 992 real OCT scans of the shared data set and
+# the demo sample (README, Quality gate): flat_band 0 and block_run <= 1 on every one, contrast >= 19
+# grey levels, correlation >= 0.85; scans blurred (Gaussian radius 4-16) or dimmed to 5%: 0 and 0.
+FLOORS: tuple[Check, ...] = (
+    Check("aspect", "above", 8, "wrong_shape"),  # a strip, not a scan or a photograph
+    Check("min_side", "below", 32, "too_small"),  # pixels, of the decoded file
+    Check("contrast", "below", 0.5, "blank"),  # std of the grey image: one flat colour
+    Check("block_run", "above", 4, "damaged"),  # 5+ identical flat 8x8 blocks in a row: corrupt JPEG data
+    Check("flat_band", "above", 0.015, "damaged"),  # 4+ of 224 rows of one flat grey: a truncated tail
+    Check("black_band", "above", 0.4, "damaged"),  # a black band of 40%: more than any letterbox
+    Check("correlation", "below", 0.3, "noisy"),  # neighbouring pixels unrelated: pure noise
+)
+
+
+def with_floors(checks: list[Check]) -> list[Check]:
+    """The floors first, then `checks` less any floor they repeat (a bundle's manifest lists them too)."""
+    floors = {(c.score, c.side) for c in FLOORS}
+    return [*FLOORS, *(c for c in checks if (c.score, c.side) not in floors)]
+
+
 @dataclass
 class Gate:
     checks: list[Check]
@@ -74,7 +103,7 @@ class Gate:
         if spec is None:
             return None
         try:
-            checks = [Check(**c) for c in spec.checks]
+            checks = with_floors([Check(**c) for c in spec.checks])
             arrays: dict[str, np.ndarray] = {}
             if spec.features_file:
                 from safetensors.numpy import load_file
@@ -93,8 +122,9 @@ class Gate:
         z = x - self.mean
         return np.sqrt(np.clip(np.einsum("ij,ij->i", z @ self.precision, z, dtype=np.float64), 0, None))
 
-    def scores(self, pixels: torch.Tensor | np.ndarray, pooled: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
-        return image_statistics(pixels) | {"distance": self.distance(pooled)}
+    def scores(self, pixels: torch.Tensor | np.ndarray, pooled: np.ndarray | torch.Tensor,
+               source: torch.Tensor | np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return all_statistics(pixels, source) | {"distance": self.distance(pooled)}
 
     def verdicts(self, scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         """One {"ok", "reason", "scores"} per row of `scores`."""
@@ -108,9 +138,12 @@ class Gate:
                  "scores": {k: float(v[i]) for k, v in scores.items() if not np.isnan(v[i])}}
                 for i, r in enumerate(reasons)]
 
-    def check(self, pixels: torch.Tensor | np.ndarray, pooled: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
-        """uint8 pixels (N, S, S, 3) and their pooled features (N, C) -> one verdict per image."""
-        return self.verdicts(self.scores(pixels, pooled))
+    def check(self, pixels: torch.Tensor | np.ndarray, pooled: np.ndarray | torch.Tensor,
+              source: torch.Tensor | np.ndarray | None = None) -> list[dict[str, Any]]:
+        """uint8 pixels (N, S, S, 3), their pooled features (N, C) and the full-resolution statistics
+        of their files (N, 3: statistics.source_statistics; None: not measured, those floors pass)
+        -> one verdict per image."""
+        return self.verdicts(self.scores(pixels, pooled, source))
 
 
 def summarize(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -136,16 +169,20 @@ def fit_gate(stats: dict[str, np.ndarray], train_pooled: np.ndarray,
         raise ValueError(f"{len(read)} rows of statistics for {len(val_pooled)} validation images")
     if read.sum() < MIN_VALIDATION or len(val_pooled) < MIN_VALIDATION or len(train_pooled) < 2:
         return None
-    checks = []
+    checks = list(FLOORS)
     for name, side, reason, bound in _RULES:
-        lo, hi = np.quantile(stats[name][read], QUANTILES)
+        lo, hi = robust_range(stats[name][read])
         checks.append(Check(name, side, round(float(bound(lo, hi)), 6), reason))
     mean, precision, shrinkage = _fit_features(train_pooled, seed)
     # Thresholds come from what will be stored (float32), so validation sees exactly what prediction will.
     gate = Gate(checks, mean.astype(np.float32), precision.astype(np.float32))
     d_val = gate.distance(val_pooled)
+    # Robust too: the log-normal fit from the median and MAD of log distances, the empirical quantile
+    # from the validation images inside that fit's wide bounds (a broken file lies far outside).
     log_d = np.log(np.clip(d_val, 1e-12, None))
-    threshold = max(float(np.quantile(d_val, DISTANCE_QUANTILE)), float(np.exp(log_d.mean() + DISTANCE_Z * log_d.std(ddof=1))))
+    centre, spread = _median_spread(log_d)
+    inside = d_val[log_d <= centre + ROBUST_K * spread] if spread > 0 else d_val
+    threshold = max(float(np.quantile(inside, DISTANCE_QUANTILE)), float(np.exp(centre + DISTANCE_Z * spread)))
     gate.checks.append(Check("distance", "above", round(threshold, 4), "out_of_distribution"))
     val_scores = {k: v[read] for k, v in (stats | {"distance": d_val}).items()}
     section = {
@@ -154,13 +191,30 @@ def fit_gate(stats: dict[str, np.ndarray], train_pooled: np.ndarray,
         "features": {"file": GATE_FILE, "kind": "mahalanobis", "covariance": "Ledoit-Wolf shrinkage",
                      "shrinkage": round(shrinkage, 6), "n_train": int(min(len(train_pooled), MAX_TRAIN_ROWS)),
                      "dim": int(mean.shape[0])},
-        "fitted_on": {"statistics": f"validation quantiles {QUANTILES[0]}/{QUANTILES[1]} with margins",
-                      "distance": f"max(validation {DISTANCE_QUANTILE:.0%} quantile, log-normal z={DISTANCE_Z})",
+        "fitted_on": {"statistics": f"validation median +- {ROBUST_K} x 1.4826 MAD within quantiles "
+                                    f"{QUANTILES[0]}/{QUANTILES[1]}, with margins; absolute floors first",
+                      "distance": f"max(validation {DISTANCE_QUANTILE:.0%} quantile of inliers, "
+                                  f"log-normal z={DISTANCE_Z} from median and MAD)",
                       "n_validation": int(read.sum())},
         "validation": summarize(gate.verdicts(val_scores)),
     }
     files = {GATE_FILE: save({"mean": mean.astype(np.float32), "precision": precision.astype(np.float32)})}
     return section, files
+
+
+def robust_range(values: np.ndarray) -> tuple[float, float]:
+    """(lo, hi) of validation statistics: the QUANTILES, narrowed to median +- ROBUST_K robust standard
+    deviations. On clean data the quantiles are the narrower (thresholds as before); a few broken
+    files among hundreds move a quantile to their own values, but not the median or the MAD."""
+    q_lo, q_hi = (float(q) for q in np.quantile(values, QUANTILES))
+    centre, spread = _median_spread(values)
+    return max(q_lo, centre - ROBUST_K * spread), min(q_hi, centre + ROBUST_K * spread)
+
+
+def _median_spread(values: np.ndarray) -> tuple[float, float]:
+    """Median and robust standard deviation (1.4826 x the median absolute deviation) of `values`."""
+    centre = float(np.median(values))
+    return centre, 1.4826 * float(np.median(np.abs(values - centre)))
 
 
 def _fit_features(train_pooled: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
