@@ -132,8 +132,8 @@ def test_coreml_conversion(small_bundle, tmp_path):
 
 
 def test_bad_requests_are_clear_errors(small_bundle, tmp_path):
-    with pytest.raises(RetinaLensError, match="unknown export format 'tflite'"):
-        export_bundle(small_bundle, "tflite", tmp_path / "m.tflite")
+    with pytest.raises(RetinaLensError, match="unknown export format 'openvino'"):
+        export_bundle(small_bundle, "openvino", tmp_path / "m.xml")
     with pytest.raises(RetinaLensError, match="not a RetinaLens model bundle"):
         export_bundle(tmp_path, "onnx", tmp_path / "m.onnx")
     (tmp_path / "afile").write_text("x")

@@ -12,7 +12,7 @@ from .._console import console, markup_safe
 def export(
     bundle: Path = typer.Argument(..., help="Model bundle folder."),
     fmt: str = typer.Option("onnx", "--format", "-f",
-                            help="onnx | torchscript | coreml (extra 'coreml') | tflite (LiteRT, extra 'tflite')."),
+                            help="onnx | torchscript | coreml (extra 'coreml') | tflite (extra 'tflite', for phones)."),
     quantize: str = typer.Option("none", "--quantize", help="tflite only: none | int8 (int8 weights, 3.5x smaller)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="File to write (a .mlpackage folder for coreml); "
                                        "default: BUNDLE's name with the format's suffix, in the current folder."),
