@@ -24,6 +24,7 @@ the header promises, and end there.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 import struct
 import zlib
 
@@ -34,6 +35,7 @@ from ..errors import ImageDecodeError
 # A marker inside entropy-coded data: 0xFF followed by anything but a stuffed 0x00, a restart
 # marker (RST0-7) or fill bytes.
 _MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_NO_LENGTH = {0x01, *range(0xD0, 0xDA)}  # TEM, RST0-7, SOI, EOI: markers without a segment
 _ADAM7 = ((8, 8, 0, 0), (8, 8, 4, 0), (4, 8, 0, 4), (4, 4, 2, 0), (2, 4, 0, 2), (2, 2, 1, 0), (1, 2, 0, 1))
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 
@@ -51,26 +53,41 @@ def _strict_jpeg(data: bytes, colorspace: str, min_factor: int = 8) -> np.ndarra
         raise damaged(str(exc).splitlines()[0] if str(exc) else "corrupt JPEG data") from None
 
 
-def _jpeg_eoi(data: bytes) -> int | None:
-    """Offset of the EOI marker that ends the main image (not an embedded thumbnail's), or None."""
-    pos = 2
-    while pos + 2 <= len(data):
+def jpeg_segments(data: bytes) -> Iterator[tuple[int | None, int, int]]:
+    """A JPEG's pieces after SOI, in order: (marker, start, end) for each marker segment, and (None, start,
+    end) for the entropy-coded data after a start of scan; the last piece is EOI's. Stops early, without
+    EOI, where the marker structure is broken (the decoder counts that as damage; upload stripping
+    falls back to re-encoding). The one walk over JPEG markers: damage checks and metadata stripping."""
+    pos, n = 2, len(data)
+    while pos + 1 < n:
         if data[pos] != 0xFF:
-            return None
+            return
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
             continue
-        if marker == 0xD9:
-            return pos
-        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
-        pos += 2 + length
+        if marker in _NO_LENGTH:  # TEM, RSTn, SOI, EOI: markers without a segment
+            yield marker, pos, pos + 2
+            if marker == 0xD9:
+                return
+            pos += 2
+            continue
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if end > n:
+            return
+        yield marker, pos, end
+        pos = end
         if marker == 0xDA:  # entropy-coded data runs to the next real marker
             found = _MARKER.search(data, pos)
             if found is None:
-                return None
+                return
+            yield None, pos, found.start()
             pos = found.start()
-    return None
+
+
+def _jpeg_eoi(data: bytes) -> int | None:
+    """Offset of the EOI marker that ends the main image (not an embedded thumbnail's), or None."""
+    return next((start for marker, start, _ in jpeg_segments(data) if marker == 0xD9), None)
 
 
 def check_jpeg(data: bytes, mode: str, want_pixels: bool = True) -> np.ndarray | None:

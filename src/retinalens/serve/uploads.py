@@ -18,6 +18,7 @@ import io
 from PIL import Image, UnidentifiedImageError
 
 from ..data.decode import ALLOWED_FORMATS, MAX_PIXELS, decode_image
+from ..data.integrity import jpeg_segments
 from ..errors import ImageDecodeError
 
 # Pillow format -> the extension of the stored file: the decoder's own allow-list.
@@ -66,44 +67,19 @@ def without_metadata(data: bytes, extension: str) -> tuple[bytes, str]:
 # APP0 (JFIF) and APP14 (Adobe) say how the decoder turns the components into colours: kept (they hold
 # no free text); every other APPn (0xE1-0xEF) and COM (0xFE) goes.
 _KEPT_APP = (0xE0, 0xEE)
-_NO_LENGTH = {0x01, *range(0xD0, 0xDA)}  # TEM, RST0-7, SOI, EOI: markers without a segment
-_IN_SCAN = {0x00, *range(0xD0, 0xD8)}  # after 0xFF inside entropy-coded data: a stuffed 0xFF byte, RSTn
 
 
 def _strip_jpeg(data: bytes) -> bytes | None:
     """The JPEG with its metadata segments dropped, up to its EOI; None if its marker structure is not
     what it should be (then the caller re-encodes)."""
-    out, i, n = [data[:2]], 2, len(data)
     if data[:2] != b"\xff\xd8":
         return None
-    while i + 1 < n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            i += 1
-            continue
+    out = [data[:2]]
+    for marker, start, end in jpeg_segments(data):
+        if marker is None or not (0xE0 <= marker <= 0xEF or marker == 0xFE) or marker in _KEPT_APP:
+            out.append(data[start:end])
         if marker == 0xD9:  # EOI: anything after it (some software appends data there) is dropped
-            out.append(b"\xff\xd9")
             return b"".join(out)
-        if marker in _NO_LENGTH:
-            out.append(data[i:i + 2])
-            i += 2
-            continue
-        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
-        if end > n:
-            return None
-        if not (0xE0 <= marker <= 0xEF or marker == 0xFE) or marker in _KEPT_APP:
-            out.append(data[i:end])
-        i = end
-        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker (0xFF00: a data byte, RSTn)
-            j = data.find(b"\xff", i)
-            while 0 <= j < n - 1 and data[j + 1] in _IN_SCAN:
-                j = data.find(b"\xff", j + 2)
-            if j < 0:
-                return None
-            out.append(data[i:j])
-            i = j
     return None
 
 
