@@ -156,8 +156,8 @@ def _cut(text: str, limit: int) -> str:
 
 def export(bundle: str | Path | Bundle, fmt: str | None = None, out: str | Path | None = None,
            quantize: str | None = None) -> Path:
-    """`retinalens export`: onnx (default) | torchscript | coreml | tflite (`quantize`: none | int8, LiteRT
-    only), with its FILE.json sidecar; returns the file."""
+    """`retinalens export`: onnx (default) | torchscript | coreml | tflite (`quantize`, LiteRT only:
+    none | int8-weights | fp16 | int8), with its FILE.json sidecar; returns the file."""
     from .export.formats import export_bundle
 
     return export_bundle(bundle, **given(fmt=fmt, quantize=quantize), out=out)

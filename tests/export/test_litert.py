@@ -1,5 +1,5 @@
-"""LiteRT (TensorFlow Lite) export: parity with the eager network on real scans, int8 size and agreement,
-and clear errors where the converter is missing or the option does not apply."""
+"""LiteRT (TensorFlow Lite) export: parity with the eager network on real scans, the quantised variants'
+size and agreement, and clear errors where the converter is missing or the option does not apply."""
 
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ import pytest
 from retinalens.errors import RetinaLensError
 from retinalens.export import export_bundle
 from retinalens.export.formats import sidecar_path
+from retinalens.export.litert import QUANTIZATIONS
 
 from helpers import run_cli
 
 
 @pytest.fixture(scope="module")
 def litert_exports(small_bundle, tmp_path_factory):
-    """The small bundle as fp32 and int8 .tflite files (converted once: each conversion takes a minute)."""
+    """The small bundle as a .tflite file per --quantize variant (converted once: each takes a minute)."""
     pytest.importorskip("litert_torch", reason="LiteRT export needs the 'tflite' extra")
     pytest.importorskip("ai_edge_litert", reason="the LiteRT runtime needs the 'tflite' extra")
     folder = tmp_path_factory.mktemp("litert")
-    return {q: export_bundle(small_bundle, "tflite", folder / f"model-{q}.tflite", quantize=q) for q in ("none", "int8")}
+    return {q: export_bundle(small_bundle, "tflite", folder / f"model-{q}.tflite", quantize=q) for q in QUANTIZATIONS}
 
 
 def test_litert_matches_the_eager_network_on_real_scans(litert_exports, small_bundle, pixels, eager_fp32):
@@ -47,6 +48,21 @@ def test_int8_is_smaller_and_runs(litert_exports, small_bundle, pixels):
     side = json.loads(sidecar_path(int8).read_text())
     assert side["format"] == "tflite" and side["quantization"] == "int8" and side["input"]["shape"][0] == 1
     assert side["classes"] == small_bundle.classes and side["temperature"] == pytest.approx(small_bundle.temperature)
+
+
+@pytest.mark.parametrize("quantize, smaller", [("int8-weights", 0.45), ("fp16", 0.6)])
+def test_weight_quantised_variants_keep_the_answers(litert_exports, small_bundle, pixels, eager_fp32, quantize, smaller):
+    """Weight-only variants store smaller weights but compute in float32: on real scans they must give
+    the fp32 export's class for every scan, with probabilities close to it (dynamic int8, above, does not)."""
+    from retinalens.export.litert import LiteRTModel
+
+    fp32, variant = (litert_exports[q] for q in ("none", quantize))
+    assert variant.stat().st_size < smaller * fp32.stat().st_size
+    want, _ = LiteRTModel(fp32).run(pixels.numpy())
+    got, _ = LiteRTModel(variant).run(pixels.numpy())
+    assert (got.argmax(1) == want.argmax(1)).all()
+    assert np.abs(got - want).max() < 0.05  # weight rounding only; the bench gives the measured figure
+    assert json.loads(sidecar_path(variant).read_text())["quantization"] == quantize
 
 
 def test_quantize_is_litert_only(small_bundle, tmp_path):

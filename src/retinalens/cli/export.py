@@ -1,4 +1,4 @@
-"""`retinalens export BUNDLE --format onnx|torchscript|coreml|tflite [--quantize int8] [--out FILE]`."""
+"""`retinalens export BUNDLE --format onnx|torchscript|coreml|tflite [--quantize int8-weights|fp16|int8] [--out FILE]`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ def export(
     bundle: Path = typer.Argument(..., help="Model bundle folder."),
     fmt: str = typer.Option("onnx", "--format", "-f",
                             help="onnx | torchscript | coreml (extra 'coreml') | tflite (extra 'tflite', for phones)."),
-    quantize: str = typer.Option("none", "--quantize", help="tflite only: none | int8 (int8 weights, 3.5x smaller)."),
+    quantize: str = typer.Option("none", "--quantize",
+                                 help="tflite only: none | int8-weights (int8 storage, float maths) | fp16 | "
+                                      "int8 (dynamic range; loses accuracy on this model)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="File to write (a .mlpackage folder for coreml); "
                                        "default: BUNDLE's name with the format's suffix, in the current folder."),
 ) -> None:

@@ -132,7 +132,7 @@ def write_export(out: Path, data: bytes, meta: dict[str, Any]) -> None:
 def export_bundle(bundle: str | Path | Bundle, fmt: str = "onnx", out: str | Path | None = None,
                   quantize: str = "none") -> Path:
     """Export a bundle (backbone + head + preprocessing as one graph); returns the written path.
-    `quantize` ("none" | "int8") applies to the LiteRT format only."""
+    `quantize` ("none" | "int8-weights" | "fp16" | "int8") applies to the LiteRT format only."""
     if fmt not in FORMATS:
         raise RetinaLensError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
     if quantize not in QUANTIZATIONS or (quantize != "none" and fmt != "tflite"):
