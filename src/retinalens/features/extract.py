@@ -66,8 +66,8 @@ class ExtractPlan:
     report: ExtractReport
 
 
-def plan_extraction(paths: list[Path], hashes: list[str], cache: FeatureCache, *, batch_size: int = 16,
-                    chunk_size: int = 256, shard: tuple[int, int] = (0, 1)) -> ExtractPlan:
+def plan_extraction(paths: list[Path], hashes: list[str], cache: FeatureCache, *, batch_size: int,
+                    chunk_size: int, shard: tuple[int, int] = (0, 1)) -> ExtractPlan:
     """What `cache` lacks of these images, in work order, with what is known already in the report."""
     if chunk_size % batch_size:
         chunk_size = max(batch_size, chunk_size // batch_size * batch_size)  # batches must not cross chunks
