@@ -23,8 +23,10 @@ import torch
 import retinalens
 from retinalens.config import EngineConfig
 from retinalens.data.hashing import sha256_files
+from retinalens.engines import engine_config
 from retinalens.engines.ray_extract import extract_features_ray
 from retinalens.engines.ray_predict import iter_predictions_ray
+from retinalens.errors import RetinaLensError
 from retinalens.features.extract import open_cache
 
 from helpers import SRC, assert_clean_error, cli_env, extract_into, records, run_cli
@@ -217,7 +219,7 @@ def test_killed_predict_worker_loses_and_repeats_no_row(cluster, small_bundle, i
     assert sorted(rows) == list(range(len(images)))
 
 
-def test_missing_extra_and_bad_engine_options_are_one_clear_line(tmp_path, small_dataset, small_bundle) -> None:
+def test_missing_extra_and_bad_engine_options_are_one_clear_line(tmp_path, small_dataset) -> None:
     hidden = tmp_path / "no-ray"  # an environment without Ray: its import fails as an absent package's does
     (hidden / "ray").mkdir(parents=True)
     (hidden / "ray" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'ray'\")\n")
@@ -226,4 +228,6 @@ def test_missing_extra_and_bad_engine_options_are_one_clear_line(tmp_path, small
                        env=cli_env() | {"PYTHONPATH": os.pathsep.join([str(hidden), str(SRC)])})
     assert_clean_error(r, "pip install 'retinalens[distributed]'")
     assert_clean_error(run_cli("extract", small_dataset, "--engine", "spark"), "unknown engine 'spark'", "local, ray")
-    assert_clean_error(run_cli("predict", small_bundle.path, small_dataset, "--address", "auto"), "--engine ray")
+    for bad, needle in (({"address": "auto"}, "--engine ray"), ({"engine": "ray", "workers": -1}, ">= 0")):
+        with pytest.raises(RetinaLensError, match=needle):
+            engine_config(**bad)

@@ -76,5 +76,6 @@ def extract_features_ray(paths: list[Path], hashes: list[str], backbone: Backbon
             spatial = np.asarray(out["spatial"]) if cache.has_spatial else None
             advance(writer.add(plan.batches[int(out["batch"])], np.asarray(out["pooled"]), spatial,
                                json.loads(str(out["errors"]))))
+            plan.report.startup_s = plan.report.startup_s or time.perf_counter() - start
         plan.report.seconds = time.perf_counter() - start
     return plan.report

@@ -30,6 +30,7 @@ class ExtractReport:
     n_extracted: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     seconds: float = 0.0
+    startup_s: float = 0.0  # until the first batch's features were in: model build and trace (Ray: actor start)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -142,6 +143,7 @@ def extract_features(paths: list[Path], hashes: list[str], backbone: Backbone, c
         for x, idx, errors in loader:
             s, p = backbone.encode(x, precision)
             advance(writer.add(idx.tolist(), p.numpy(), s.numpy() if cache.has_spatial else None, list(errors)))
+            plan.report.startup_s = plan.report.startup_s or time.perf_counter() - start
     plan.report.seconds = time.perf_counter() - start
     return plan.report
 
