@@ -57,7 +57,7 @@ class EngineConfig:
     workers: int = 0  # Ray: model actors, one model each; 0: from 1 up to the cluster's GPUs (else CPUs)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    threads: int = 0  # torch threads per actor; 0: the CPUs it reserved (Ray sets OMP_NUM_THREADS)
+    threads: int = 0  # torch threads per actor; 0: the whole CPUs it reserved (at least 1)
 
 
 @dataclass

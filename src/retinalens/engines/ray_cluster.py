@@ -110,11 +110,11 @@ def run_pipeline(ray: ModuleType, rows: list[dict[str, Any]], worker: type, work
 
 
 def use_device(threads: int) -> str:
-    """In a worker: its torch threads (0 leaves the CPUs it reserved, Ray's OMP_NUM_THREADS) and
-    device (cuda when Ray gave it a GPU)."""
+    """In a worker: its torch threads (0: the whole CPUs it reserved, at least 1) and device (cuda
+    when Ray gave it a GPU)."""
     import ray
     import torch
 
-    if threads > 0:
-        torch.set_num_threads(threads)
+    reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(threads if threads > 0 else max(1, int(reserved)))
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
