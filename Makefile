@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	@echo "  (about 2.8 GB of wheels, 5.4 GB on disk; a few minutes)"
 	$(PY) -m pip install --quiet $(TORCH_PINS)
 	@echo "installing retinalens (editable) and its dependencies: timm, scikit-learn, matplotlib, FastAPI,"
-	@echo "  SQLAlchemy, onnxruntime, pytest, ... (about 0.7 GB on disk; a minute or two)"
+	@echo "  SQLAlchemy, onnxruntime, Ray Data and pyarrow, pytest, ... (about 1.2 GB on disk; a minute or two)"
 	$(PY) -m pip install --quiet -e ".[test]" $(TORCH_PINS)
 	touch $(STAMP)
 	@echo "installed: $(VENV)/bin/retinalens"

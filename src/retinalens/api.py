@@ -23,11 +23,13 @@ from .data.discover import discover
 from .data.fundus.prepare import PrepareReport
 from .data.hashing import sha256_files
 from .demo import DEMO_DATA
+from .engines import engine_config
 from .errors import RetinaLensError
 from .features.cache import FeatureCache
 from .features.extract import ExtractReport, extract_features, open_cache
 from .models.registry import BackboneSpec, create_backbone, list_backbones, resolve_precision
 from .predict.model import Model, load
+from .predict.parquet import write_predictions_parquet
 from .predict.table import predictions_csv
 from .train.pipeline import build_run_config, train_bundle
 
@@ -39,9 +41,11 @@ def extract(data: str | Path, *, backbone: str | None = None, weights: str | Pat
             pretrained: bool | None = None, cache: str | Path | None = None, precision: str | None = None,
             batch_size: int | None = None, workers: int | None = None, shard: tuple[int, int] | None = None,
             spatial: bool | None = None, patient_regex: str | None = None, images_dir: str | Path | None = None,
+            engine: str | None = None, address: str | None = None, ray_workers: int | None = None,
             progress: bool = False) -> tuple[FeatureCache, ExtractReport]:
-    """`retinalens extract`: cache the features of every image of a dataset (defaults: ExtractConfig's
-    and ExtractOptions')."""
+    """`retinalens extract`: cache the features of every image of a dataset (defaults: ExtractConfig's,
+    ExtractOptions' and EngineConfig's). engine "ray": on a Ray cluster (`address`), into the same cache."""
+    run_on = engine_config(engine, address, ray_workers)
     x = ExtractConfig(**given(backbone=backbone, weights=str_or_none(weights), pretrained=pretrained,
                               cache=str_or_none(cache), precision=precision, batch_size=batch_size, workers=workers))
     o = ExtractOptions(**given(shard=shard, spatial=spatial))
@@ -50,8 +54,15 @@ def extract(data: str | Path, *, backbone: str | None = None, weights: str | Pat
     prec = resolve_precision(x.precision)
     store = open_cache(x.cache, bb, prec, spatial=o.spatial)
     paths = [s.path for s in ds.samples]
-    report = extract_features(paths, sha256_files(paths), bb, store, precision=prec, batch_size=x.batch_size,
-                              chunk_size=x.chunk_size, workers=x.workers, shard=o.shard, progress=progress)
+    if run_on.engine == "ray":
+        from .engines.ray_extract import extract_features_ray
+
+        report = extract_features_ray(paths, sha256_files(paths), bb, store, engine=run_on, precision=prec,
+                                      batch_size=x.batch_size, chunk_size=x.chunk_size, shard=o.shard,
+                                      weights=x.weights, pretrained=x.pretrained, progress=progress)
+    else:
+        report = extract_features(paths, sha256_files(paths), bb, store, precision=prec, batch_size=x.batch_size,
+                                  chunk_size=x.chunk_size, workers=x.workers, shard=o.shard, progress=progress)
     return store, report
 
 
@@ -79,13 +90,26 @@ def report(bundle: str | Path | Bundle, data: str | Path, out: str | Path, *, pr
 
 
 def predict(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[str | Path], *,
-            json_path: str | Path | None = None, csv_path: str | Path | None = None, batch_size: int | None = None,
-            workers: int | None = None, runtime: str | None = None, progress: bool = False) -> list[dict[str, Any]]:
-    """`retinalens predict`: one result per image (`load(bundle).predict_many`), written as JSON and/or
-    CSV when asked. Bad inputs get {"input", "error"}; the rest still complete."""
-    model = _model(bundle, runtime)
+            json_path: str | Path | None = None, csv_path: str | Path | None = None, out: str | Path | None = None,
+            batch_size: int | None = None, workers: int | None = None, runtime: str | None = None,
+            engine: str | None = None, address: str | None = None, ray_workers: int | None = None,
+            progress: bool = False) -> list[dict[str, Any]]:
+    """`retinalens predict`: one result per image (`load(bundle).predict_many`), written as JSON, CSV
+    and/or Parquet (`out`, predict/parquet.py) when asked. Bad inputs get {"input", "error"}; the rest
+    still complete. engine "ray": on a Ray cluster (`address`), one model per actor, the same results."""
+    run_on = engine_config(engine, address, ray_workers)
+    # The Ray driver runs no network: its model only names the classes and how inputs are decoded.
+    model = _model(bundle, "torch" if run_on.engine == "ray" else runtime)
     sources = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    results = model.predict_many(sources, progress=progress, **given(batch_size=batch_size, workers=workers))
+    if run_on.engine == "ray":
+        from .engines.ray_predict import predict_ray
+
+        results = predict_ray(model.bundle.path, sources, engine=run_on, progress=progress,
+                              **given(batch_size=batch_size, runtime=runtime))
+    else:
+        results = model.predict_many(sources, progress=progress, **given(batch_size=batch_size, workers=workers))
+    if out:
+        write_predictions_parquet(results, model.classes, out)
     if json_path:
         atomic_write_json(Path(json_path), results)
     if csv_path:

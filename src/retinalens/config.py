@@ -44,6 +44,22 @@ class ExtractOptions:
     shard: tuple[int, int] = (0, 1)  # (K, N): only the images whose sha256 falls in share K of N
 
 
+ENGINES = ("local", "ray")  # --engine of extract and predict
+
+
+@dataclass
+class EngineConfig:
+    """`--engine`: what runs extraction and batch prediction. `ray` is a Ray Data pipeline on a Ray
+    cluster (the `distributed` extra): decoding in Ray tasks, the model in an actor pool."""
+
+    engine: str = "local"  # one of ENGINES
+    address: str | None = None  # Ray: None starts a local instance (or joins $RAY_ADDRESS); "auto" or host:port
+    workers: int = 0  # Ray: model actors, one model each; 0: from 1 up to the cluster's GPUs (else CPUs)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    threads: int = 0  # torch threads per actor; 0: the whole CPUs it reserved (at least 1)
+
+
 @dataclass
 class SplitConfig:
     val_fraction: float = 0.15

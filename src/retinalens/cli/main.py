@@ -18,8 +18,8 @@ from ..config import (AUTO_HEAD, DEMO_OUT, MODE_EPOCHS, EvaluateConfig, ExtractC
                       RunConfigBase, SplitConfig, TrainConfigBase, default)
 from ..errors import RetinaLensError
 from ..predict.table import predictions_csv
-from .options import (BackboneOpt, CacheOpt, ImagesOpt, PatientOpt, PrecisionOpt, QuietOpt, RandomOpt, WeightsOpt,
-                      WorkersOpt, add_command, config_option)
+from .options import (AddressOpt, BackboneOpt, CacheOpt, EngineOpt, ImagesOpt, PatientOpt, PrecisionOpt, QuietOpt,
+                      RandomOpt, RayWorkersOpt, WeightsOpt, WorkersOpt, add_command, config_option)
 from .output import print_gate_summary, print_metrics, print_predictions
 from .prepare import prepare_app
 from .retrain import retrain
@@ -40,7 +40,8 @@ def extract(
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: extract only this process's share (for many machines)."),
     spatial: bool = typer.Option(default(ExtractOptions, "spatial"), "--spatial/--no-spatial",
                                  help="Also store spatial maps (the conv head needs them)."),
-    patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
+    patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, engine: str = EngineOpt,
+    address: Optional[str] = AddressOpt, ray_workers: int = RayWorkersOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Cache backbone features of every image under DATA (resumable, incremental)."""
     from ..api import extract as run_extract
@@ -48,7 +49,8 @@ def extract(
 
     store, report = run_extract(data, backbone=backbone, weights=weights, pretrained=not random_weights, cache=cache,
                                 precision=precision, batch_size=batch_size, workers=workers, shard=parse_shard(shard),
-                                spatial=spatial, patient_regex=patient_regex, images_dir=images, progress=not quiet)
+                                spatial=spatial, patient_regex=patient_regex, images_dir=images, engine=engine,
+                                address=address, ray_workers=ray_workers, progress=not quiet)
     print_extract_report(report)
     console().print(f"cache: {markup_safe(store.dir)} ({len(store)} images)", highlight=False, soft_wrap=True)
 
@@ -136,17 +138,22 @@ def predict(
     inputs: list[str] = typer.Argument(..., help="Image files, folders or http(s) URLs."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write the results as CSV."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the results as Parquet (pip install "
+                                       "'retinalens[parquet]')."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per model call."), workers: int = WorkersOpt,
     runtime: str = typer.Option("auto", "--runtime", help="torch | onnx (onnxruntime, fp32) | auto (onnx for fp32 "
                                 "bundles on the CPU, where it measured faster; torch for bf16 bundles)."),
+    engine: str = EngineOpt, address: Optional[str] = AddressOpt, ray_workers: int = RayWorkersOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Class, probabilities and referral level for each image; failures are listed at the end."""
     from ..api import predict as run_predict
     from ..predict.model import load
 
-    model = load(bundle, runtime=runtime)
-    results = run_predict(model, inputs, json_path=json_out, csv_path=csv_out, batch_size=batch_size, workers=workers,
+    # On Ray the workers run the network; this process only names the classes (torch: nothing to build).
+    model = load(bundle, runtime="torch" if engine == "ray" else runtime)
+    results = run_predict(model, inputs, json_path=json_out, csv_path=csv_out, out=out, batch_size=batch_size,
+                          workers=workers, runtime=runtime, engine=engine, address=address, ray_workers=ray_workers,
                           progress=not quiet)
     if sys.stdout.isatty():
         print_predictions(results, model.classes)

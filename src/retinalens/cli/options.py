@@ -12,7 +12,7 @@ from typing import Any, Callable, TypeVar
 
 import typer
 
-from ..config import ExtractConfig, default
+from ..config import EngineConfig, ExtractConfig, default
 
 
 def config_option(cls: type, name: str, *short: str, help: str | None = None) -> Any:  # noqa: A002 (typer's name)
@@ -48,3 +48,9 @@ WorkersOpt = config_option(ExtractConfig, "workers",
 PatientOpt = typer.Option(None, "--patient-regex", help="Regex with a (?P<patient>...) group, matched on file names.")
 ImagesOpt = typer.Option(None, "--images", help="Folder of the images a labels CSV names.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+EngineOpt = config_option(EngineConfig, "engine", help="local (this process) | ray (a Ray Data pipeline: pip install "
+                          "'retinalens[distributed]').")
+AddressOpt = typer.Option(default(EngineConfig, "address"), "--address",
+                          help="Ray cluster to join (auto, or host:port); default $RAY_ADDRESS or a new local instance.")
+RayWorkersOpt = typer.Option(default(EngineConfig, "workers"), "--ray-workers",
+                             help="Ray: model actors, one model each (0: up to the cluster's GPUs, else CPUs).")

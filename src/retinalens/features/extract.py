@@ -1,8 +1,11 @@
 """Images -> backbone features -> cache, resumably, in sorted chunks.
 
 Work order is the sorted list of missing image hashes, cut into fixed chunks and batches that never
-cross a chunk. A run killed after k chunks leaves exactly those k chunks; the rerun's missing list is
-the rest, cut the same way, so the final cache is bit-identical to an uninterrupted run.
+cross a chunk (plan_extraction); ChunkWriter commits each chunk once all its images are in. A run
+killed after k chunks leaves exactly those k chunks, whichever they were (the local loop commits
+them in order, Ray in any order): each is a whole chunk of the plan, all full but the last, so the
+rerun's missing list is the rest cut the same way, and the final cache is bit-identical to an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class ExtractReport:
     n_extracted: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     seconds: float = 0.0
+    startup_s: float = 0.0  # until the first batch's features were in: model build and trace (Ray: actor start)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -47,11 +51,25 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     return k, n
 
 
-def extract_features(paths: list[Path], hashes: list[str], backbone: Backbone, cache: FeatureCache, *,
-                     precision: str = "fp32", batch_size: int = 16, chunk_size: int = 256, workers: int = 0,
-                     shard: tuple[int, int] = (0, 1), progress: bool = True) -> ExtractReport:
-    """Extract features of the images the cache lacks. Bad images are recorded, never fatal."""
-    check_batching(batch_size, workers)
+@dataclass
+class ExtractPlan:
+    """The work of one extraction: what is missing, cut into chunks and batches.
+
+    `todo` is the sorted list of missing hashes (this shard's); chunk c is todo[c*chunk_size:...];
+    each batch is a list of indices into `todo` that never crosses a chunk. Every engine (the local
+    loop, Ray) runs exactly these batches, so the pixels of every backbone call, and so the features,
+    are the same whichever engine ran them."""
+
+    todo: list[str]
+    paths: list[Path]  # the file of each todo hash
+    chunk_size: int
+    batches: list[list[int]]
+    report: ExtractReport
+
+
+def plan_extraction(paths: list[Path], hashes: list[str], cache: FeatureCache, *, batch_size: int,
+                    chunk_size: int, shard: tuple[int, int] = (0, 1)) -> ExtractPlan:
+    """What `cache` lacks of these images, in work order, with what is known already in the report."""
     if chunk_size % batch_size:
         chunk_size = max(batch_size, chunk_size // batch_size * batch_size)  # batches must not cross chunks
     first_path = {}
@@ -63,38 +81,71 @@ def extract_features(paths: list[Path], hashes: list[str], backbone: Backbone, c
     # exactly its own share whatever the others have committed meanwhile.
     todo = [h for h in cache.missing(first_path) if int(h[:8], 16) % shard[1] == shard[0]]
     report.n_cached = sum(1 for h in first_path if h in cache)
-    if not todo:
-        return report
-    chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
-    batches = [list(range(c * chunk_size + b, min(c * chunk_size + b + batch_size, c * chunk_size + len(chunk))))
-               for c, chunk in enumerate(chunks) for b in range(0, len(chunk), batch_size)]
-    loader = image_batches(ImageFiles([first_path[h] for h in todo], backbone.preprocessing), batches, workers)
-    c, h, w = cache.key.feature_shape
+    batches = [list(range(start + b, min(start + b + batch_size, start + len(chunk))))
+               for start in range(0, len(todo), chunk_size)
+               for chunk in [todo[start:start + chunk_size]] for b in range(0, len(chunk), batch_size)]
+    return ExtractPlan(todo, [first_path[h] for h in todo], chunk_size, batches, report)
+
+
+class ChunkWriter:
+    """Collects the features of a plan's batches, in any order, and commits each chunk through
+    FeatureCache.write_chunk as soon as all of its images are in. A batch given twice (a retried
+    task) is taken once."""
+
+    def __init__(self, plan: ExtractPlan, cache: FeatureCache) -> None:
+        self.plan, self.cache = plan, cache
+        # chunk number -> (pooled, spatial, failed {sha256: reason}, indices in)
+        self._open: dict[int, tuple[np.ndarray, np.ndarray | None, dict[str, str], set[int]]] = {}
+        self._seen: set[int] = set()  # first index of every batch taken
+
+    def add(self, idx: list[int], pooled: np.ndarray, spatial: np.ndarray | None, errors: list[str]) -> int:
+        """One batch's results (rows in the order of `idx`); returns how many images were new."""
+        if not idx or idx[0] in self._seen:
+            return 0
+        self._seen.add(idx[0])
+        plan, (c, h, w) = self.plan, self.cache.key.feature_shape
+        chunk_no = idx[0] // plan.chunk_size
+        base, end = chunk_no * plan.chunk_size, min((chunk_no + 1) * plan.chunk_size, len(plan.todo))
+        if chunk_no not in self._open:
+            buf = np.empty((end - base, h, w, c), np.float16) if self.cache.has_spatial else None
+            self._open[chunk_no] = (np.empty((end - base, c), np.float32), buf, {}, set())
+        p_buf, s_buf, failed, done = self._open[chunk_no]
+        for j, i in enumerate(idx):
+            p_buf[i - base] = pooled[j]
+            if s_buf is not None:
+                s_buf[i - base] = spatial[j]
+            if errors[j]:
+                failed[plan.todo[i]] = errors[j]
+            done.add(i)
+        if len(done) == end - base:  # chunk complete: commit it
+            del self._open[chunk_no]
+            ok = [k for k in range(end - base) if plan.todo[base + k] not in failed]
+            keys = [plan.todo[base + k] for k in ok]
+            self.cache.write_chunk(keys, p_buf[ok], s_buf[ok] if s_buf is not None else None, failed)
+            plan.report.n_extracted += len(keys)
+            plan.report.failures += [(str(plan.paths[i]), failed[plan.todo[i]]) for i in range(base, end)
+                                     if plan.todo[i] in failed]
+        return len(idx)
+
+
+def extract_features(paths: list[Path], hashes: list[str], backbone: Backbone, cache: FeatureCache, *,
+                     precision: str = "fp32", batch_size: int = 16, chunk_size: int = 256, workers: int = 0,
+                     shard: tuple[int, int] = (0, 1), progress: bool = True) -> ExtractReport:
+    """Extract features of the images the cache lacks. Bad images are recorded, never fatal."""
+    check_batching(batch_size, workers)
+    plan = plan_extraction(paths, hashes, cache, batch_size=batch_size, chunk_size=chunk_size, shard=shard)
+    if not plan.todo:
+        return plan.report
+    loader = image_batches(ImageFiles(plan.paths, backbone.preprocessing), plan.batches, workers)
+    writer = ChunkWriter(plan, cache)
     start = time.perf_counter()
-    with progress_bar(len(todo), f"extract {backbone.name}", progress) as advance:
-        chunk_no, pooled, spatial, failed = 0, np.empty((chunk_size, c), np.float32), None, {}
-        if cache.has_spatial:
-            spatial = np.empty((chunk_size, h, w, c), np.float16)
+    with progress_bar(len(plan.todo), f"extract {backbone.name}", progress) as advance:
         for x, idx, errors in loader:
             s, p = backbone.encode(x, precision)
-            base = chunk_no * chunk_size
-            for j, i in enumerate(idx.tolist()):
-                pooled[i - base] = p[j].numpy()
-                if spatial is not None:
-                    spatial[i - base] = s[j].numpy()
-                if errors[j]:
-                    failed[todo[i]] = errors[j]
-            advance(len(idx))
-            end = min(base + chunk_size, len(todo))
-            if int(idx[-1]) == end - 1:  # chunk complete: commit it
-                ok = [k for k in range(end - base) if todo[base + k] not in failed]
-                keys = [todo[base + k] for k in ok]
-                cache.write_chunk(keys, pooled[ok], spatial[ok] if spatial is not None else None, failed)
-                report.n_extracted += len(keys)
-                report.failures += [(str(first_path[k]), r) for k, r in failed.items()]
-                chunk_no, failed = chunk_no + 1, {}
-    report.seconds = time.perf_counter() - start
-    return report
+            advance(writer.add(idx.tolist(), p.numpy(), s.numpy() if cache.has_spatial else None, list(errors)))
+            plan.report.startup_s = plan.report.startup_s or time.perf_counter() - start
+    plan.report.seconds = time.perf_counter() - start
+    return plan.report
 
 
 def open_cache(root: str | Path | None, backbone: Backbone, precision: str, *, spatial: bool = True,

@@ -25,6 +25,8 @@ from ..models.heads import head_probabilities
 from ..models.registry import Backbone
 from .inputs import Input, expand_inputs
 
+BATCH_SIZE = 16  # images per model call in predict_many (and on Ray)
+
 
 class Model:
     """A loaded bundle, ready to predict. Thread-safe for concurrent `predict` calls (read-only)."""
@@ -81,6 +83,21 @@ class Model:
                 "referral": self.bundle.manifest.level(label),
                 "p_referral": p_ref, "refer": refer, "gate": gate}
 
+    def decoding(self) -> dict[str, Any]:
+        """How this model's inputs are decoded (ImageFiles' options): with a gate, each file's
+        full-resolution statistics (size, 8x8 blocks) come with its pixels."""
+        return {"preprocessing": self.bundle.preprocessing, "measure": source_statistics if self.gate else None,
+                "n_measures": len(SOURCE_STATISTICS)}
+
+    def batch_results(self, x: torch.Tensor, names: Sequence[str], errors: Sequence[str],
+                      source: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        """One decoded batch (pixels, and `source` statistics when gated) -> one result per image:
+        {input, error} for those that did not decode. The one path of every engine."""
+        probs, pooled = self.probabilities_and_pooled(x)
+        gates = self.gate.check(x, pooled, source) if self.gate else [{**NO_GATE, "scores": {}} for _ in range(len(x))]
+        return [{"input": n, "error": e} if e else self._result(n, probs[j], gates[j])
+                for j, (n, e) in enumerate(zip(names, errors))]
+
     def predict(self, source: str | Path | bytes) -> dict[str, Any]:
         """One image (path, URL or bytes) -> {input, label, probabilities, referral, p_referral, refer, gate}
         or {input, error}. gate = {ok, reason, scores}: when not ok, label, referral and refer are None."""
@@ -89,7 +106,7 @@ class Model:
             raise RetinaLensError(f"{source} holds {len(results)} images: use predict_many")
         return results[0]
 
-    def predict_many(self, sources: Sequence[str | Path | bytes], *, batch_size: int = 16, workers: int = 0,
+    def predict_many(self, sources: Sequence[str | Path | bytes], *, batch_size: int = BATCH_SIZE, workers: int = 0,
                      progress: bool = False) -> list[dict[str, Any]]:
         """Many images / folders / URLs. Bad inputs get an `error` entry; the rest still complete."""
         check_batching(batch_size, workers)
@@ -97,19 +114,14 @@ class Model:
         results: list[dict[str, Any] | None] = [{"input": i.name, "error": i.error} if i.error else None for i in inputs]
         good: list[tuple[int, Input]] = [(k, i) for k, i in enumerate(inputs) if not i.error]
         if good:
-            # With a gate, each file's full-resolution statistics (size, 8x8 blocks) come with its pixels.
-            measure = source_statistics if self.gate else None
-            dataset = ImageFiles([i.item for _, i in good], self.bundle.preprocessing, [i.name for _, i in good],
-                                 measure=measure, n_measures=len(SOURCE_STATISTICS))
+            dataset = ImageFiles([i.item for _, i in good], names=[i.name for _, i in good], **self.decoding())
             order = list(range(len(good)))
             loader = image_batches(dataset, [order[i:i + batch_size] for i in range(0, len(order), batch_size)], workers)
             with progress_bar(len(good), "predict", progress) as advance:
                 for x, idx, errors, *source in loader:
-                    probs, pooled = self.probabilities_and_pooled(x)
-                    gates = self.gate.check(x, pooled, source[0]) if self.gate else [{**NO_GATE, "scores": {}} for _ in range(len(x))]
-                    for j, (i, err) in enumerate(zip(idx.tolist(), errors)):
-                        k, inp = good[i]
-                        results[k] = {"input": inp.name, "error": err} if err else self._result(inp.name, probs[j], gates[j])
+                    names = [good[i][1].name for i in idx.tolist()]
+                    for i, r in zip(idx.tolist(), self.batch_results(x, names, errors, *source)):
+                        results[good[i][0]] = r
                     advance(len(idx))
         return [r for r in results if r is not None]
 

@@ -1,4 +1,5 @@
-"""Prediction results as CSV rows: `predict --csv`, its piped output, and the demo's predictions.csv.
+"""Prediction results as table rows: `predict --csv`, its piped output, the demo's predictions.csv, and
+the Parquet file of `predict --out` (predict/parquet.py), all with the same columns.
 
 The standard library only, so that the command line can print it without importing torch.
 """
@@ -7,21 +8,32 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator
 from typing import Any
+
+
+def prediction_columns(classes: list[str]) -> list[str]:
+    return ["input", "label", "referral", *[f"p_{c}" for c in classes], "p_referral", "refer", "gate", "gate_reason",
+            "error"]
+
+
+def prediction_records(results: list[dict[str, Any]], classes: list[str]) -> Iterator[list[Any]]:
+    """One typed row per result, in prediction_columns' order: str, float or bool, None where a value
+    does not apply (a failed input has no label, an ungradable one no decision)."""
+    for r in results:
+        p, gate = r.get("probabilities", {}), r.get("gate")
+        yield [r["input"], r.get("label") or None, r.get("referral") or None, *[p.get(c) for c in classes],
+               r.get("p_referral"), r.get("refer"), None if gate is None else ("ok" if gate["ok"] else "ungradable"),
+               (gate or {}).get("reason") or None, r.get("error") or None]
 
 
 def predictions_csv(results: list[dict[str, Any]], classes: list[str]) -> str:
     """One row per input (the names as they are: a CSV holds data, not terminal text)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["input", "label", "referral", *[f"p_{c}" for c in classes], "p_referral", "refer", "gate", "gate_reason",
-                "error"])
-    for r in results:
-        p, gate = r.get("probabilities", {}), r.get("gate")
-        w.writerow([r["input"], r.get("label") or "", r.get("referral") or "", *[p.get(c, "") for c in classes],
-                    "" if r.get("p_referral") is None else r["p_referral"], yes_no(r.get("refer")),
-                    "" if gate is None else ("ok" if gate["ok"] else "ungradable"), (gate or {}).get("reason") or "",
-                    r.get("error", "")])
+    w.writerow(prediction_columns(classes))
+    for row in prediction_records(results, classes):
+        w.writerow(["" if v is None else yes_no(v) if isinstance(v, bool) else v for v in row])
     return buf.getvalue()
 
 
