@@ -21,12 +21,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import RetinaLensError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the launcher checks options without it
+    import torch
+    from torch import nn
 
 T = TypeVar("T")
 # How long a rank waits in a collective for its peers (a barrier after sharded extraction, a gradient
@@ -89,6 +90,7 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     if world.size == 1:
         yield
         return
+    import torch
     import torch.distributed as dist
 
     if device.type == "cuda":
@@ -111,6 +113,7 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
 
 def _device() -> torch.device:
     """Where a collective's tensors live: NCCL needs them on this rank's GPU."""
+    import torch
     import torch.distributed as dist
 
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -120,6 +123,7 @@ def sum_across(world: World, values: Sequence[float]) -> list[float]:
     """Each value summed over the ranks (float64: counts stay exact)."""
     if world.size == 1:
         return list(values)
+    import torch
     import torch.distributed as dist
 
     t = torch.tensor(list(values), dtype=torch.float64, device=_device())
