@@ -6,9 +6,10 @@ mode killed on 2 processes and resumed on 1, against 1 throughout.
 Tolerance of "the same model": the models train under bf16 autocast where the CPU has bf16 (this one
 does), and the two ranks' half-batch matrix products round differently from one process's whole-batch
 ones (about 1e-3 relative); Adam turns that into steps on near-zero gradients. Measured on these
-scans: per-tensor relative L2 difference of the weights 1e-4 to 3e-3 (fine-tuning moved the
-backbone's trained tensors by 5e-3 to 0.18 from ImageNet's), losses within 1e-3. Asserted: 1e-2 for
-the weights, 2e-3 for the losses, identical validation accuracy every epoch. No BatchNorm statistic
+scans: per-tensor relative L2 difference of the weights at most 8e-3 (fine-tuned) and 8.4e-4 (frozen,
+killed and resumed); in the fine-tuned backbone at most 5.3% of how far training moved each tensor from
+ImageNet's; losses within 8e-4 relative. Asserted: 2e-2, 15% and 2e-3, and identical validation
+accuracy every epoch. No BatchNorm statistic
 trains in these modes (the frozen backbone is its inference graph, a fine-tuned one keeps ImageNet's
 statistics; the heads have none), so none differs between 1 and 2 ranks.
 """
@@ -31,7 +32,7 @@ from retinalens.cli.launch import worker_args
 from retinalens.train.images import CHECKPOINT
 
 EPOCHS = 3
-WEIGHT_RTOL, LOSS_RTOL = 1e-2, 2e-3
+WEIGHT_RTOL, MOVED_RTOL, LOSS_RTOL = 2e-2, 0.15, 2e-3
 FINETUNE = ["--mode", "finetune", "--unfreeze", 1, "--warmup-epochs", 1]
 
 
@@ -56,7 +57,9 @@ def _curves(bundle: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _assert_same_model(a: Path, b: Path) -> None:
+def _assert_same_model(a: Path, b: Path, start: dict[str, torch.Tensor] | None = None) -> None:
+    """`start`: the backbone's weights before training; each trained tensor's difference between the
+    runs must be small against how far training moved it."""
     ca, cb = _curves(a), _curves(b)
     assert [r["val_acc"] for r in ca] == [r["val_acc"] for r in cb]
     for ra, rb in zip(ca, cb, strict=True):
@@ -68,6 +71,8 @@ def _assert_same_model(a: Path, b: Path) -> None:
         assert wa.keys() == wb.keys()
         for k in (k for k in wa if wa[k].is_floating_point() and wa[k].norm() > 0):
             assert float((wa[k] - wb[k]).norm() / wa[k].norm()) <= WEIGHT_RTOL, k
+            if name == "backbone" and start is not None and not torch.equal(wa[k], start[k]):
+                assert float((wa[k] - wb[k]).norm() / (wa[k] - start[k]).norm()) <= MOVED_RTOL, k
 
 
 def test_two_processes_fine_tune_the_model_one_process_fine_tunes(setup, backbone):
@@ -78,9 +83,10 @@ def test_two_processes_fine_tune_the_model_one_process_fine_tunes(setup, backbon
     assert two.returncode == 0, two.stderr
     assert two.stderr.count("bundle written") == 1  # rank 0's
     assert not (root / "ft2.checkpoints").exists()
-    _assert_same_model(root / "ft1", root / "ft2")
+    before = backbone.model.state_dict()
+    _assert_same_model(root / "ft1", root / "ft2", start=before)
     # The backbone's last group did train (on both ranks alike), and nothing else in it did.
-    tuned, before = load_file(str(root / "ft2" / "backbone.safetensors")), backbone.model.state_dict()
+    tuned = load_file(str(root / "ft2" / "backbone.safetensors"))
     changed = {k for k in tuned if not torch.equal(tuned[k], before[k])}
     assert changed and all(k.startswith(("blocks.6.", "conv_head.", "bn2.")) for k in changed), changed
 
