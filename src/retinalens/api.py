@@ -66,9 +66,10 @@ def extract(data: str | Path, *, backbone: str | None = None, weights: str | Pat
     return store, report
 
 
-def train(data: str | Path, out: str | Path, *, progress: bool = False, **options: Any) -> Bundle:
+def train(data: str | Path, out: str | Path, *, progress: bool = False, **options: Any) -> Bundle | None:
     """`retinalens train`, option for option: `options` are train.pipeline.build_run_config's (mode,
-    backbone, head, epochs, balance, ..., and further TrainConfig fields such as lr or batch_size)."""
+    backbone, head, epochs, balance, ..., and further TrainConfig fields such as lr or batch_size).
+    Under torchrun, ranks other than 0 return None: rank 0 writes the bundle."""
     return train_bundle(build_run_config(data, **options), out, progress=progress)
 
 

@@ -96,8 +96,18 @@ def train(
                                             "default: the key $RETINALENS_BUNDLE_KEY names, if set)."),
     cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
+    nproc: int = typer.Option(1, "--nproc", help="frozen | finetune: train on N processes (torchrun, PyTorch DDP; "
+                              "--batch-size stays the global batch and must divide by the processes)."),
+    nnodes: int = typer.Option(1, "--nnodes", help="With --nproc: machines taking part (each runs this command)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="With --nnodes: HOST:PORT of "
+                                                "torchrun's rendezvous (the same on every machine)."),
 ) -> None:
     """Train a model and write a bundle: a head on cached features, or a network on images."""
+    if nproc != 1 or nnodes != 1 or rdzv_endpoint:
+        from .launch import launch_train
+
+        return launch_train(sys.argv[1:], mode=mode, batch_size=batch_size, nproc=nproc, nnodes=nnodes,
+                            rdzv_endpoint=rdzv_endpoint)
     from ..api import train as run_train
 
     bundle = run_train(data, out, mode=mode, backbone=backbone, weights=weights, pretrained=not random_weights,
@@ -107,7 +117,8 @@ def train(
                        class_weights=class_weights, unfreeze=unfreeze, backbone_lr_scale=backbone_lr_scale,
                        warmup_epochs=warmup_epochs, augment=augment, device=device, resume=resume,
                        target_sensitivity=target_sensitivity, sign_key=sign_key)
-    console().print(f"[green]bundle written:[/] {markup_safe(bundle.path)}", highlight=False, soft_wrap=True)
+    if bundle is not None:  # None: a rank of torchrun's other than 0, which writes the bundle
+        console().print(f"[green]bundle written:[/] {markup_safe(bundle.path)}", highlight=False, soft_wrap=True)
 
 
 def evaluate(

@@ -41,6 +41,7 @@ from ..config import MODE_EPOCHS, ImageTrainConfig  # noqa: F401  (defined there
 from ..errors import ImageDecodeError, RetinaLensError
 from ..models.heads import HeadConfig, create_head
 from ..models.registry import Backbone, autocast, resolve_precision
+from .distributed import World, data_parallel, from_main, sum_across
 from .loop import EpochTotals, run_epochs
 from .trainer import TrainConfig, TrainResult, check_train_config, class_weights_for
 
@@ -106,20 +107,30 @@ class ImageTrainResult:
     result: TrainResult
 
 
+def training_device(mode: str, images: ImageTrainConfig, backbone: Backbone, world: World = World()) -> torch.device:
+    """Where an image mode trains: each rank of a run on several GPUs takes the GPU of its local rank."""
+    if mode == "frozen":  # the backbone stays where it is; only the head moves
+        return next(backbone.model.parameters()).device
+    if images.device == "auto":
+        return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(images.device)
+
+
 def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, paths: list[Path],
                     y_train: np.ndarray, val_paths: list[Path], y_val: np.ndarray, num_classes: int,
                     train: TrainConfig, images: ImageTrainConfig, augment: str, checkpoint_dir: Path,
-                    fingerprint: dict[str, Any], resume: bool = False, progress: bool = True) -> ImageTrainResult:
-    """Train on the images at `paths` (train split) choosing the best epoch on `val_paths`."""
+                    fingerprint: dict[str, Any], resume: bool = False, progress: bool = True,
+                    world: World = World()) -> ImageTrainResult:
+    """Train on the images at `paths` (train split) choosing the best epoch on `val_paths`.
+
+    `world`: this process's rank in a run on several (train/distributed.py); every rank passes the same
+    arguments and trains on its share of each batch, rank 0 alone writes the checkpoint."""
     check_image_config(mode, images, train)
-    if len(y_train) == 0 or len(y_val) == 0:
-        raise RetinaLensError("training needs images in both the train and the validation split")
+    if len(y_train) < world.size or len(y_val) < world.size:
+        raise RetinaLensError("training needs images in both the train and the validation split"
+                              + (f", at least one per process ({world.size})" if world.size > 1 else ""))
     frozen = mode == "frozen"
-    if frozen:  # the backbone stays where it is; only the head moves
-        device = next(backbone.model.parameters()).device
-    else:
-        device = torch.device("cuda" if images.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if images.device == "auto" else images.device))
+    device = training_device(mode, images, backbone, world)
     precision = resolve_precision(train.precision, device.type)
     # A GPU without bf16 (before Ampere) trains in fp16 with loss scaling; bf16 needs no scaling.
     fp16 = device.type == "cuda" and train.precision == "auto" and precision == "fp32"
@@ -151,53 +162,69 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
     data = AugmentedImages(list(paths), pp, get_augmentation(augment), train.seed)
     val_data = AugmentedImages(list(val_paths), pp, get_augmentation("none"), train.seed)
     yt, yv = torch.from_numpy(y_train).long(), torch.from_numpy(y_val).long()
-    weight = class_weights_for(yt, num_classes).to(device) if train.class_weights else None
-    train_loss_fn, val_loss_fn = nn.CrossEntropyLoss(weight=weight), nn.CrossEntropyLoss()
+    weight = class_weights_for(yt, num_classes) if train.class_weights else torch.ones(num_classes)
+    # Summed over this rank's share, then divided by the whole batch's weight (each rank knows the whole
+    # batch): what the ranks' gradients average to is the one-process batch mean, however it is dealt.
+    train_loss_fn = nn.CrossEntropyLoss(weight=weight.to(device), reduction="sum")
+    val_loss_fn = nn.CrossEntropyLoss(reduction="sum")
     opt = torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
     ckpt, key = checkpoint_dir / CHECKPOINT, _fingerprint(fingerprint)
-    saved = _resume_point(ckpt, key, resume)
+    # Rank 0 reads the checkpoint it wrote and hands it on: the other ranks' machines need not see the file.
+    saved = from_main(world, _resume_point(ckpt, key, resume) if world.main else None)
     if saved is not None:  # run_epochs restores the weights, the optimiser and the schedule; the scaler is ours
         scaler.load_state_dict(saved.get("scaler", {}))
 
-    val_batches = [[(i, 0, 0, i) for i in range(s, min(s + train.batch_size, len(yv)))]
-                   for s in range(0, len(yv), train.batch_size)]
+    per_rank = train.batch_size // world.size  # the global batch is dealt out (distributed.check_world)
+    val_share = world.share(range(len(yv)))  # each rank validates its share; the sums are added up
+    val_batches = [[(i, 0, 0, i) for i in val_share[s:s + per_rank]] for s in range(0, len(val_share), per_rank)]
     # Frozen: the backbone never changes, so the validation features are computed once.
     val_x = torch.cat([head_input(head_config, *backbone.encode(x, precision)).float()
                        for x, _ in _decoded(val_data, val_batches, images.workers)]) if frozen else None
 
+    parallel: dict[bool, nn.Module] = {}  # by warm-up: DDP syncs the parameters that required gradients when wrapped
+
     def train_epoch(epoch: int) -> EpochTotals:
+        warm = mode == "finetune" and epoch <= images.warmup_epochs
         if not frozen:  # gradients flow into the backbone's trainable groups once the head's warm-up is over
-            warm = mode == "finetune" and epoch <= images.warmup_epochs
             net.features.requires_grad_(False)  # type: ignore[union-attr]
             for p in trainable:
                 p.requires_grad_(not warm)
+        if warm not in parallel:
+            parallel[warm] = data_parallel(net, world, device)
+        model = parallel[warm]
         # The dropout masks, the data order and the augmentation are functions of (seed, epoch): a resumed
         # run draws what the uninterrupted one drew.
         torch.manual_seed(_epoch_seed(train.seed, epoch))
         plan = epoch_plan(y_train, num_classes, seed=train.seed, epoch=epoch, oversample=images.oversample)
         keys = [(i, v, epoch, pos) for pos, (i, v) in enumerate(plan)]
         batches = [keys[s:s + train.batch_size] for s in range(0, len(keys), train.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) < 2:
-            batches[-2] += batches.pop()  # BatchNorm cannot train on a batch of one
+        # BatchNorm cannot train on a batch of one, and every rank needs a share of every batch.
+        if len(batches) > 1 and len(batches[-1]) < max(2, world.size):
+            batches[-2] += batches.pop()
+        # The whole batch's loss weight, the denominator of its mean (the same on every rank).
+        denominators = [float(weight[yt[[k[0] for k in b]]].sum()) for b in batches]
         net.train()
         if mode == "finetune":  # BatchNorm keeps its ImageNet statistics: small batches would ruin them
             net.features.eval()  # type: ignore[union-attr]
         totals = EpochTotals()
-        for x, idx in _decoded(data, batches, images.workers, pin):
+        shares = [world.share(b) for b in batches]
+        for (x, idx), batch, denominator in zip(_decoded(data, shares, images.workers, pin), batches, denominators):
             target = yt[idx].to(device)
             if frozen:  # the traced backbone's features; .clone() takes them out of inference mode for autograd
                 x = head_input(head_config, *backbone.encode(x, precision)).to(device).float().clone()
             else:
                 x = x.to(device, non_blocking=True)
             with amp():
-                logits = (head(x) if frozen else net(x)[0]).float()
-            loss = train_loss_fn(logits, target)
+                logits = (model(x) if frozen else model(x)[0]).float()
+            loss = train_loss_fn(logits, target) / denominator  # this rank's part of the batch mean
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # a no-op scale unless fp16
+            # DDP averages the ranks' gradients: times world.size, they add up to the batch mean's.
+            scaler.scale(loss * world.size).backward()  # a no-op scale unless fp16
             scaler.step(opt)
             scaler.update()
-            totals.add(loss, logits, target)
-        return totals
+            totals.add(loss, logits, target, n=len(batch))
+        loss_sum, correct, seen = sum_across(world, [totals.loss, totals.correct, totals.seen])
+        return EpochTotals(loss_sum, int(correct), int(seen))
 
     @torch.no_grad()
     def validate() -> tuple[float, float]:
@@ -209,15 +236,16 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
             for x, _ in _decoded(val_data, val_batches, images.workers, pin):
                 with amp():
                     outs.append(net(x.to(device))[0].float())
-        logits = torch.cat(outs).cpu()
-        return float(val_loss_fn(logits, yv)), float((logits.argmax(1) == yv).float().mean())
+        logits, target = torch.cat(outs).cpu(), yv[val_share]
+        loss_sum, correct = sum_across(world, [float(val_loss_fn(logits, target)), float((logits.argmax(1) == target).sum())])
+        return loss_sum / len(yv), correct / len(yv)
 
     with torch.random.fork_rng(devices=[]):  # train_epoch reseeds the global RNG: the caller's is left as it was
         run = run_epochs(net, opt, train, train_epoch=train_epoch, validate=validate, description=f"train ({mode})",
-                         progress=progress, saved=saved,
+                         progress=progress and world.main, saved=saved,
                          # Temp file, then rename: a kill -9 leaves the previous checkpoint or the new one, never half.
-                         checkpoint=lambda state: atomic_torch_save(
-                             ckpt, {**state, "scaler": scaler.state_dict(), "fingerprint": key}))
+                         checkpoint=(lambda state: atomic_torch_save(
+                             ckpt, {**state, "scaler": scaler.state_dict(), "fingerprint": key})) if world.main else None)
     net.cpu()
     result = TrainResult(head, run.best_epoch, run.history, run.val_metrics)
     if frozen:

@@ -33,8 +33,10 @@ class EpochTotals:
     correct: int = 0
     seen: int = 0
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
-        self.loss += loss.item() * len(target)
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, n: int | None = None) -> None:
+        """`loss`: the mean over `n` samples (default: over `target`, or over a whole batch of which this
+        process saw the share `target`, `loss` being its part of that batch's mean)."""
+        self.loss += loss.item() * (len(target) if n is None else n)
         self.correct += int((logits.argmax(1) == target).sum())
         self.seen += len(target)
 

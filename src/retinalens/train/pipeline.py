@@ -37,7 +37,8 @@ from ..bundle.signature import configured_key
 from ..bundle.store import Bundle, check_output_folder, load_bundle, positive_classes_for, save_bundle
 from ..models.heads import HEADS, HeadConfig, check_head_config, head_probabilities
 from ..models.registry import DEFAULT_BACKBONE, Backbone, create_backbone, resolve_precision, resolve_spec
-from .images import balance_options, check_image_config, config_fingerprint, train_on_images
+from .distributed import World, barrier, check_world, from_main, process_group, torchrun_world
+from .images import balance_options, check_image_config, config_fingerprint, train_on_images, training_device
 from .trainer import TrainConfig, TrainResult, check_train_config, fit_logistic_head, train_head, write_curves
 
 
@@ -141,11 +142,13 @@ def default_head(mode: str, scratch: bool) -> HeadConfig:
 
 
 def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data: _Data | None = None,
-                 lineage: dict[str, Any] | None = None) -> Bundle:
+                 lineage: dict[str, Any] | None = None) -> Bundle | None:
     """`data`: a dataset with its splits already made (retraining keeps its parent's splits);
-    `lineage`: the bundle's version and parent (default: version 1, no parent)."""
-    out = Path(out).expanduser()
+    `lineage`: the bundle's version and parent (default: version 1, no parent). Under torchrun every
+    rank calls this; rank 0 returns the bundle it wrote, the others None (train/distributed.py)."""
+    out, world = Path(out).expanduser(), torchrun_world()
     _check(cfg, out)
+    check_world(cfg.mode, cfg.train.batch_size, world.size)
     x = cfg.extract
     precision = resolve_precision(x.precision)
     scratch = resolve_spec(x.backbone).from_scratch
@@ -157,21 +160,26 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     image_head = default_head(cfg.mode, scratch) if cfg.train.head.kind == "auto" else cfg.train.head
     spatial = "conv" in _candidates(cfg) if cfg.mode == "bottleneck" else (
         cfg.mode == "frozen" and image_head.input_kind == "spatial")
-    cache, report = _extract(data, pretrained, x, precision, spatial, progress)
-    idx = {n: data.index(n, cache) for n in ("train", "val", "test")}
-    y = {n: data.labels(ix) for n, ix in idx.items()}
-    pooled = {n: cache.pooled(data.keys(idx[n])) for n in ("train", "val")}
-    baseline = fit_logistic_head(pooled["train"], y["train"], pooled["val"], y["val"], num_classes=len(data.ds.classes),
-                                 feature_shape=cache.key.feature_shape, seed=cfg.train.seed, cs=(0.1,)).val_metrics
-
-    if cfg.mode == "bottleneck":
-        trained = _train_bottleneck(cfg, data, cache, idx, y, pooled, pretrained, progress)
-    else:
-        start = create_backbone(x.backbone, seed=cfg.train.seed) if scratch else pretrained
-        trained = _train_images(cfg, data, out, start, image_head, idx, y, progress)
-        if trained.backbone is not pretrained:  # new weights: cache their features for evaluation
-            cache, report = _extract(data, trained.backbone, x, precision, trained.head_config.input_kind == "spatial",
-                                     progress)
+    with process_group(world, training_device(cfg.mode, cfg.images, pretrained, world)):
+        cache, report = _extract(data, pretrained, x, precision, spatial, progress, world)
+        # The samples the cache could read: rank 0's list, for ranks whose cache (on another machine) is partial.
+        idx = from_main(world, {n: data.index(n, cache) for n in ("train", "val", "test")} if world.main else None)
+        y = {n: data.labels(ix) for n, ix in idx.items()}
+        if world.main:
+            pooled = {n: cache.pooled(data.keys(idx[n])) for n in ("train", "val")}
+            baseline = fit_logistic_head(pooled["train"], y["train"], pooled["val"], y["val"],
+                                         num_classes=len(data.ds.classes), feature_shape=cache.key.feature_shape,
+                                         seed=cfg.train.seed, cs=(0.1,)).val_metrics
+        if cfg.mode == "bottleneck":
+            trained = _train_bottleneck(cfg, data, cache, idx, y, pooled, pretrained, progress)
+        else:
+            start = create_backbone(x.backbone, seed=cfg.train.seed) if scratch else pretrained
+            trained = _train_images(cfg, data, out, start, image_head, idx, y, progress, world)
+            if trained.backbone is not pretrained:  # new weights: cache their features for evaluation
+                cache, report = _extract(data, trained.backbone, x, precision,
+                                         trained.head_config.input_kind == "spatial", progress, world)
+    if not world.main:
+        return None
     bundle = _finish(cfg, out, data, trained, cache, report, precision, baseline,
                      lineage or {"version": 1, "parent": None})
     if cfg.mode != "bottleneck":
@@ -246,12 +254,21 @@ def _screen(ds: Dataset, preprocessing: Preprocessing, workers: int) -> tuple[Da
 
 
 def _extract(data: _Data, backbone: Backbone, x: ExtractConfig, precision: str, spatial: bool,
-             progress: bool) -> tuple[FeatureCache, ExtractReport]:
-    """Cache every image's features. Test images too (their labels are not looked at): evaluate is instant."""
-    cache = open_cache(x.cache, backbone, precision, spatial=spatial)
-    report = extract_features([s.path for s in data.ds.samples], data.hashes, backbone, cache, precision=precision,
-                              batch_size=x.batch_size, chunk_size=x.chunk_size, workers=x.workers, progress=progress)
-    print_extract_report(report)
+             progress: bool, world: World = World()) -> tuple[FeatureCache, ExtractReport]:
+    """Cache every image's features. Test images too (their labels are not looked at): evaluate is instant.
+
+    Several ranks first extract a share each (the cache takes shards side by side); then rank 0 reads
+    the whole and extracts what no rank wrote where it looks (a cache folder not shared between machines)."""
+    paths = [s.path for s in data.ds.samples]
+    for shard in ([(world.rank, world.size)] if world.size > 1 else []) + ([(0, 1)] if world.main else []):
+        cache = open_cache(x.cache, backbone, precision, spatial=spatial)
+        report = extract_features(paths, data.hashes, backbone, cache, precision=precision, batch_size=x.batch_size,
+                                  chunk_size=x.chunk_size, workers=x.workers, progress=progress and world.main,
+                                  shard=shard)
+        if shard[1] > 1:
+            barrier(world)
+    if world.main:
+        print_extract_report(report)
     return cache, report
 
 
@@ -283,14 +300,14 @@ def _train_bottleneck(cfg: RunConfig, data: _Data, cache: FeatureCache, idx: dic
 
 
 def _train_images(cfg: RunConfig, data: _Data, out: Path, backbone: Backbone, head_config: HeadConfig,
-                  idx: dict[str, list[int]], y: dict[str, np.ndarray], progress: bool) -> _Trained:
+                  idx: dict[str, list[int]], y: dict[str, np.ndarray], progress: bool, world: World) -> _Trained:
     augment = cfg.images.augment if cfg.images.augment != "auto" else ("fundus" if data.task else "oct")
     split_hashes = {n: data.keys(idx[n]) for n in ("train", "val")}
     trained = train_on_images(
         backbone, head_config, mode=cfg.mode, num_classes=len(data.ds.classes), train=cfg.train, images=cfg.images,
         paths=[data.ds.samples[i].path for i in idx["train"]], y_train=y["train"],
         val_paths=[data.ds.samples[i].path for i in idx["val"]], y_val=y["val"], augment=augment,
-        checkpoint_dir=_checkpoint_dir(out), resume=cfg.resume, progress=progress,
+        checkpoint_dir=_checkpoint_dir(out), resume=cfg.resume, progress=progress, world=world,
         fingerprint=config_fingerprint(_resumable(cfg), split_hashes, data.ds.classes))
     r = trained.result
     return _Trained(trained.backbone, head_config, r, r,
