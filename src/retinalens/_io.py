@@ -72,6 +72,13 @@ def writing(path: Path | str) -> Iterator[None]:
         raise write_error(path, exc) from None
 
 
+def user_cache_dir(name: str) -> Path:
+    """Where RetinaLens keeps one kind of rebuildable file (ONNX exports, traced graphs, machine
+    probes): `$RETINALENS_CACHE/<name>`, else `~/.cache/retinalens/<name>`."""
+    env = os.environ.get("RETINALENS_CACHE")
+    return Path(env).expanduser() / name if env else Path.home() / ".cache" / "retinalens" / name
+
+
 def temp_file(folder: Path) -> tuple[int, str]:
     """A new private temp file in `folder` with a short name (fd, path)."""
     return tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)

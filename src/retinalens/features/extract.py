@@ -16,6 +16,7 @@ import numpy as np
 from .._console import console, progress_bar
 from ..data.images import ImageFiles, check_batching, image_batches
 from ..errors import RetinaLensError
+from ..models.machine import runtime_settings
 from ..models.registry import Backbone
 from .cache import CacheKey, FeatureCache, default_cache_root
 
@@ -71,7 +72,7 @@ def extract_features(paths: list[Path], hashes: list[str], backbone: Backbone, c
     loader = image_batches(ImageFiles([first_path[h] for h in todo], backbone.preprocessing), batches, workers)
     c, h, w = cache.key.feature_shape
     start = time.perf_counter()
-    with progress_bar(len(todo), f"extract {backbone.name}", progress) as advance:
+    with runtime_settings(), progress_bar(len(todo), f"extract {backbone.name}", progress) as advance:
         chunk_no, pooled, spatial, failed = 0, np.empty((chunk_size, c), np.float32), None, {}
         if cache.has_spatial:
             spatial = np.empty((chunk_size, h, w, c), np.float16)

@@ -20,6 +20,7 @@ from ..data.transforms import Preprocessing
 from ..errors import RetinaLensError
 from ._efficientnet_lite import is_original_lite_checkpoint, packaged_lite_weights, rename_lite_keys
 from .eyenet import EyeNet
+from .machine import auto_cpu_precision
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -174,15 +175,6 @@ class _ForwardFeatures(nn.Module):
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run at several times the fp32 rate."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def resolve_precision(precision: str, device: str = "cpu") -> str:
     if precision not in PRECISIONS:
         raise RetinaLensError(f"unknown precision '{precision}': use one of {', '.join(PRECISIONS)}")
@@ -190,7 +182,7 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
         return precision
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
+    return auto_cpu_precision()  # AMX, or a cached matmul probe (models/machine.py)
 
 
 def autocast(precision: str, device_type: str = "cpu") -> torch.autocast:
