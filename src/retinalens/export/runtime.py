@@ -19,7 +19,7 @@ import torch
 from rich.markup import escape
 
 from .._console import console
-from .._io import user_cache_dir
+from .._io import prune_entries, user_cache_dir
 from .._deps import require
 from ..data.hashing import sha256_file
 from ..errors import RetinaLensError
@@ -96,14 +96,6 @@ def _intact(model: Path) -> bool:
         return False
 
 
-def _prune(root: Path, keep: int = CACHE_ENTRIES) -> None:
-    entries = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in entries[keep:]:
-        for f in old.iterdir():
-            f.unlink(missing_ok=True)
-        old.rmdir()
-
-
 def cached_onnx(bundle: Bundle, root: str | Path | None = None) -> Path | bytes:
     """The bundle's ONNX file from the cache, (re)built when absent, corrupt or stale. Where the cache
     cannot be written, the export is returned in memory instead."""
@@ -115,7 +107,7 @@ def cached_onnx(bundle: Bundle, root: str | Path | None = None) -> Path | bytes:
     data, meta = onnx_bytes(bundle)
     try:
         write_export(model, data, meta)
-        _prune(base)
+        prune_entries(base, CACHE_ENTRIES)
     except (RetinaLensError, OSError) as exc:
         console().print(f"[yellow]note:[/] ONNX cache not written ({escape(str(exc))}); using the export in memory")
         return data
