@@ -80,10 +80,12 @@ def report(bundle: str | Path | Bundle, data: str | Path, out: str | Path, *, pr
 
 def predict(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[str | Path], *,
             json_path: str | Path | None = None, csv_path: str | Path | None = None, batch_size: int | None = None,
-            workers: int | None = None, runtime: str | None = None, progress: bool = False) -> list[dict[str, Any]]:
+            workers: int | None = None, runtime: str | None = None, threads: int | None = None,
+            progress: bool = False) -> list[dict[str, Any]]:
     """`retinalens predict`: one result per image (`load(bundle).predict_many`), written as JSON and/or
-    CSV when asked. Bad inputs get {"input", "error"}; the rest still complete."""
-    model = _model(bundle, runtime)
+    CSV when asked. Bad inputs get {"input", "error"}; the rest still complete. `threads`: intra-op
+    threads per model call (None: one per core)."""
+    model = _model(bundle, runtime, threads)
     sources = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     results = model.predict_many(sources, progress=progress, **given(batch_size=batch_size, workers=workers))
     if json_path:
@@ -93,12 +95,12 @@ def predict(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[s
     return results
 
 
-def _model(bundle: str | Path | Bundle | Model, runtime: str | None = None) -> Model:
+def _model(bundle: str | Path | Bundle | Model, runtime: str | None = None, threads: int | None = None) -> Model:
     if isinstance(bundle, Model):
         return bundle
     if isinstance(bundle, Bundle):
-        return Model(bundle, **given(runtime=runtime))
-    return load(bundle, **given(runtime=runtime))
+        return Model(bundle, **given(runtime=runtime, threads=threads))
+    return load(bundle, **given(runtime=runtime, threads=threads))
 
 
 def explain(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[str | Path], *,

@@ -139,13 +139,16 @@ def predict(
     batch_size: int = typer.Option(16, "--batch-size", help="Images per model call."), workers: int = WorkersOpt,
     runtime: str = typer.Option("auto", "--runtime", help="torch | onnx (onnxruntime, fp32) | auto (onnx for fp32 "
                                 "bundles on the CPU, where it measured faster; torch for bf16 bundles)."),
+    threads: int = typer.Option(0, "--threads", help="Intra-op threads per model call (0: one per core)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Class, probabilities and referral level for each image; failures are listed at the end."""
     from ..api import predict as run_predict
     from ..predict.model import load
 
-    model = load(bundle, runtime=runtime)
+    if threads < 0:
+        raise RetinaLensError(f"--threads must be 0 (one per core) or more, got {threads}")
+    model = load(bundle, runtime=runtime, threads=threads or None)
     results = run_predict(model, inputs, json_path=json_out, csv_path=csv_out, batch_size=batch_size, workers=workers,
                           progress=not quiet)
     if sys.stdout.isatty():
