@@ -150,7 +150,12 @@ def flush_denormal_enabled() -> bool:
 def runtime_settings(threads: int | None = None, flush_denormal: bool = True) -> Iterator[None]:
     """Inference settings for the duration of a call, the caller's restored after it: denormals
     flushed to zero, and `threads` intra-op threads (None: leave torch's own choice, one per core).
-    Both are process-wide in torch; prediction and extraction enter this around their loops."""
+    Prediction and extraction enter this around their loops.
+
+    The flush is a CPU register of each thread (MXCSR), and torch sets the calling thread's only: it
+    covers all the arithmetic of a 1-thread call (single-image predict) and the caller's share of a
+    parallel one. Intra-op worker threads that start while it is on inherit it and keep it; torch
+    offers no way to reach the others."""
     old_threads, old_flush = torch.get_num_threads(), flush_denormal_enabled()
     try:
         if flush_denormal and not old_flush:
