@@ -165,9 +165,10 @@ def compare_heads(oct_root: Path, cache: str, seeds: tuple[int, ...] = (0, 1, 2)
                 runs.append({k: float((head_probabilities(r.head, x[k]).argmax(1) == y[k]).mean()) for k in ("val", "test")})
             out[f"{name}__{feat}_features"] = summary(runs)
         p = {k: store.pooled(h[k]) for k in h}
+        fits: dict = {}  # the baseline's C=0.1 model is one of the search's: fitted once
         for name, cs in (("logistic_regression_baseline_C0.1", (0.1,)), ("logreg_head_C_on_val", (0.01, 0.1, 1.0))):
             r = fit_logistic_head(p["train"], y["train"], p["val"], y["val"], num_classes=4,
-                                  feature_shape=store.key.feature_shape, cs=cs)
+                                  feature_shape=store.key.feature_shape, cs=cs, fits=fits)
             out[f"{name}__{feat}_features"] = {f"{k}_acc": round(float((head_probabilities(r.head, p[k]).argmax(1) == y[k]).mean()), 4)
                                                for k in ("val", "test")}
     return out
