@@ -76,9 +76,12 @@ def test_a_damaged_probe_file_is_measured_over(tmp_path: Path) -> None:
     info = CpuInfo("Test CPU without AMX", COOPER)
     path = probe_path(info, torch.get_num_threads(), tmp_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text('{"fp32_gflops": 1.0, "bf16')  # torn write of an older process
-    probe = cached_probe(info, tmp_path)
-    assert probe.fp32_gflops > 0 and json.loads(path.read_text())["bf16_gflops"] == probe.bf16_gflops
+    for damaged in ('{"fp32_gflops": 1.0, "bf16',  # torn write of an older process
+                    '["not", "an", "object"]',
+                    '{"fp32_gflops": "fast", "bf16_gflops": 2.0, "size": 1024, "threads": 2}'):
+        path.write_text(damaged)
+        probe = cached_probe(info, tmp_path)
+        assert probe.fp32_gflops > 0 and json.loads(path.read_text())["bf16_gflops"] == probe.bf16_gflops
 
 
 def test_an_amx_machine_never_probes(tmp_path: Path) -> None:

@@ -123,7 +123,9 @@ def cached_probe(info: CpuInfo | None = None, root: Path | None = None) -> Matmu
     info = info or cpu_info()
     path = probe_path(info, torch.get_num_threads(), root)
     try:
-        return MatmulProbe(**{k: v for k, v in json.loads(path.read_text()).items() if k != "cpu"})
+        probe = MatmulProbe(**{k: v for k, v in json.loads(path.read_text()).items() if k != "cpu"})
+        if all(isinstance(v, (int, float)) and v > 0 for v in asdict(probe).values()):
+            return probe
     except (OSError, ValueError, TypeError, AttributeError):
         pass
     probe = measure_matmul()
