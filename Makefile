@@ -55,8 +55,18 @@ test: $(STAMP) browser postgres
 screenshots: $(STAMP) browser
 	RETINALENS_SCREENSHOTS=docs/screenshots $(VENV)/bin/pytest -q tests/serve/test_browser.py
 
-bench: $(STAMP)
-	$(PY) benchmarks/run.py --out benchmarks/results.json
+# The original Keras loops run in the same bench, in their own environment (TensorFlow's numpy and
+# protobuf pins must not meet torch's): extra `bench`, about 0.6 GB. If it cannot be installed, the
+# bench runs without it and says so in its results (no Keras figure is ever assumed).
+KERAS_VENV ?= .venv-keras
+KERAS_PINS := tensorflow-cpu==2.21.0 pillow
+$(KERAS_VENV)/.installed: Makefile
+	@echo "creating $(KERAS_VENV) with $(KERAS_PINS) for the Keras reference loops (about 0.6 GB)"
+	$(PYTHON) -m venv $(KERAS_VENV) && $(KERAS_VENV)/bin/pip install --quiet $(KERAS_PINS) && touch $@ || \
+	  echo "the Keras environment could not be installed: the bench will report no Keras figures"
+
+bench: $(STAMP) $(KERAS_VENV)/.installed
+	$(PY) benchmarks/run.py --out benchmarks/results.json --keras-python $(KERAS_VENV)/bin/python
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) $(KERAS_VENV) demo-out .pytest_cache

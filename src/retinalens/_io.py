@@ -72,6 +72,22 @@ def writing(path: Path | str) -> Iterator[None]:
         raise write_error(path, exc) from None
 
 
+def user_cache_dir(name: str) -> Path:
+    """Where RetinaLens keeps one kind of rebuildable file (ONNX exports, traced graphs, machine
+    probes): `$RETINALENS_CACHE/<name>`, else `~/.cache/retinalens/<name>`."""
+    env = os.environ.get("RETINALENS_CACHE")
+    return Path(env).expanduser() / name if env else Path.home() / ".cache" / "retinalens" / name
+
+
+def prune_entries(root: Path, keep: int) -> None:
+    """Keep the `keep` most recently used entries (folders of files) of a cache, delete the rest."""
+    entries = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        for f in old.iterdir():
+            f.unlink(missing_ok=True)
+        old.rmdir()
+
+
 def temp_file(folder: Path) -> tuple[int, str]:
     """A new private temp file in `folder` with a short name (fd, path)."""
     return tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)

@@ -93,14 +93,15 @@ def report(bundle: str | Path | Bundle, data: str | Path, out: str | Path, *, pr
 def predict(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[str | Path], *,
             json_path: str | Path | None = None, csv_path: str | Path | None = None, out: str | Path | None = None,
             batch_size: int | None = None, workers: int | None = None, runtime: str | None = None,
-            engine: str | None = None, address: str | None = None, ray_workers: int | None = None,
-            progress: bool = False) -> list[dict[str, Any]]:
+            threads: int | None = None, engine: str | None = None, address: str | None = None,
+            ray_workers: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
     """`retinalens predict`: one result per image (`load(bundle).predict_many`), written as JSON, CSV
     and/or Parquet (`out`, predict/parquet.py) when asked. Bad inputs get {"input", "error"}; the rest
-    still complete. engine "ray": on a Ray cluster (`address`), one model per actor, the same results."""
+    still complete. `threads`: intra-op threads per model call (None: one per core). engine "ray": on a
+    Ray cluster (`address`), one model per actor, the same results."""
     run_on = engine_config(engine, address, ray_workers)
     # The Ray driver runs no network: its model only names the classes and how inputs are decoded.
-    model = _model(bundle, "torch" if run_on.engine == "ray" else runtime)
+    model = _model(bundle, "torch" if run_on.engine == "ray" else runtime, threads)
     sources = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     if run_on.engine == "ray":
         from .engines.ray_predict import predict_ray
@@ -118,12 +119,12 @@ def predict(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[s
     return results
 
 
-def _model(bundle: str | Path | Bundle | Model, runtime: str | None = None) -> Model:
+def _model(bundle: str | Path | Bundle | Model, runtime: str | None = None, threads: int | None = None) -> Model:
     if isinstance(bundle, Model):
         return bundle
     if isinstance(bundle, Bundle):
-        return Model(bundle, **given(runtime=runtime))
-    return load(bundle, **given(runtime=runtime))
+        return Model(bundle, **given(runtime=runtime, threads=threads))
+    return load(bundle, **given(runtime=runtime, threads=threads))
 
 
 def explain(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[str | Path], *,

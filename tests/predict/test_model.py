@@ -117,3 +117,28 @@ def test_a_trickling_server_cannot_hold_a_download_past_its_deadline():
 def test_other_url_schemes_are_refused(model):
     [r] = model.predict_many(["ftp://127.0.0.1/x.jpeg"])
     assert r["input"] == "ftp://127.0.0.1/x.jpeg" and "http" in r["error"]
+
+
+def test_one_image_runs_on_one_thread_and_batches_on_all(small_bundle, small_dataset, monkeypatch):
+    """Model.predict computes its single image on one intra-op thread, predict_many on torch's own
+    count (or the Model's `threads`), and the caller's thread count is back afterwards."""
+    import torch
+
+    from retinalens.errors import RetinaLensError
+
+    before = torch.get_num_threads()
+    for threads, want_one, want_many in ((None, 1, before), (2, 2, 2)):
+        m = Model(small_bundle, runtime="torch", threads=threads)
+        seen, real = [], m.probabilities_and_pooled
+
+        def counted(x, real=real, seen=seen):
+            seen.append(torch.get_num_threads())
+            return real(x)
+
+        monkeypatch.setattr(m, "probabilities_and_pooled", counted)
+        assert "probabilities" in m.predict(a_scan(small_dataset))
+        m.predict_many([a_scan(small_dataset), a_scan(small_dataset, "CNV")])
+        assert seen == [want_one, want_many]
+        assert torch.get_num_threads() == before
+    with pytest.raises(RetinaLensError, match="threads"):
+        Model(small_bundle, runtime="torch", threads=0)

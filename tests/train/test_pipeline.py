@@ -70,8 +70,20 @@ def test_auto_head_keeps_the_better_candidate_on_validation(tmp_path, small_data
     assert b.manifest.to_dict()["validation"]["accuracy"] >= b.manifest.to_dict()["training"]["baseline_logistic_regression"]["val_acc"]
 
 
-def test_logreg_bundle_predicts_like_its_validation_score(tmp_path, small_dataset, feature_cache):
+def test_logreg_bundle_predicts_like_its_validation_score(tmp_path, small_dataset, feature_cache, monkeypatch):
+    from sklearn.linear_model import LogisticRegression
+
+    fitted, real_fit = [], LogisticRegression.fit
+
+    def counted_fit(self, *args, **kwargs):  # the real fit, counted by C
+        fitted.append(self.C)
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegression, "fit", counted_fit)
     b = train_small_bundle(small_dataset, tmp_path / "lr", feature_cache, head="logreg")
+    # The C=0.1 baseline is one of the C search's candidates: each C is fitted once, not 0.1 twice.
+    assert sorted(c for c in fitted if c in (0.01, 0.1, 1.0)) == [0.01, 0.1, 1.0]
+    assert b.manifest.to_dict()["training"]["baseline_logistic_regression"]["C"] == 0.1
     assert b.manifest.to_dict()["head"]["kind"] == "logreg" and b.head_config.input_kind == "pooled"
     assert not (b.path / "curves.csv").exists()  # a fitted head has no epochs
     # The validation images, found by content (splits.json lists their sha256), predicted from the files

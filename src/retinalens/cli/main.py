@@ -155,14 +155,17 @@ def predict(
     runtime: str = typer.Option("auto", "--runtime", help="torch | onnx (onnxruntime, fp32) | auto (onnx for fp32 "
                                 "bundles on the CPU, where it measured faster; torch for bf16 bundles)."),
     engine: str = EngineOpt, address: Optional[str] = AddressOpt, ray_workers: int = RayWorkersOpt,
+    threads: int = typer.Option(0, "--threads", help="Intra-op threads per model call (0: one per core)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Class, probabilities and referral level for each image; failures are listed at the end."""
     from ..api import predict as run_predict
     from ..predict.model import load
 
+    if threads < 0:
+        raise RetinaLensError(f"--threads must be 0 (one per core) or more, got {threads}")
     # On Ray the workers run the network; this process only names the classes (torch: nothing to build).
-    model = load(bundle, runtime="torch" if engine == "ray" else runtime)
+    model = load(bundle, runtime="torch" if engine == "ray" else runtime, threads=threads or None)
     results = run_predict(model, inputs, json_path=json_out, csv_path=csv_out, out=out, batch_size=batch_size,
                           workers=workers, runtime=runtime, engine=engine, address=address, ray_workers=ray_workers,
                           progress=not quiet)

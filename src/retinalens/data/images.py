@@ -1,7 +1,7 @@
 """Batches of decoded images for the backbone; a bad image yields its error message instead of
-stopping the batch. Decoding runs in threads (workers=0: Pillow releases the GIL, so on a small
-machine both cores decode between backbone calls) or in DataLoader processes (workers>0: decoding
-overlaps the backbone, which pays off when there are cores to spare).
+stopping the batch. Decoding runs in threads (workers=0: Pillow releases the GIL; the next batches
+are decoded while the backbone computes on this one) or in DataLoader processes (workers>0, which
+pays off when there are cores to spare).
 
 `measure`: a function of the full-resolution decode (the quality gate's file statistics: its size,
 its 8x8 blocks), called before the resize throws that resolution away; its values come back as a
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
@@ -50,9 +52,10 @@ class ImageFiles(Dataset):
 
 
 def _background_priority(_: int) -> None:
-    """Worker processes yield the cores to the backbone's threads: a worker competing on equal
-    terms stalls every parallel region of the backbone (measured on 2 cores)."""
-    os.nice(10)
+    """Decoding workers (processes, or threads on Linux) yield the cores to the backbone's threads: a
+    worker competing on equal terms stalls every parallel region of the backbone (measured on 2 cores)."""
+    if hasattr(os, "nice"):  # not on Windows
+        os.nice(10)
 
 
 def check_batching(batch_size: int, workers: int) -> None:
@@ -61,14 +64,41 @@ def check_batching(batch_size: int, workers: int) -> None:
         raise RetinaLensError(f"need --batch-size >= 1 and --workers >= 0 (got {batch_size}, {workers})")
 
 
+PREFETCH_BATCHES = 2  # decoded batches waiting for the backbone: enough to hide a slow file, few MB each
+
+
 def image_batches(dataset: Dataset, batches: Sequence[Sequence[Any]], workers: int = 0,
-                  threads: int | None = None, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """Yield (pixels uint8 (N, S, S, 3), indices, errors) for each list of dataset keys in `batches`.
-    `pin_memory`: page-locked batches, for fast copies to a GPU."""
+                  threads: int | None = None, pin_memory: bool = False,
+                  prefetch: int = PREFETCH_BATCHES) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Yield (pixels uint8 (N, S, S, 3), indices, errors) for each list of dataset keys in `batches`,
+    in that order. `pin_memory`: page-locked batches, for fast copies to a GPU. `prefetch` (threads
+    only): batches decoded ahead while the caller computes on the current one (0: decode each batch
+    when it is asked for)."""
     if workers > 0:
         yield from DataLoader(dataset, batch_sampler=batches, num_workers=workers, prefetch_factor=4,
                               worker_init_fn=_background_priority, pin_memory=pin_memory)
         return
-    with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1)) as pool:
-        for batch in batches:
-            yield default_collate(list(pool.map(dataset.__getitem__, batch)))
+    # Decoding threads run at a lower priority (Linux: nice is per thread), so they fill the cores
+    # the backbone leaves idle instead of stalling its parallel regions.
+    with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1),
+                            initializer=_background_priority, initargs=(0,)) as pool:
+        def decode(batch: Sequence[Any]) -> Any:
+            return default_collate(list(pool.map(dataset.__getitem__, batch)))
+
+        if prefetch <= 0:
+            for batch in batches:
+                yield decode(batch)
+            return
+        # One loader thread runs the batches in order, at most `prefetch` ahead of the caller.
+        loader = ThreadPoolExecutor(max_workers=1)
+        try:
+            todo = iter(batches)
+            ahead = deque(loader.submit(decode, b) for b in islice(todo, prefetch))
+            while ahead:
+                done = ahead.popleft().result()
+                following = next(todo, None)
+                if following is not None:
+                    ahead.append(loader.submit(decode, following))
+                yield done
+        finally:
+            loader.shutdown(wait=True, cancel_futures=True)

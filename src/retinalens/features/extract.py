@@ -19,6 +19,7 @@ import numpy as np
 from .._console import console, progress_bar
 from ..data.images import ImageFiles, check_batching, image_batches
 from ..errors import RetinaLensError
+from ..models.machine import runtime_settings
 from ..models.registry import Backbone
 from .cache import CacheKey, FeatureCache, default_cache_root
 
@@ -139,7 +140,7 @@ def extract_features(paths: list[Path], hashes: list[str], backbone: Backbone, c
     loader = image_batches(ImageFiles(plan.paths, backbone.preprocessing), plan.batches, workers)
     writer = ChunkWriter(plan, cache)
     start = time.perf_counter()
-    with progress_bar(len(plan.todo), f"extract {backbone.name}", progress) as advance:
+    with runtime_settings(), progress_bar(len(plan.todo), f"extract {backbone.name}", progress) as advance:
         for x, idx, errors in loader:
             s, p = backbone.encode(x, precision)
             advance(writer.add(idx.tolist(), p.numpy(), s.numpy() if cache.has_spatial else None, list(errors)))

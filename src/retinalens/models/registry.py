@@ -20,6 +20,8 @@ from ..data.transforms import Preprocessing
 from ..errors import RetinaLensError
 from ._efficientnet_lite import is_original_lite_checkpoint, packaged_lite_weights, rename_lite_keys
 from .eyenet import EyeNet
+from .machine import auto_cpu_precision
+from .traced import cached_graph
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -174,15 +176,6 @@ class _ForwardFeatures(nn.Module):
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run at several times the fp32 rate."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def resolve_precision(precision: str, device: str = "cpu") -> str:
     if precision not in PRECISIONS:
         raise RetinaLensError(f"unknown precision '{precision}': use one of {', '.join(PRECISIONS)}")
@@ -190,7 +183,7 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
         return precision
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
+    return auto_cpu_precision()  # AMX, or a cached matmul probe (models/machine.py)
 
 
 def autocast(precision: str, device_type: str = "cpu") -> torch.autocast:
@@ -221,16 +214,26 @@ class Backbone(nn.Module):
 
     def _frozen(self, precision: str, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """forward_features traced and frozen (BatchNorm folded into the convolutions, oneDNN
-        fusions), with the bf16 casts baked in: 1.5x (fp32) to 3x (bf16) the eager speed on CPU."""
+        fusions), with the bf16 casts baked in: 1.5x (fp32) to 3x (bf16) the eager speed on CPU.
+        Built once per machine and kept on disk (models/traced.py), so a new process loads it."""
         with self._lock:  # concurrent first calls (a server's threads) trace once
             if precision not in self._compiled:
                 import warnings
 
-                with warnings.catch_warnings(), autocast(precision):
-                    warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer notes
-                    traced = torch.jit.trace(_ForwardFeatures(self.model, self.preprocessing).eval(), x[:1],
-                                             check_trace=False)
-                    self._compiled[precision] = torch.jit.freeze(traced)
+                eager = _ForwardFeatures(self.model, self.preprocessing).eval()
+
+                def build() -> torch.jit.ScriptModule:
+                    with warnings.catch_warnings(), autocast(precision):
+                        warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer notes
+                        return torch.jit.freeze(torch.jit.trace(eager, x[:1], check_trace=False))
+
+                def reference(probe: torch.Tensor) -> torch.Tensor:
+                    with autocast(precision):
+                        return eager(probe)
+
+                identity = {"backbone": self.name, "timm_name": self.timm_name, "weights_sha256": self.weights_sha256,
+                            "preprocessing": self.preprocessing.to_dict(), "input": list(x.shape[1:])}
+                self._compiled[precision] = cached_graph(identity, precision, build, reference, x[:1])
             return self._compiled[precision]
 
     @torch.inference_mode()

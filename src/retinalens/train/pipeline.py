@@ -165,13 +165,14 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
         # The samples the cache could read: rank 0's list, for ranks whose cache (on another machine) is partial.
         idx = from_main(world, {n: data.index(n, cache) for n in ("train", "val", "test")} if world.main else None)
         y = {n: data.labels(ix) for n, ix in idx.items()}
+        fits: dict[float, Any] = {}  # the baseline's C=0.1 model is one of the logreg head's candidates: fitted once
         if world.main:
             pooled = {n: cache.pooled(data.keys(idx[n])) for n in ("train", "val")}
             baseline = fit_logistic_head(pooled["train"], y["train"], pooled["val"], y["val"],
                                          num_classes=len(data.ds.classes), feature_shape=cache.key.feature_shape,
-                                         seed=cfg.train.seed, cs=(0.1,)).val_metrics
+                                         seed=cfg.train.seed, cs=(0.1,), fits=fits).val_metrics
         if cfg.mode == "bottleneck":
-            trained = _train_bottleneck(cfg, data, cache, idx, y, pooled, pretrained, progress)
+            trained = _train_bottleneck(cfg, data, cache, idx, y, pooled, pretrained, progress, fits)
         else:
             start = create_backbone(x.backbone, seed=cfg.train.seed) if scratch else pretrained
             trained = _train_images(cfg, data, out, start, image_head, idx, y, progress, world)
@@ -278,13 +279,13 @@ def _candidates(cfg: RunConfig) -> tuple[str, ...]:
 
 def _train_bottleneck(cfg: RunConfig, data: _Data, cache: FeatureCache, idx: dict[str, list[int]],
                       y: dict[str, np.ndarray], pooled: dict[str, np.ndarray], backbone: Backbone,
-                      progress: bool) -> _Trained:
+                      progress: bool, fits: dict[float, Any]) -> _Trained:
     shape, k = cache.key.feature_shape, len(data.ds.classes)
     results: dict[str, TrainResult] = {}
     for kind in _candidates(cfg):
         if kind == "logreg":
             results[kind] = fit_logistic_head(pooled["train"], y["train"], pooled["val"], y["val"], num_classes=k,
-                                              feature_shape=shape, seed=cfg.train.seed)
+                                              feature_shape=shape, seed=cfg.train.seed, fits=fits)
         else:
             xs = {n: head_inputs(cache, data.keys(idx[n]), "spatial" if kind == "conv" else "pooled") for n in ("train", "val")}
             tcfg = replace(cfg.train, head=replace(cfg.train.head, kind=kind))

@@ -129,9 +129,11 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
 
 def fit_logistic_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
                       num_classes: int, feature_shape: tuple[int, int, int], seed: int = 0,
-                      cs: tuple[float, ...] = (0.01, 0.1, 1.0)) -> TrainResult:
+                      cs: tuple[float, ...] = (0.01, 0.1, 1.0), fits: dict[float, Any] | None = None) -> TrainResult:
     """L2 logistic regression on standardised pooled vectors (scikit-learn; C chosen on validation),
-    folded into a plain linear head: bundles, evaluation and prediction need nothing new for it."""
+    folded into a plain linear head: bundles, evaluation and prediction need nothing new for it.
+    `fits`: the models fitted so far on these same x_train / y_train / seed, by C, read and added to,
+    so a caller that asks twice (training's C=0.1 baseline, then the C search) fits each C once."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -139,7 +141,10 @@ def fit_logistic_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarra
     zt, zv = scaler.transform(x_train), scaler.transform(x_val)
     best: tuple[float, float, float, LogisticRegression] | None = None
     for c in cs:
-        lr = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(zt, y_train)
+        fits = {} if fits is None else fits
+        if c not in fits:
+            fits[c] = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(zt, y_train)
+        lr = fits[c]
         p = _full_probs(lr, zv, num_classes)
         acc = float((p.argmax(1) == y_val).mean())
         loss = float(-np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-15, 1.0)).mean())  # cross-entropy, as SGD heads

@@ -1,0 +1,86 @@
+"""The frozen backbone graph kept on disk: a new process (a new Backbone) loads it instead of tracing,
+with the same features; a damaged or foreign file is rebuilt, never an error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from retinalens.models.registry import create_backbone
+
+
+def _pixels(oct_images: list[Path], size: int) -> torch.Tensor:
+    bb = create_backbone("eyenet", pretrained=False)
+    assert bb.preprocessing.size == size
+    return torch.stack([bb.preprocessing.load(p) for p in oct_images[:3]])
+
+
+def _graphs(root: Path) -> list[Path]:
+    return sorted((root / "traced").glob("*/graph.pt"))
+
+
+@pytest.fixture
+def cache_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("RETINALENS_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_the_saved_graph_is_loaded_and_computes_the_same_features(cache_root: Path, oct_images: list[Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    first = create_backbone("eyenet", pretrained=False)  # seeded random weights: the same in both
+    x = _pixels(oct_images, first.preprocessing.size)
+    spatial, pooled = first.encode(x, "fp32")
+    [graph] = _graphs(cache_root)
+    assert json.loads(graph.with_suffix(".json").read_text())["identity"]["weights_sha256"] == first.weights_sha256
+
+    def no_tracing(*args, **kwargs):
+        raise AssertionError("traced again although the graph is on disk")
+
+    monkeypatch.setattr(torch.jit, "trace", no_tracing)
+    second = create_backbone("eyenet", pretrained=False)
+    s2, p2 = second.encode(x, "fp32")
+    assert torch.equal(s2, spatial) and torch.equal(p2, pooled)
+    # Another precision is another graph (bf16 casts are baked in): traced, not the fp32 one reused.
+    with pytest.raises(AssertionError, match="traced again"):
+        second.encode(x, "bf16")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "torn", "sidecar"])
+def test_a_damaged_graph_is_rebuilt(cache_root: Path, oct_images: list[Path], damage: str) -> None:
+    bb = create_backbone("eyenet", pretrained=False)
+    x = _pixels(oct_images, bb.preprocessing.size)
+    reference = bb.encode(x, "fp32")
+    [graph] = _graphs(cache_root)
+    sidecar = graph.with_suffix(".json")
+    if damage == "garbage":
+        graph.write_bytes(b"not a torchscript archive" * 100)
+    elif damage == "torn":
+        graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    else:
+        sidecar.write_text('{"format": 1, "sha2')
+    again = create_backbone("eyenet", pretrained=False).encode(x, "fp32")
+    assert torch.equal(again[0], reference[0]) and torch.equal(again[1], reference[1])
+    import hashlib
+
+    assert json.loads(sidecar.read_text())["sha256"] == hashlib.sha256(graph.read_bytes()).hexdigest()  # rebuilt
+
+
+def test_a_graph_of_other_weights_in_the_entry_is_not_used(cache_root: Path, oct_images: list[Path]) -> None:
+    """A sound file whose network differs (copied over by hand, or weights changed in place) fails the
+    probe against the eager network and is rebuilt."""
+    a = create_backbone("eyenet", pretrained=False, seed=0)
+    b = create_backbone("eyenet", pretrained=False, seed=1)
+    x = _pixels(oct_images, a.preprocessing.size)
+    a.encode(x, "fp32")
+    b_features = b.encode(x, "fp32")
+    by_weights = {json.loads(g.with_suffix(".json").read_text())["identity"]["weights_sha256"]: g
+                  for g in _graphs(cache_root)}
+    graph_a, graph_b = by_weights[a.weights_sha256], by_weights[b.weights_sha256]
+    graph_a.write_bytes(graph_b.read_bytes())  # a's entry now holds b's network, with a matching sidecar
+    graph_a.with_suffix(".json").write_text(graph_b.with_suffix(".json").read_text())
+    fresh = create_backbone("eyenet", pretrained=False, seed=0).encode(x, "fp32")
+    assert not torch.allclose(fresh[1], b_features[1])
+    assert torch.equal(fresh[1], a.encode(x, "fp32")[1])
