@@ -52,6 +52,7 @@ def extract(data: str | Path, *, backbone: str | None = None, weights: str | Pat
     paths = [s.path for s in ds.samples]
     report = extract_features(paths, sha256_files(paths), bb, store, precision=prec, batch_size=x.batch_size,
                               chunk_size=x.chunk_size, workers=x.workers, shard=o.shard, progress=progress)
+    report.failures += [(d["path"], d["reason"]) for d in ds.skipped]  # a FIFO, a folder named *.jpeg, ...
     return store, report
 
 
@@ -105,7 +106,8 @@ def explain(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[s
             class_name: str | None = None, out: str | Path = EXPLAIN_OUT, batch_size: int | None = None,
             on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """`retinalens explain`: a Grad-CAM overlay PNG per image in `out` (`scan.CNV.png`). Returns, per image,
-    {input, png, label, probability, class} or {input, error}; `on_result` sees each one as it is done."""
+    {input, png, label, probability, class}, {input, error}, or {input, ungradable: reason, gate} for an
+    image the quality gate refuses (no PNG); `on_result` sees each one as it is done."""
     from .explain import Explainer
 
     model = _model(bundle)

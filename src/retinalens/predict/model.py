@@ -7,10 +7,11 @@ Backbone.encode path that built the training features.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .._console import progress_bar
 from ..data.images import ImageFiles, check_batching, image_batches
@@ -68,6 +69,19 @@ class Model:
         probs = head_probabilities(self.head, head_input(self.bundle.head_config, spatial, pooled))
         return calibrated(probs, self.temperature), pooled.numpy()
 
+    @property
+    def measure(self) -> Callable[[Image.Image], list[float]] | None:
+        """What the gate reads of each file's full-resolution decode (None: no gate, nothing to read)."""
+        return source_statistics if self.gate else None
+
+    def assess(self, batch: torch.Tensor, source: torch.Tensor | np.ndarray | None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """uint8 pixels (N, S, S, 3) and `measure` of their files (N, 3; None without a gate) -> (calibrated
+        probabilities (N, K), one gate verdict each): what prediction and explanation both decide on."""
+        probs, pooled = self.probabilities_and_pooled(batch)
+        if self.gate is None:
+            return probs, [{**NO_GATE, "scores": {}} for _ in range(len(batch))]
+        return probs, self.gate.check(batch, pooled, source)
+
     def _result(self, name: str, probs: np.ndarray, gate: dict[str, Any]) -> dict[str, Any]:
         """An ungradable image (gate not ok) keeps its probabilities but gets no label, level or decision."""
         label = self.classes[int(np.argmax(probs))] if gate["ok"] else None
@@ -98,15 +112,13 @@ class Model:
         good: list[tuple[int, Input]] = [(k, i) for k, i in enumerate(inputs) if not i.error]
         if good:
             # With a gate, each file's full-resolution statistics (size, 8x8 blocks) come with its pixels.
-            measure = source_statistics if self.gate else None
             dataset = ImageFiles([i.item for _, i in good], self.bundle.preprocessing, [i.name for _, i in good],
-                                 measure=measure, n_measures=len(SOURCE_STATISTICS))
+                                 measure=self.measure, n_measures=len(SOURCE_STATISTICS))
             order = list(range(len(good)))
             loader = image_batches(dataset, [order[i:i + batch_size] for i in range(0, len(order), batch_size)], workers)
             with progress_bar(len(good), "predict", progress) as advance:
                 for x, idx, errors, *source in loader:
-                    probs, pooled = self.probabilities_and_pooled(x)
-                    gates = self.gate.check(x, pooled, source[0]) if self.gate else [{**NO_GATE, "scores": {}} for _ in range(len(x))]
+                    probs, gates = self.assess(x, source[0] if source else None)
                     for j, (i, err) in enumerate(zip(idx.tolist(), errors)):
                         k, inp = good[i]
                         results[k] = {"input": inp.name, "error": err} if err else self._result(inp.name, probs[j], gates[j])
