@@ -90,7 +90,8 @@ def predict(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[s
     if json_path:
         atomic_write_json(Path(json_path), results)
     if csv_path:
-        atomic_write_bytes(Path(csv_path), predictions_csv(results, model.classes).encode())
+        # surrogateescape: a name that is not UTF-8 is written as the bytes it is, not an encoding error
+        atomic_write_bytes(Path(csv_path), predictions_csv(results, model.classes).encode("utf-8", "surrogateescape"))
     return results
 
 
