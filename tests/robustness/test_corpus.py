@@ -22,7 +22,7 @@ from robustness.checks import (ERROR, LABELLED, MISSING, REFUSED, Violations, be
                               run_cli)
 from robustness.corpus import EXPECTS, OCT_CLASSES, ODD_NAMES, Spec, build, corpus_specs, subset
 
-API_TIMEOUT_S = 300  # the whole corpus through predict_many takes well under a minute on 2 cores
+API_TIMEOUT_S = 300  # 60 items through predict_many take well under a minute on 2 cores
 
 
 def _printable(name: str) -> bool:
@@ -59,11 +59,13 @@ def test_predict_cli_over_the_whole_corpus(small_bundle, corpus: list[Spec], cor
 
 
 def test_predict_many_api_on_each_item_by_path(small_bundle, corpus: list[Spec], corpus_dir: Path) -> None:
-    """Every item given by its own path (a FIFO or a dangling link named directly, not found by a walk)."""
+    """Items given by their own paths (a FIFO or a dangling link named directly, not found by a walk): 60
+    covering every class (the whole corpus goes through the CLI's folder walk and the web app)."""
     from retinalens.predict.model import load
 
     model = load(small_bundle.path)
-    paths = [str(corpus_dir / s.name) for s in corpus]
+    items = subset(corpus, 60)
+    paths = [str(corpus_dir / s.name) for s in items]
     with ThreadPoolExecutor(1) as pool:  # a reader stuck on the FIFO fails the test instead of hanging it
         job = pool.submit(model.predict_many, paths)
         try:
@@ -73,7 +75,7 @@ def test_predict_many_api_on_each_item_by_path(small_bundle, corpus: list[Spec],
         except Exception as exc:  # any exception is a finding: bad input must become error entries
             pytest.fail(f"Model.predict_many raised {type(exc).__name__}: {exc}")
     v = Violations("Model.predict_many(paths)")
-    v.check_outcomes(corpus, by_input(results, corpus_dir, corpus))
+    v.check_outcomes(items, by_input(results, corpus_dir, items))
     v.assert_none()
 
 
