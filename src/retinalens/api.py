@@ -63,6 +63,7 @@ def extract(data: str | Path, *, backbone: str | None = None, weights: str | Pat
     else:
         report = extract_features(paths, sha256_files(paths), bb, store, precision=prec, batch_size=x.batch_size,
                                   chunk_size=x.chunk_size, workers=x.workers, shard=o.shard, progress=progress)
+    report.failures += [(d["path"], d["reason"]) for d in ds.skipped]  # a FIFO, a folder named *.jpeg, ...
     return store, report
 
 
@@ -115,7 +116,8 @@ def predict(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[s
     if json_path:
         atomic_write_json(Path(json_path), results)
     if csv_path:
-        atomic_write_bytes(Path(csv_path), predictions_csv(results, model.classes).encode())
+        # surrogateescape: a name that is not UTF-8 is written as the bytes it is, not an encoding error
+        atomic_write_bytes(Path(csv_path), predictions_csv(results, model.classes).encode("utf-8", "surrogateescape"))
     return results
 
 
@@ -131,7 +133,8 @@ def explain(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[s
             class_name: str | None = None, out: str | Path = EXPLAIN_OUT, batch_size: int | None = None,
             on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """`retinalens explain`: a Grad-CAM overlay PNG per image in `out` (`scan.CNV.png`). Returns, per image,
-    {input, png, label, probability, class} or {input, error}; `on_result` sees each one as it is done."""
+    {input, png, label, probability, class}, {input, error}, or {input, ungradable: reason, gate} for an
+    image the quality gate refuses (no PNG); `on_result` sees each one as it is done."""
     from .explain import Explainer
 
     model = _model(bundle)

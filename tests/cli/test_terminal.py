@@ -85,6 +85,28 @@ def test_control_characters_in_file_names_are_shown_not_obeyed(tmp_path, small_b
     assert r.returncode == 2 and "\x1b" not in r.stderr and "no\\x1b[31mbundle" in r.stderr
 
 
+def test_piped_and_written_csv_escape_control_characters_json_keeps_the_name(tmp_path, small_bundle, small_dataset):
+    """CSV (piped stdout and --csv): the name as the table shows it, every control character escaped, so
+    that `cat out.csv` cannot be made to recolour or retitle a terminal; JSON keeps the exact name."""
+    import csv
+    import io
+    import json
+
+    evil = tmp_path / EVIL
+    shutil.copy(min((small_dataset / "test" / "DME").glob("*.jpeg")), evil)
+    broken = tmp_path / "broken\x1b]0;title\x07.jpeg"
+    broken.write_bytes(b"not an image")
+    r = run_cli("predict", small_bundle.path, evil, broken, "--csv", tmp_path / "out.csv", "--json",
+                tmp_path / "out.json", "-q")
+    assert r.returncode == 0, r.stderr
+    written = (tmp_path / "out.csv").read_text()
+    assert r.stdout == written and "\x1b" not in written and "\x07" not in written
+    rows = list(csv.DictReader(io.StringIO(written)))
+    assert [row["input"] for row in rows] == [printable(evil), printable(broken)]
+    assert rows[0]["label"] and printable(broken) in rows[1]["error"]
+    assert [x["input"] for x in json.loads((tmp_path / "out.json").read_text())] == [str(evil), str(broken)]
+
+
 def test_the_rate_is_per_second_or_seconds_per_unit():
     now = [0.0]
     with Progress(_Rate("epoch"), _Rate("img"), get_time=lambda: now[0], disable=True) as bar:

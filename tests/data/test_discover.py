@@ -7,11 +7,12 @@ places matter) so that they run without the shared data; one test runs on the re
 from __future__ import annotations
 
 from collections import Counter
+import os
 from pathlib import Path
 
 import pytest
 
-from retinalens.data.discover import discover, list_images
+from retinalens.data.discover import discover, image_entries, list_images
 from retinalens.errors import RetinaLensError
 
 CLASSES = ["CNV", "DME", "DRUSEN", "NORMAL"]
@@ -235,6 +236,40 @@ def test_list_images(tmp_path: Path, make_png) -> None:
         list_images(tmp_path / "void")
     with pytest.raises(RetinaLensError):
         list_images(tmp_path / "missing")
+
+
+def _special_entries(folder: Path) -> dict[str, str]:
+    """A FIFO, a folder, a dangling link and a link loop, all named like scans -> what each must be called."""
+    os.mkfifo(folder / "pipe.jpeg")
+    (folder / "folder.jpeg").mkdir()
+    (folder / "dangling.png").symlink_to("no-such-scan.png")
+    (folder / "loop-a.jpeg").symlink_to("loop-b.jpeg")
+    (folder / "loop-b.jpeg").symlink_to("loop-a.jpeg")
+    return {"pipe.jpeg": "FIFO", "folder.jpeg": "a folder", "dangling.png": "dangling symbolic link",
+            "loop-a.jpeg": "symbolic link loop", "loop-b.jpeg": "symbolic link loop"}
+
+
+def test_special_entries_are_listed_with_their_reason_never_opened(tmp_path: Path, make_png) -> None:
+    image = make_png(tmp_path / "in" / "a.png", 1)
+    expected = _special_entries(tmp_path / "in")
+    entries = dict(image_entries(tmp_path / "in"))  # a FIFO opened for reading would hang this test
+    assert entries.pop(image) is None
+    assert {p.name: why for p, why in entries.items()}.keys() == expected.keys()
+    for p, why in entries.items():
+        assert expected[p.name] in why and "not an image file" in why or "missing" in why, why
+    assert list_images(tmp_path / "in") == [image]
+    assert image_entries(tmp_path / "in" / "pipe.jpeg")[0][1].startswith("a FIFO")  # named directly, too
+
+
+def test_special_entries_in_class_folders_are_skipped_with_their_reason(tmp_path: Path, make_png) -> None:
+    for k, cls in enumerate(("CNV", "NORMAL")):
+        make_png(tmp_path / "train" / cls / f"{cls}-{k}-1.png", k)
+        make_png(tmp_path / "test" / cls / f"{cls}-{k + 5}-1.png", k + 5)
+    expected = _special_entries(tmp_path / "train" / "CNV")
+    ds = discover(tmp_path)
+    assert len(ds) == 4 and {Path(d["path"]).name for d in ds.skipped} == expected.keys()
+    assert {d["split"] for d in ds.skipped} == {"train"}
+    assert ds.subset("test").skipped == [] and len(ds.subset("train").skipped) == len(expected)
 
 
 def test_split_folder_without_class_folders_is_an_error(tmp_path: Path, make_png) -> None:

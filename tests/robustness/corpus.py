@@ -21,7 +21,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,8 @@ class Spec:
     kind: str = "file"  # file | symlink | fifo | dir
     data: bytes = b""  # a file's content
     target: str = ""  # a symlink's target (relative to the link's folder)
+    source: str = ""  # a damaged copy: the name of the clean item it was made from (orig-STEM.jpeg)
+    source_data: bytes = field(default=b"", repr=False)  # and that item's bytes
 
     def __post_init__(self) -> None:
         assert self.expect in EXPECTS, self.expect
@@ -120,7 +122,7 @@ def _damaged_jpegs(stem: str, jpeg: bytes, fractions: tuple[float, ...] = TRUNCA
         data = bytearray(jpeg)
         for pos, bit in zip(_rng(name).integers(start, half, flips), _rng(name + "b").integers(0, 8, flips)):
             data[pos] ^= 1 << int(bit)
-        yield Spec(name, "jpeg-bitflip", "ungradable", data=bytes(data))
+        yield Spec(name, "jpeg-bitflip", "ungradable", data=bytes(data), source=f"orig-{stem}.jpeg", source_data=jpeg)
     for run in (256, 1024, 4096):
         name = f"zeroed-{stem}-{run}.jpeg"
         at = int(_rng(name).integers(start, max(start + 1, half - run)))

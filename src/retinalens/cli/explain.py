@@ -24,6 +24,9 @@ def explain(
     def show(r: dict[str, Any]) -> None:  # each line as its image is done: a big folder takes minutes
         if "error" in r:
             console().print(f"[red]failed[/] {markup_safe(r['error'])}", highlight=False, soft_wrap=True)
+        elif "ungradable" in r:  # the quality gate's refusal, as predict gives it: no class, no heat map
+            console().print(f"[yellow]skipped[/] {markup_safe(r['input'])}: ungradable ({r['ungradable']}), "
+                            "no heat map", highlight=False, soft_wrap=True)
         else:
             console(stdout=True).print(f"{markup_safe(r['input'])} -> {markup_safe(r['png'])} (predicted {r['label']} "
                                        f"{r['probability']:.2f}; heat map of {r['class']})", highlight=False,

@@ -40,6 +40,9 @@ REDUCE_ABOVE = 4096
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 _WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _BAND_ROWS = 256  # rows of a 16-bit image mapped to 8 bits at a time
+# Set in the info of an image decoded from a JPEG at its own size, upright as stored: its pixels lie on
+# the file's 8x8 block grid, which the quality gate's damage statistics read (trust/statistics.py).
+JPEG_GRID = "retinalens.jpeg_grid"
 
 
 def _bytes_per_pixel(mode: str) -> int:
@@ -154,7 +157,10 @@ def decode_image(source: ImageSource, *, draft_size: int | None = None, name: st
         width, height = img.size
         if width * height > MAX_PIXELS:
             raise ImageDecodeError(f"{label}: {width}x{height} pixels exceeds the {MAX_PIXELS:,}-pixel limit")
-        return _to_rgb(_decode_checked(img, data, draft_size), keep_grey)
+        out = _to_rgb(_decode_checked(img, data, draft_size), keep_grey)
+        if img.format == "JPEG" and out.size == (width, height) and not draft_size:
+            out.info[JPEG_GRID] = True
+        return out
     except ImageDecodeError as exc:
         raise ImageDecodeError(str(exc) if str(exc).startswith(label) else f"{label}: {exc}") from None
     except UnidentifiedImageError:

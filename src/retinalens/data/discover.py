@@ -8,8 +8,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import RetinaLensError
@@ -35,6 +38,9 @@ class Dataset:
     layout: str
     samples: list[Sample]
     classes: list[str] = field(default_factory=list)
+    # Entries named like images that are no image file (a FIFO, a folder, a dangling or looping link):
+    # {path, reason, split}, reported by the commands as skipped instead of vanishing from the walk.
+    skipped: list[dict[str, str | None]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -48,25 +54,60 @@ class Dataset:
         if not picked:
             have = ", ".join(sorted(self.splits)) or "none"
             raise RetinaLensError(f"{self.root}: no '{split}' split (splits present: {have})")
-        return Dataset(self.root, self.layout, picked, self.classes)
+        return replace(self, samples=picked, skipped=[d for d in self.skipped if d["split"] == split])
 
     def class_counts(self) -> dict[str, int]:
         return dict(Counter(s.label for s in self.samples if s.label is not None))
 
 
+def entry_problem(path: Path) -> str | None:
+    """Why an entry named like an image is not an image file to read, or None for a regular file. Asked
+    of the entry itself (stat, never open: opening a FIFO to read it waits for a writer forever)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop, not an image file"
+        if exc.errno == errno.ENOENT and path.is_symlink():
+            return f"a dangling symbolic link (its target {os.readlink(path)!r} is missing)"
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder, not an image file"
+    kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"{kind}, not an image file"
+
+
+def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every image file below `folder`, and every other entry named like one with why it is not read."""
+    images, skipped = [], []
+    for p in sorted(folder.rglob("*")):
+        if is_image_file(p):
+            problem = entry_problem(p)
+            if problem is None:
+                images.append(p)
+            else:
+                skipped.append((p, problem))
+    return images, skipped
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+    return _walk(folder)[0]
 
 
 def _class_dirs(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and _images_in(d))
 
 
-def _from_class_folders(root: Path, parser: PatientParser, split: str | None, base: Path) -> list[Sample]:
+def _from_class_folders(root: Path, parser: PatientParser, split: str | None, base: Path,
+                        skipped: list[dict[str, str | None]]) -> list[Sample]:
     samples = []
     for cdir in _class_dirs(root):
-        for p in _images_in(cdir):
+        images, others = _walk(cdir)
+        for p in images:
             samples.append(Sample(p, cdir.name, parser(p, fallback=str(p.relative_to(base))), split))
+        skipped += [{"path": str(p), "reason": why, "split": split} for p, why in others]
     return samples
 
 
@@ -105,6 +146,7 @@ def discover(path: str | Path, *, patient_regex: str | None = None, images_dir: 
     parser = PatientParser.from_regex(patient_regex)
     if not root.exists():
         raise RetinaLensError(f"{root}: no such file or folder")
+    skipped: list[dict[str, str | None]] = []
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise RetinaLensError(f"{root}: expected a folder of class folders or a labels CSV")
@@ -117,10 +159,11 @@ def discover(path: str | Path, *, patient_regex: str | None = None, images_dir: 
             raise RetinaLensError(f"{root}: split folder(s) {', '.join(bare)} have no class folders "
                                   "(expected ROOT/SPLIT/CLASS/*.jpeg in every split)")
         if split_dirs and not bare:
-            samples = [s for split, d in sorted(split_dirs.items()) for s in _from_class_folders(d, parser, split, root)]
+            samples = [s for split, d in sorted(split_dirs.items())
+                       for s in _from_class_folders(d, parser, split, root, skipped)]
             layout = "split-folders"
         elif _class_dirs(root):
-            samples = _from_class_folders(root, parser, None, root)
+            samples = _from_class_folders(root, parser, None, root, skipped)
             layout = "class-folders"
         elif _images_in(root):
             raise RetinaLensError(f"{root}: images but no class folders; expected ROOT/CLASS/*.jpeg or ROOT/train/CLASS/*.jpeg")
@@ -131,7 +174,7 @@ def discover(path: str | Path, *, patient_regex: str | None = None, images_dir: 
     classes = sorted({s.label for s in samples if s.label is not None}, key=_class_sort_key)
     if len(classes) < 2:
         raise RetinaLensError(f"{root}: found a single class ({classes[0] if classes else 'none'}); need at least two")
-    return Dataset(root, layout, samples, classes)
+    return Dataset(root, layout, samples, classes, skipped)
 
 
 def _class_sort_key(name: str) -> tuple[int, int | str]:
@@ -140,13 +183,19 @@ def _class_sort_key(name: str) -> tuple[int, int | str]:
 
 
 def list_images(path: str | Path) -> list[Path]:
-    """Images to predict on: one file, or every image below a folder."""
+    """Images to predict on: one file, or every image file below a folder."""
+    return [p for p, problem in image_entries(path) if problem is None]
+
+
+def image_entries(path: str | Path) -> list[tuple[Path, str | None]]:
+    """Images to predict on: one file, or every image below a folder, each as (path, None); an entry
+    named like an image that is none (a FIFO, a folder, a dangling or looping link) as (path, why)."""
     p = Path(path).expanduser()
-    if p.is_file():
-        return [p]
     if p.is_dir():
-        found = _images_in(p)
-        if not found:
+        images, skipped = _walk(p)
+        if not images and not skipped:
             raise RetinaLensError(f"{p}: folder contains no images")
-        return found
-    raise RetinaLensError(f"{p}: no such file or folder")
+        return sorted([(i, None) for i in images] + skipped, key=lambda e: e[0])
+    if not p.exists() and not p.is_symlink():
+        raise RetinaLensError(f"{p}: no such file or folder")
+    return [(p, entry_problem(p))]

@@ -61,4 +61,4 @@ def apply_task(ds: Dataset, task: Task | None) -> tuple[Dataset, list[dict[str, 
             dropped.append({"path": str(s.path), "reason": f"grade {label!r} is not one of 0-4"})
     if not kept:
         raise RetinaLensError(f"{ds.root}: no image has a DR grade 0-4, so task '{task.name}' does not apply")
-    return Dataset(ds.root, ds.layout, kept, list(task.classes)), dropped
+    return replace(ds, samples=kept, classes=list(task.classes)), dropped

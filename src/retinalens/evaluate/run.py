@@ -60,7 +60,8 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
     metrics["data"] = {"path": str(ds.root), "split": split if ds.layout == "split-folders" or split in ds.splits else None,
                        "per_class": ds.class_counts()}
     metrics["failures"] = [{"input": p, "error": r} for p, r in report.failures] + [
-        {"input": d["path"], "error": d["reason"]} for d in dropped]
+        {"input": d["path"], "error": d["reason"]} for d in dropped] + [
+        {"input": d["path"], "error": f"{d['path']}: {d['reason']}"} for d in ds.skipped]  # FIFOs, folders, ...
     metrics["overlap_with_training"] = _overlap(bundle, {hashes[i] for i in keep})
     metrics["model"] = {"path": str(bundle.path), "backbone": bundle.manifest.backbone.name,
                         "head": bundle.head_config.kind}

@@ -145,42 +145,52 @@ class BaseExplainer:
         if len(results) != 1:
             raise RetinaLensError(f"{source} holds {len(results)} images: use explain_many")
         if isinstance(results[0], dict):
-            raise RetinaLensError(results[0]["error"])
+            r = results[0]
+            raise RetinaLensError(r.get("error") or f"{r['input']}: ungradable ({r['ungradable']}), not explained")
         return results[0]
 
     def explain_many(self, sources: Sequence[str | Path | bytes], target_class: str | None = None, *,
-                     batch_size: int = 16, max_side: int | None = None) -> Iterator[Explanation | dict[str, Any]]:
-        """Files, folders, URLs or bytes, in batches, in input order: an Explanation per image, or
-        {input, error} for one that cannot be read (the rest go on). `max_side` shrinks the
-        image (and its heat map) to at most that many pixels a side, e.g. for thumbnails."""
+                     batch_size: int = 16, max_side: int | None = None,
+                     gated: bool = True) -> Iterator[Explanation | dict[str, Any]]:
+        """Files, folders, URLs or bytes, in batches, in input order: an Explanation per image,
+        {input, error} for one that cannot be read, or {input, ungradable: reason, gate} for one the
+        quality gate refuses, as `Model.predict` does (the same verdict: Model.assess), so that no
+        damaged or ungradable image gets a class and a heat map (the rest go on). `gated=False`
+        explains those too (the web app's heat map of an analysis already recorded as ungradable).
+        `max_side` shrinks the image (and its heat map) to at most that many pixels a side."""
         if batch_size < 1:
             raise RetinaLensError(f"need --batch-size >= 1 (got {batch_size})")
         target = None if target_class is None else self.class_index(target_class)
         inputs = expand_inputs(list(sources))
+        measure = self.model.measure
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start:start + batch_size]
-            decoded: list[tuple[str, Image.Image, torch.Tensor] | dict[str, Any]] = []
+            decoded: list[tuple[str, Image.Image, torch.Tensor, list[float]] | dict[str, Any]] = []
             for inp in chunk:
                 try:
                     if inp.error:
                         raise RetinaLensError(inp.error)
                     image = decode_image(inp.item, name=inp.name, keep_grey=True)
                     pixels = self.model.bundle.preprocessing.pixels(image)
+                    measured = list(measure(image)) if measure else []  # before any thumbnail
                     image = image.convert("RGB")
                     if max_side:
                         image.thumbnail((max_side, max_side))
-                    decoded.append((inp.name, image, pixels))
+                    decoded.append((inp.name, image, pixels, measured))
                 except RetinaLensError as exc:
                     decoded.append({"input": inp.name, "error": str(exc)})
             good = [d for d in decoded if not isinstance(d, dict)]
-            made: Iterator[Explanation] = iter(())
+            made: Iterator[Explanation | dict[str, Any]] = iter(())
             if good:
-                batch = torch.stack([pixels for _, _, pixels in good])
-                probs = self.model.probabilities(batch)  # the prediction Model.predict gives
-                explained = np.argmax(probs, axis=1).tolist() if target is None else [target] * len(good)
-                maps = self.heatmaps(batch, explained)
-                made = (self._explanation(name, image, heat, p, k)
-                        for (name, image, _), heat, p, k in zip(good, maps, probs, explained))
+                batch = torch.stack([d[2] for d in good])
+                probs, gates = self.model.assess(batch, np.array([d[3] for d in good]) if measure else None)
+                keep = [j for j, g in enumerate(gates) if g["ok"] or not gated]
+                explained = [int(np.argmax(probs[j])) if target is None else target for j in keep]
+                maps = dict(zip(keep, self.heatmaps(batch[keep], explained))) if keep else {}
+                chosen = dict(zip(keep, explained))
+                made = iter([self._explanation(name, image, maps[j], probs[j], chosen[j]) if j in maps else
+                             {"input": name, "ungradable": gates[j]["reason"], "gate": gates[j]}
+                             for j, (name, image, _, _) in enumerate(good)])
             for d in decoded:
                 yield d if isinstance(d, dict) else next(made)
 

@@ -9,7 +9,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.discover import list_images
+from ..data.discover import image_entries
 from ..errors import RetinaLensError
 
 URL_TIMEOUT_S = 10.0
@@ -72,7 +72,8 @@ def expand_inputs(sources: list[str | Path | bytes]) -> list[Input]:
             out.append(Input(src, None, f"{src}: only http:// and https:// URLs are supported"))
         else:
             try:
-                out += [Input(str(p), p) for p in list_images(src)]
+                out += [Input(str(p), p) if problem is None else Input(str(p), None, f"{p}: {problem}")
+                        for p, problem in image_entries(src)]
             except RetinaLensError as exc:
                 out.append(Input(str(src), None, str(exc)))
     return out

@@ -7,10 +7,11 @@ Backbone.encode path that built the training features.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .._console import progress_bar
 from ..data.images import ImageFiles, check_batching, image_batches
@@ -78,6 +79,19 @@ class Model:
         probs = head_probabilities(self.head, head_input(self.bundle.head_config, spatial, pooled))
         return calibrated(probs, self.temperature), pooled.numpy()
 
+    @property
+    def measure(self) -> Callable[[Image.Image], list[float]] | None:
+        """What the gate reads of each file's full-resolution decode (None: no gate, nothing to read)."""
+        return source_statistics if self.gate else None
+
+    def assess(self, batch: torch.Tensor, source: torch.Tensor | np.ndarray | None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """uint8 pixels (N, S, S, 3) and `measure` of their files (N, 3; None without a gate) -> (calibrated
+        probabilities (N, K), one gate verdict each): what prediction and explanation both decide on."""
+        probs, pooled = self.probabilities_and_pooled(batch)
+        if self.gate is None:
+            return probs, [{**NO_GATE, "scores": {}} for _ in range(len(batch))]
+        return probs, self.gate.check(batch, pooled, source)
+
     def _result(self, name: str, probs: np.ndarray, gate: dict[str, Any]) -> dict[str, Any]:
         """An ungradable image (gate not ok) keeps its probabilities but gets no label, level or decision."""
         label = self.classes[int(np.argmax(probs))] if gate["ok"] else None
@@ -94,15 +108,13 @@ class Model:
     def decoding(self) -> dict[str, Any]:
         """How this model's inputs are decoded (ImageFiles' options): with a gate, each file's
         full-resolution statistics (size, 8x8 blocks) come with its pixels."""
-        return {"preprocessing": self.bundle.preprocessing, "measure": source_statistics if self.gate else None,
-                "n_measures": len(SOURCE_STATISTICS)}
+        return {"preprocessing": self.bundle.preprocessing, "measure": self.measure, "n_measures": len(SOURCE_STATISTICS)}
 
     def batch_results(self, x: torch.Tensor, names: Sequence[str], errors: Sequence[str],
                       source: torch.Tensor | None = None) -> list[dict[str, Any]]:
         """One decoded batch (pixels, and `source` statistics when gated) -> one result per image:
         {input, error} for those that did not decode. The one path of every engine."""
-        probs, pooled = self.probabilities_and_pooled(x)
-        gates = self.gate.check(x, pooled, source) if self.gate else [{**NO_GATE, "scores": {}} for _ in range(len(x))]
+        probs, gates = self.assess(x, source)
         return [{"input": n, "error": e} if e else self._result(n, probs[j], gates[j])
                 for j, (n, e) in enumerate(zip(names, errors))]
 

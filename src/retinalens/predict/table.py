@@ -1,7 +1,12 @@
 """Prediction results as table rows: `predict --csv`, its piped output, the demo's predictions.csv, and
 the Parquet file of `predict --out` (predict/parquet.py), all with the same columns.
 
-The standard library only, so that the command line can print it without importing torch.
+Import-light (no torch), so that the command line can print it without loading a model first. File
+names (in `input`, and in `error` messages) keep every character except the control ones, which are
+written as escapes (ESC as the four characters `\x1b`, a newline as `\n`), as the table shows them:
+a CSV is read in terminals and spreadsheets, and a raw escape sequence from a hostile file name would
+recolour or retitle the terminal of whoever looks at it. JSON output keeps the exact names (JSON
+escapes control characters itself).
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import csv
 import io
 from collections.abc import Iterator
 from typing import Any
+
+from .._console import printable
 
 
 def prediction_columns(classes: list[str]) -> list[str]:
@@ -28,11 +35,12 @@ def prediction_records(results: list[dict[str, Any]], classes: list[str]) -> Ite
 
 
 def predictions_csv(results: list[dict[str, Any]], classes: list[str]) -> str:
-    """One row per input (the names as they are: a CSV holds data, not terminal text)."""
+    """One row per input, control characters in names and messages escaped (see above)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(prediction_columns(classes))
     for row in prediction_records(results, classes):
+        row[0], row[-1] = printable(row[0]), printable(row[-1] or "")
         w.writerow(["" if v is None else yes_no(v) if isinstance(v, bool) else v for v in row])
     return buf.getvalue()
 

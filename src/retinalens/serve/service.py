@@ -200,7 +200,9 @@ class Service:
                 from ..explain import Explainer
 
                 self._explainer = Explainer(self.model).__enter__()
-            explanation = next(iter(self._explainer.explain_many([data], target, max_side=HEATMAP_SIDE)))
+            # gated=False: the analysis, ungradable or not, is on record with its verdict, and its heat map
+            # is asked for by id (the page shows none for an ungradable image).
+            explanation = next(iter(self._explainer.explain_many([data], target, max_side=HEATMAP_SIDE, gated=False)))
         if isinstance(explanation, dict):  # cannot happen for a stored image that was analysed; say so if it does
             raise RetinaLensError(f"analysis {analysis_id}: {explanation['error']}")
         return explanation.overlay_png()

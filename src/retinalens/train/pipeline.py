@@ -221,15 +221,22 @@ def _prepare(cfg: RunConfig, preprocessing: Preprocessing | None = None) -> _Dat
     say = console()
     task = get_task(cfg.task)
     ds, dropped = apply_task(discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir), task)
-    for d in dropped:
-        say.print(f"[red]skipped[/] {markup_safe(d['path'])}: {markup_safe(d['reason'])}")
+    for d in [*dropped, *ds.skipped]:  # wrong grades; FIFOs, folders, broken links named like images
+        say.print(f"[red]skipped[/] {markup_safe(d['path'])}: {markup_safe(d['reason'])}", highlight=False)
     ds, screened = _screen(ds, preprocessing, cfg.extract.workers) if preprocessing else (ds, [])
     hashes = sha256_files(s.path for s in ds.samples)
     splits = make_splits(ds, cfg.split, hashes)
-    summary = splits.summary(ds) | {"screened": {"n": len(screened), "reasons": dict(Counter(d["reason"] for d in screened))}}
-    say.print(f"[bold]{ds.root}[/]: {len(ds)} images, classes {', '.join(ds.classes)}; "
+    left_out = {"screened": {"n": len(screened), "reasons": dict(Counter(d["reason"] for d in screened))},
+                "skipped": {"n": len(ds.skipped) + len(dropped),
+                            "reasons": dict(Counter(d["reason"].split(" (")[0] for d in [*ds.skipped, *dropped]))}}
+    summary = splits.summary(ds) | left_out
+    say.print(f"[bold]{markup_safe(ds.root)}[/]: {len(ds)} images, classes {', '.join(ds.classes)}; "
               + "; ".join(f"{k} {v['n_images']} images / {v['n_patients']} patients" for k, v in summary.items()
-                          if k not in ("removed", "screened")))
+                          if k not in ("removed", *left_out)), highlight=False)
+    if n_left := sum(v["n"] for v in left_out.values()):
+        say.print(f"left out {n_left} file(s), each named above: "
+                  + "; ".join(f"{k} {v['n']} ({', '.join(f'{r} {c}' for r, c in v['reasons'].items())})"
+                              for k, v in left_out.items() if v["n"]), highlight=False)
     if splits.removed:
         say.print(f"removed {len(splits.removed)} image(s) to keep splits disjoint: {summary['removed']['reasons']}")
     # Two copies of one image with different labels: one label is wrong, and only a person can tell which.
@@ -250,7 +257,8 @@ def _screen(ds: Dataset, preprocessing: Preprocessing, workers: int) -> tuple[Da
     reasons = dict(zip(candidates, screen_files([ds.samples[i].path for i in candidates], preprocessing, workers=workers)))
     screened = [{"path": str(ds.samples[i].path), "reason": r} for i, r in reasons.items() if r]
     for d in screened:
-        console().print(f"[yellow]screened out[/] {markup_safe(d['path'])}: {markup_safe(d['reason'])}", highlight=False)
+        console().print(f"[red]skipped[/] {markup_safe(d['path'])}: screened out ({markup_safe(d['reason'])})",
+                        highlight=False)
     return replace(ds, samples=[s for i, s in enumerate(ds.samples) if not reasons.get(i)]), screened
 
 
@@ -351,7 +359,9 @@ def _finish(cfg: RunConfig, out: Path, data: _Data, trained: _Trained, cache: Fe
     sections: dict[str, Any] = {
         "training": {"data": str(ds.root), "layout": ds.layout, "mode": cfg.mode, "splits": data.summary,
                      "best_epoch": trained.result.best_epoch, "epochs_run": len(trained.result.history),
-                     "extract_failures": len(report.failures), "screened": data.screened,
+                     # every file that could not be read: at extraction, at screening, or no file at all
+                     "extract_failures": len(report.failures) + len(data.ds.skipped)
+                     + sum(d["reason"] == "unreadable" for d in data.screened), "screened": data.screened,
                      "head_selection": trained.selection,
                      "baseline_logistic_regression": baseline, "config": config},
         "validation": {k: val_metrics[k] for k in ("accuracy", "accuracy_ci", "roc_auc_macro", "n_images", "n_patients")}

@@ -12,18 +12,27 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.decode import JPEG_GRID
 from ..data.images import ImageFiles, image_batches
 from ..data.transforms import Preprocessing
 
 STATISTICS = ("brightness", "clipped", "sharpness", "saturation")  # the fitted ones
 FLOOR_STATISTICS = ("flat_band", "black_band", "contrast", "correlation")  # model input, judged against absolute floors
-SOURCE_STATISTICS = ("min_side", "aspect", "block_run")  # the full-resolution decode
+SOURCE_STATISTICS = ("min_side", "aspect", "block_run", "block_peak")  # the full-resolution decode
 ALL_STATISTICS = STATISTICS + FLOOR_STATISTICS + SOURCE_STATISTICS
 _LIT = 20  # a pixel darker than this (max channel, of 255) is background: the black around a scan or a fundus
 _CLIPPED = 250
 _DARK_IMAGE = 10  # mean grey level below which black rows are the image's darkness, not damage
 _BLOCK = 8  # the JPEG block: corrupt entropy data decodes as runs of flat 8x8 blocks
 _EDGE = 3  # grey levels between a flat block and the pixel row beside it: a hard block edge
+# DCT frequencies (u + v >= 7 of 0..14) that compressed scans hold little of and a mis-decoded block
+# (a bit flip that libjpeg resynchronises after) holds as a stripe or checker pattern at full contrast.
+_U, _V = np.meshgrid(np.arange(_BLOCK), np.arange(_BLOCK), indexing="ij")
+_HIGH = ((_U + _V) >= 7).astype(np.float32)
+# The orthonormal 8-point DCT-II as a matrix (JPEG's forward DCT): D @ block @ D.T is the block's
+# coefficients, one batched matmul over all blocks (several times faster than scipy.fft.dctn here).
+_DCT = (np.cos((2 * np.arange(_BLOCK)[None] + 1) * np.arange(_BLOCK)[:, None] * np.pi / (2 * _BLOCK))
+        * np.where(np.arange(_BLOCK)[:, None] == 0, np.sqrt(1 / _BLOCK), np.sqrt(2 / _BLOCK))).astype(np.float32)
 
 
 def image_statistics(pixels: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
@@ -81,14 +90,18 @@ def floor_statistics(pixels: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]
 
 
 def source_statistics(img: Image.Image) -> list[float]:
-    """The full-resolution decode -> [min_side, aspect, block_run] (SOURCE_STATISTICS):
+    """The full-resolution decode -> [min_side, aspect, block_run, block_peak] (SOURCE_STATISTICS):
     min_side: the shorter side in pixels (a 1x1 PNG resizes into a perfectly plain model input);
     aspect: longer / shorter side (a 4000x20 strip squashed to a square is not a scan);
     block_run: the longest run, along a row of 8x8 blocks on the JPEG grid, of identical blocks of one
       flat grey (neither black background nor white padding): what the decoder makes of zeroed or
       garbled entropy data (each block repeats the last DC value) and of a truncated file's tail. The
       resize to the model input smears blocks into their neighbours, so this is read before it
-      (a 1536x496 scan: about 60% of the time of its resize to 224 px, measured side by side)."""
+      (a 1536x496 scan: about 60% of the time of its resize to 224 px, measured side by side);
+    block_peak: for a JPEG decoded at full size (img.info[JPEG_GRID]; else NaN, not measured), the
+      largest high-frequency DCT coefficient (u + v >= 7, orthonormal, grey levels) of any 8x8 block on
+      its grid: a block that a flipped bit made libjpeg decode from the wrong symbols shows a stripe or
+      checker pattern at full contrast, which no compressed scan holds (see trust/gate.py FLOORS)."""
     w, h = img.size
     grey = np.asarray(img if img.mode == "L" else img.convert("L"))
     h8, w8 = h // _BLOCK, w // _BLOCK
@@ -106,7 +119,19 @@ def source_statistics(img: Image.Image) -> list[float]:
         same = flat[:, 1:] & flat[:, :-1] & (value[:, 1:] == value[:, :-1])  # a block the copy of its left one
         run = int(longest_run(same).max()) + 1 if same.any() else int(flat.any())
 
-    return [float(min(w, h)), max(w, h) / max(min(w, h), 1), float(run)]
+    peak = _block_peak(grey[:h8 * _BLOCK, :w8 * _BLOCK], h8, w8) if img.info.get(JPEG_GRID) and h8 and w8 else np.nan
+    return [float(min(w, h)), max(w, h) / max(min(w, h), 1), float(run), peak]
+
+
+def _block_peak(grey: np.ndarray, h8: int, w8: int) -> float:
+    """The largest |DCT coefficient| at the _HIGH frequencies over the 8x8 blocks of `grey` (h8*8, w8*8)."""
+    # Down the columns of each block row (62 products 8x8 @ 8xW for a 1536x496 scan), then along the
+    # rows of each block (one batch over the last axis): no transposed copy. Axes: (h8, u, w8, v).
+    columns = _DCT @ grey.astype(np.float32).reshape(h8, _BLOCK, w8 * _BLOCK)
+    coefficients = columns.reshape(h8, _BLOCK, w8, _BLOCK) @ _DCT.T
+    np.abs(coefficients, out=coefficients)
+    coefficients *= _HIGH[None, :, None, :]
+    return float(coefficients.max())
 
 
 def _block_reduce(rows: np.ndarray, op: np.ufunc) -> np.ndarray:
