@@ -17,7 +17,8 @@ from .errors import RetinaLensError
 EXTRAS = {"onnx": "export", "onnxruntime": "export", "coremltools": "coreml", "fastapi": "serve",
           "starlette": "serve", "anyio": "serve", "uvicorn": "serve", "multipart": "serve", "sqlalchemy": "serve",
           "threadpoolctl": "serve", "psycopg": "postgres",
-          "litert_torch": "tflite", "ai_edge_litert": "tflite", "ai_edge_quantizer": "tflite"}
+          "litert_torch": "tflite", "ai_edge_litert": "tflite", "ai_edge_quantizer": "tflite",
+          "pydicom": "dicom", "highdicom": "dicom"}
 
 
 def install_hint(module: str, extra: str | None = None) -> str:
