@@ -47,6 +47,10 @@ SOP_CLASSES = {
 PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
 
+class DicomTooLarge(ImageDecodeError):
+    """A frame size or count past the limits, told by the header alone (a bomb, not a scan)."""
+
+
 def is_dicom(head: bytes) -> bool:
     """Whether `head` (a file's first 132 bytes or more) is a DICOM Part 10 file."""
     return head[MAGIC_OFFSET:MAGIC_OFFSET + 4] == MAGIC
@@ -134,11 +138,11 @@ def pixel_header(ds, max_pixels: int, max_total_pixels: int) -> PixelHeader:
         raise ImageDecodeError(f"DICOM image of {head.columns}x{head.rows} pixels, {head.samples} samples of "
                                f"{head.bits_allocated} bits is not supported (1 or 3 samples of 8 or 16 bits)")
     if head.rows * head.columns > max_pixels:
-        raise ImageDecodeError(f"{head.columns}x{head.rows} pixels exceeds the {max_pixels:,}-pixel limit")
+        raise DicomTooLarge(f"{head.columns}x{head.rows} pixels exceeds the {max_pixels:,}-pixel limit")
     if not 1 <= head.frames <= MAX_FRAMES:
-        raise ImageDecodeError(f"DICOM file claims {head.frames:,} frames (the limit is {MAX_FRAMES:,})")
+        raise DicomTooLarge(f"DICOM file claims {head.frames:,} frames (the limit is {MAX_FRAMES:,})")
     if head.frames * head.rows * head.columns > max_total_pixels:
-        raise ImageDecodeError(f"{head.frames} frames of {head.columns}x{head.rows} pixels exceed the "
+        raise DicomTooLarge(f"{head.frames} frames of {head.columns}x{head.rows} pixels exceed the "
                                f"{max_total_pixels:,}-pixel limit of a volume")
     if not syntax.is_compressed:
         expected = head.rows * head.columns * head.samples * head.bits_allocated // 8 * head.frames
@@ -169,6 +173,11 @@ def _to_image(arr: np.ndarray, ds, head: PixelHeader) -> Image.Image:
     if head.photometric == "MONOCHROME1":  # the decoder stretches the used range: negating inverts it
         values = -values
     return Image.fromarray(values, "F")
+
+
+def check_header(data: bytes, max_pixels: int, max_total_pixels: int) -> PixelHeader:
+    """The checked pixel header of a DICOM file's bytes, nothing decoded (DicomTooLarge past the limits)."""
+    return pixel_header(read_dataset(data), max_pixels, max_total_pixels)
 
 
 def iter_frames(data: bytes, max_pixels: int, max_total_pixels: int, single: bool = False) -> Iterator[Image.Image]:
