@@ -72,6 +72,12 @@ def pydicom() -> ModuleType:
     return module
 
 
+def _read_errors(dcm: ModuleType) -> tuple[type[BaseException], ...]:
+    """What pydicom raises on a damaged file (its parser has no single error type)."""
+    return (dcm.errors.InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+            NotImplementedError, OverflowError, IndexError)
+
+
 def read_dataset(data: bytes, *, pixels: bool = True):
     """The pydicom Dataset of a DICOM file's bytes (`pixels=False`: stop before the pixel data)."""
     dcm = pydicom()
@@ -80,8 +86,7 @@ def read_dataset(data: bytes, *, pixels: bool = True):
         if pixels:
             ds.get("PixelData")  # a deferred value is read here, so truncation surfaces now
         return ds
-    except (dcm.errors.InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
-            NotImplementedError, OverflowError, IndexError) as exc:
+    except (OSError, *_read_errors(dcm)) as exc:
         # pydicom's messages can quote element values: only the kind of failure is passed on
         raise ImageDecodeError(f"damaged DICOM file ({type(exc).__name__} while reading its elements)") from None
 
@@ -221,15 +226,14 @@ class DicomTags:
 
 
 def read_tags(path: Path) -> DicomTags:
-    """The organising tags of a DICOM file, read without its pixel data."""
+    """The organising tags of a DICOM file, read without its pixel data (nor the bytes that hold it)."""
+    dcm = pydicom()
     try:
-        data = path.read_bytes()
+        ds = dcm.dcmread(path, stop_before_pixels=True)
     except OSError:
         raise ImageDecodeError(f"{path}: cannot be read") from None
-    try:
-        ds = read_dataset(data, pixels=False)
-    except ImageDecodeError as exc:
-        raise ImageDecodeError(f"{path}: {exc}") from None
+    except _read_errors(dcm) as exc:
+        raise ImageDecodeError(f"{path}: damaged DICOM file ({type(exc).__name__} while reading its elements)") from None
     side = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
     frames = ds.get("NumberOfFrames", 1)
     return DicomTags(str(ds.get("PatientID", "") or "").strip(), side if side in ("R", "L") else "",
