@@ -139,6 +139,8 @@ def predict(
     batch_size: int = typer.Option(16, "--batch-size", help="Images per model call."), workers: int = WorkersOpt,
     runtime: str = typer.Option("auto", "--runtime", help="torch | onnx (onnxruntime, fp32) | auto (onnx for fp32 "
                                 "bundles on the CPU, where it measured faster; torch for bf16 bundles)."),
+    sr_out: Optional[Path] = typer.Option(None, "--sr-out", help="Also write a DICOM Structured Report per DICOM "
+                                          "input into this folder (for the PACS; it names the patient)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Class, probabilities and referral level for each image; failures are listed at the end."""
@@ -156,6 +158,11 @@ def predict(
     for r in failed:
         console().print(f"[red]failed[/] {markup_safe(r['error'])}", highlight=False, soft_wrap=True)
     print_gate_summary(results, gated=model.gate is not None)
+    if sr_out is not None:
+        from ..predict.sr import write_reports
+
+        written = write_reports(results, model.classes, sr_out)
+        console().print(f"sr: {len(written)} report(s) in {markup_safe(sr_out)}", highlight=False, soft_wrap=True)
     if failed and len(failed) == len(results):
         raise RetinaLensError(f"none of the {len(results)} input(s) could be read")
 
