@@ -76,7 +76,7 @@ def test_any_other_image_is_one_frame(oct_images: list[Path]) -> None:
     assert len(frames) == 1 and np.array_equal(np.asarray(frames[0]), np.asarray(decode_image(oct_images[0])))
 
 
-@pytest.mark.parametrize("syntax", [F.JPEG_2000_LOSSLESS, F.RLE, F.JPEG_BASELINE])
+@pytest.mark.parametrize("syntax", [F.JPEG_2000_LOSSLESS, F.JPEG_LS_LOSSLESS, F.RLE, F.JPEG_BASELINE])
 def test_compressed_files(tmp_path: Path, oct_images: list[Path], syntax: str) -> None:
     grey = F.grey_pixels(oct_images[0])
     path = F.save(F.build(grey), tmp_path / "scan", syntax)
