@@ -95,6 +95,15 @@ def test_jpeg_baseline_colour_photo(tmp_path: Path, fundus_photo: Path) -> None:
     assert np.abs(np.asarray(decode_image(path)).astype(int) - rgb).mean() < 3.0
 
 
+def test_uncompressed_ybr_full_photo_comes_back_rgb(tmp_path: Path, fundus_photo: Path) -> None:
+    from pydicom.pixels import convert_color_space
+
+    rgb = F.rgb_pixels(fundus_photo, side=256)
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    path = F.save(F.build(ybr, photometric="YBR_FULL"), tmp_path / "ybr")
+    assert np.abs(np.asarray(decode_image(path)).astype(int) - rgb).max() <= 2  # 8-bit YCbCr rounding
+
+
 def test_monochrome1_is_inverted_and_16_bit_stretched(tmp_path: Path, oct_images: list[Path]) -> None:
     grey = F.grey_pixels(oct_images[0])
     mono1 = F.save(F.build(255 - grey, sop_class=F.SECONDARY_CAPTURE, photometric="MONOCHROME1"), tmp_path / "m1")
@@ -143,6 +152,11 @@ def _broken(tmp_path: Path, grey: np.ndarray) -> dict[str, tuple[Path, str]]:
     ds.PixelData = encapsulate([ds.PixelData])
     ds.save_as(tmp_path / "mpeg", enforce_file_format=True)
     cases["unsupported syntax"] = (tmp_path / "mpeg", "transfer syntax MPEG2")
+    cases["palette colour"] = (F.save(F.build(grey, photometric="PALETTE COLOR"), tmp_path / "palette"),
+                               "photometric interpretation 'PALETTE COLOR' is not supported")
+    ct = F.build(grey)
+    ct.SOPClassUID = ct.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    cases["not an ophthalmic image"] = (F.save(ct, tmp_path / "ct"), "CT Image Storage is not an image we read")
     return cases
 
 
