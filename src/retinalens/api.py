@@ -80,12 +80,17 @@ def report(bundle: str | Path | Bundle, data: str | Path, out: str | Path, *, pr
 
 def predict(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[str | Path], *,
             json_path: str | Path | None = None, csv_path: str | Path | None = None, batch_size: int | None = None,
-            workers: int | None = None, runtime: str | None = None, progress: bool = False) -> list[dict[str, Any]]:
+            workers: int | None = None, runtime: str | None = None, progress: bool = False,
+            keep_identifiers: bool = False) -> list[dict[str, Any]]:
     """`retinalens predict`: one result per image (`load(bundle).predict_many`), written as JSON and/or
-    CSV when asked. Bad inputs get {"input", "error"}; the rest still complete."""
+    CSV when asked. Bad inputs get {"input", "error"}; the rest still complete. A DICOM file's result
+    names its patient, eye, study and series: pseudonyms, or the tags' values with `keep_identifiers`."""
+    from .data.dicom_dataset import add_identity
+
     model = _model(bundle, runtime)
     sources = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     results = model.predict_many(sources, progress=progress, **given(batch_size=batch_size, workers=workers))
+    add_identity(results, keep_identifiers)
     if json_path:
         atomic_write_json(Path(json_path), results)
     if csv_path:

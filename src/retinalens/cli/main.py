@@ -141,6 +141,8 @@ def predict(
                                 "bundles on the CPU, where it measured faster; torch for bf16 bundles)."),
     sr_out: Optional[Path] = typer.Option(None, "--sr-out", help="Also write a DICOM Structured Report per DICOM "
                                           "input into this folder (for the PACS; it names the patient)."),
+    keep_identifiers: bool = typer.Option(False, "--keep-identifiers", help="Name DICOM inputs' patient, study and "
+                                          "series by their tags' values, not by pseudonyms."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Class, probabilities and referral level for each image; failures are listed at the end."""
@@ -149,7 +151,7 @@ def predict(
 
     model = load(bundle, runtime=runtime)
     results = run_predict(model, inputs, json_path=json_out, csv_path=csv_out, batch_size=batch_size, workers=workers,
-                          progress=not quiet)
+                          progress=not quiet, keep_identifiers=keep_identifiers)
     if sys.stdout.isatty():
         print_predictions(results, model.classes)
     else:  # piped or redirected: whole CSV rows, never a table cut to 80 columns

@@ -49,17 +49,31 @@ class Identity:
     series: str
 
 
-def identity(path: Path) -> Identity | None:
-    """The pseudonymised identity of a DICOM file; None for any other file. RetinaLensError (naming the
-    file, never a tag's value) for a DICOM file whose header cannot be read."""
+def identity(path: Path, keep_identifiers: bool = False) -> Identity | None:
+    """The pseudonymised identity of a DICOM file (`keep_identifiers`: the tags' own values); None for
+    any other file. RetinaLensError (naming the file, never a tag's value) for a DICOM file whose header
+    cannot be read."""
     if not is_dicom_file(path):
         return None
     try:
         tags = read_tags(path)
     except ImageDecodeError as exc:
         raise RetinaLensError(str(exc)) from None
+    if keep_identifiers:
+        return Identity(tags.patient_id, tags.laterality, tags.study_uid, tags.series_uid)
     return Identity(pseudonym(tags.patient_id), tags.laterality, pseudonym(tags.study_uid, "study"),
                     pseudonym(tags.series_uid, "series"))
+
+
+def add_identity(results: list[dict], keep_identifiers: bool = False) -> None:
+    """Each prediction result (a dict whose "input" names a file) of a DICOM file gains its `patient`,
+    `laterality`, `study` and `series`: pseudonyms, or with `keep_identifiers` the tags' values."""
+    for result in results:
+        path = Path(str(result.get("input", "")))
+        if "error" not in result and path.is_file():
+            who = identity(path, keep_identifiers)
+            if who is not None:
+                result.update(patient=who.patient, laterality=who.laterality, study=who.study, series=who.series)
 
 
 def files_by_instance_uid(folders: Iterable[Path]) -> dict[str, Path]:
