@@ -187,3 +187,20 @@ def test_same_scan_as_jpeg_and_dicom_same_pixels_and_prediction(tmp_path: Path, 
     assert "error" not in from_dicom
     for key in ("label", "probabilities", "referral", "p_referral"):
         assert from_jpeg[key] == from_dicom[key], key
+
+
+def test_without_the_extra_a_dicom_file_names_it(tmp_path: Path, oct_images: list[Path]) -> None:
+    """pydicom absent (blocked in a child process): one line naming the extra, and exit 2."""
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    path = F.save(F.build(F.grey_pixels(oct_images[0])), tmp_path / "scan")
+    code = ("import sys; sys.modules['pydicom'] = None\n"
+            "from retinalens.data.decode import decode_image\n"
+            "from retinalens.errors import ImageDecodeError\n"
+            f"try: decode_image({str(path)!r})\n"
+            "except ImageDecodeError as e: print(e); sys.exit(2)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.returncode == 2 and "pip install 'retinalens[dicom]'" in r.stdout, r.stdout + r.stderr

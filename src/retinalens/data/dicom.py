@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .. import _deps
-from ..errors import ImageDecodeError, RetinaLensError
+from ..errors import ImageDecodeError
 
 # A DICOM Part 10 file: a 128-byte preamble, then these four bytes.
 MAGIC, MAGIC_OFFSET = b"DICM", 128
@@ -67,6 +67,7 @@ def is_dicom_file(path: Path) -> bool:
 
 def pydicom() -> ModuleType:
     """pydicom, with its value validation off: its warnings quote tag values (patient names, ids)."""
+    # ImageDecodeError when missing: a batch lists the file as unreadable (with the fix) and goes on.
     # A plain import, not _deps.require: decoding threads call this at once, and the import system's
     # own lock makes each wait for a module another is importing (require's output silencing swaps
     # sys.stdout, which threads must not do).
@@ -74,7 +75,7 @@ def pydicom() -> ModuleType:
         import pydicom as module
         import pydicom.pixels  # noqa: F401 - the decoders, imported here once
     except ImportError:
-        raise RetinaLensError(f"reading DICOM files needs the 'pydicom' package, which is not installed: "
+        raise ImageDecodeError(f"reading DICOM files needs the 'pydicom' package, which is not installed: "
                               f"{_deps.install_hint('pydicom')}") from None
     module.config.settings.reading_validation_mode = module.config.IGNORE
     return module
