@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDecodeError
-from .dicom import MAX_FRAMES, is_dicom, is_dicom_file, iter_frames
+from .dicom import MAX_FRAMES, is_dicom, is_dicom_file, iter_frames  # noqa: F401 - MAX_FRAMES: decode_frames' limit
 from .integrity import check_jpeg, check_png
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
@@ -159,9 +159,8 @@ def decode_image(source: ImageSource, *, draft_size: int | None = None, name: st
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
     try:
         data = _read(source)
-        if is_dicom(data):
-            frames = list(_dicom_frames(data, keep_grey, single=True))
-            return frames[0]
+        if is_dicom(data):  # single=True: exactly one frame, or an error (a list: the frame count is checked)
+            return list(_dicom_frames(data, keep_grey, single=True))[0]
         img = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
         width, height = img.size
         if width * height > MAX_PIXELS:

@@ -19,7 +19,7 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data.decode import ALLOWED_FORMATS, MAX_PIXELS, MAX_VOLUME_PIXELS, decode_image
+from ..data.decode import ALLOWED_FORMATS, MAX_PIXELS, MAX_VOLUME_PIXELS, PILLOW_FORMATS, decode_image
 from ..data.dicom import DicomTooLarge, check_header, is_dicom
 from ..data.integrity import jpeg_segments
 from ..errors import ImageDecodeError
@@ -44,7 +44,7 @@ def sniff_image(data: bytes) -> str:
             raise ImageTooLarge(f"refused: {exc}") from None
         return ACCEPTED["DICOM"]
     try:
-        with Image.open(io.BytesIO(data), formats=[f for f in ACCEPTED if f != "DICOM"]) as img:  # reads the header only
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as img:  # reads the header only
             fmt, (width, height) = img.format, img.size
     except Image.DecompressionBombError:  # Pillow's own, far higher limit: the header alone says so
         raise ImageTooLarge(f"refused: more than {MAX_PIXELS:,} pixels") from None
