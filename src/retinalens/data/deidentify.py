@@ -2,7 +2,7 @@
 (PS3.15 Annex E, Table E.1-1): the pixel data is kept, the identifying attributes go.
 
 The profile's actions, in one table here: X (remove), Z (keep the element, empty: the IODs require it),
-U (replace a UID by another, the same for the same input, so that the instances of one study still
+D (a dummy value, where the IODs require one: content and acquisition times, a device serial), U (replace a UID by another, the same for the same input, so that the instances of one study still
 belong together). Private elements, overlays and curves are removed too, as the profile asks, at every
 depth of nested sequences. `PatientIdentityRemoved` and `DeidentificationMethod` say what was done.
 
@@ -46,17 +46,20 @@ _REMOVE = (
     "IssuerOfAdmissionIDSequence", "CurrentPatientLocation", "PatientInstitutionResidence",
     "VisitComments", "OrderEnteredBy", "OrderEntererLocation", "OrderCallbackPhoneNumber",
     "PlacerOrderNumberImagingServiceRequest", "FillerOrderNumberImagingServiceRequest",
-    "StationName", "DeviceSerialNumber", "DeviceUID", "PlateID", "DetectorID", "GantryID",
+    "StationName", "DeviceUID", "PlateID", "DetectorID", "GantryID",
     "ProtocolName", "TextComments", "TextString", "TopicTitle", "TopicAuthor", "TopicKeywords",
     "TopicSubject", "Arbitrary", "AuthorObserverSequence", "ParticipantSequence", "VerifyingObserverName",
     "VerifyingObserverSequence", "VerifyingOrganization", "PersonIdentificationCodeSequence",
-    "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime", "ContentDate", "ContentTime",
-    "SeriesDate", "SeriesTime", "OverlayDate", "OverlayTime", "CurveDate", "CurveTime",
+    "AcquisitionDate", "AcquisitionTime", "SeriesDate", "SeriesTime", "OverlayDate", "OverlayTime", "CurveDate", "CurveTime",
     "InstanceCreationDate", "InstanceCreationTime", "InstanceCreatorUID", "TimezoneOffsetFromUTC",
     "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar",
     "DigitalSignaturesSequence", "OriginalAttributesSequence", "ModifiedAttributesSequence",
     "FrameComments", "ImagePathFilterPassThroughWavelength", "DataSetTrailingPadding",
 )
+# D: a dummy value of the element's VR, for Type 1 elements of the OP / OPT IODs.
+_DUMMY = ("ContentDate", "ContentTime", "AcquisitionDateTime", "FrameAcquisitionDateTime", "FrameReferenceDateTime",
+          "DeviceSerialNumber")
+_DUMMY_VALUES = {"DA": "19000101", "TM": "000000", "DT": "19000101000000"}
 # U: UIDs that identify instances, series, studies and frames of reference, replaced consistently.
 _REPLACE_UID = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
                 "SynchronizationFrameOfReferenceUID", "ReferencedSOPInstanceUID", "ConcatenationUID",
@@ -81,6 +84,9 @@ def _clean(ds) -> None:
     for keyword in _EMPTY:
         if keyword in ds:
             ds[keyword].value = None
+    for keyword in _DUMMY:
+        if keyword in ds:
+            ds[keyword].value = _DUMMY_VALUES.get(ds[keyword].VR, "REMOVED")
     for keyword in _REPLACE_UID:
         if keyword in ds and ds[keyword].value:
             ds[keyword].value = _new_uid(str(ds[keyword].value))
