@@ -189,9 +189,18 @@ def _to_image(arr: np.ndarray, ds, head: PixelHeader) -> Image.Image:
     return Image.fromarray(values, "F")
 
 
+def _checked_header(ds, max_pixels: int, max_total_pixels: int) -> PixelHeader:
+    """pixel_header, with pydicom's errors on malformed values (whose text can quote them) made ours."""
+    dcm = pydicom()
+    try:
+        return pixel_header(ds, max_pixels, max_total_pixels)
+    except _read_errors(dcm) as exc:
+        raise ImageDecodeError(f"damaged DICOM file ({type(exc).__name__} in its image header)") from None
+
+
 def check_header(data: bytes, max_pixels: int, max_total_pixels: int) -> PixelHeader:
     """The checked pixel header of a DICOM file's bytes, nothing decoded (DicomTooLarge past the limits)."""
-    return pixel_header(read_dataset(data), max_pixels, max_total_pixels)
+    return _checked_header(read_dataset(data), max_pixels, max_total_pixels)
 
 
 def iter_frames(data: bytes, max_pixels: int, max_total_pixels: int, single: bool = False) -> Iterator[Image.Image]:
@@ -201,7 +210,7 @@ def iter_frames(data: bytes, max_pixels: int, max_total_pixels: int, single: boo
     are checked before anything is decoded. `single`: a multi-frame file is refused (it is a volume)."""
     dcm = pydicom()
     ds = read_dataset(data)
-    head = pixel_header(ds, max_pixels, max_total_pixels)
+    head = _checked_header(ds, max_pixels, max_total_pixels)
     if single and head.frames > 1:
         raise ImageDecodeError(f"a multi-frame DICOM file ({head.frames} frames): a volume, not one image")
     count = 0
