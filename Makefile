@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean browser postgres
+.PHONY: install demo test bench clean browser postgres dicom3tools
 
 # pip runs --quiet (its log would be thousands of lines): one line before each step says what is
 # installed and roughly how big it is, measured on our machines (wheels, and their size once unpacked).
@@ -46,8 +46,17 @@ postgres:
 	      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null 2>&1; }; }; } || \
 	  echo "PostgreSQL is not installed: the PostgreSQL tests will be skipped"
 
+# The DICOM test files and Structured Reports are checked against their IODs by dciodvfy, from Debian's
+# dicom3tools (installed the same way); without it those checks are left out.
+dicom3tools:
+	@command -v dciodvfy >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q dicom3tools >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dicom3tools >/dev/null 2>&1; }; }; } || \
+	  echo "dicom3tools is not installed: the DICOM files' IOD checks (dciodvfy) will be left out"
+
 # -rs: why each skipped test was skipped; --durations=15: the slowest tests, at the end.
-test: $(STAMP) browser postgres
+test: $(STAMP) browser postgres dicom3tools
 	$(VENV)/bin/pytest -q -rs --durations=15
 
 # The README's pictures of the web page (desktop, 390 px) and the HTML report, made by the browser tests.

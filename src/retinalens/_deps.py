@@ -18,7 +18,7 @@ EXTRAS = {"onnx": "export", "onnxruntime": "export", "coremltools": "coreml", "f
           "starlette": "serve", "anyio": "serve", "uvicorn": "serve", "multipart": "serve", "sqlalchemy": "serve",
           "threadpoolctl": "serve", "psycopg": "postgres",
           "litert_torch": "tflite", "ai_edge_litert": "tflite", "ai_edge_quantizer": "tflite",
-          "ray": "distributed", "pyarrow": "parquet"}
+          "ray": "distributed", "pyarrow": "parquet", "pydicom": "dicom", "highdicom": "dicom"}
 
 
 def install_hint(module: str, extra: str | None = None) -> str:

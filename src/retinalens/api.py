@@ -95,11 +95,15 @@ def predict(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[s
             json_path: str | Path | None = None, csv_path: str | Path | None = None, out: str | Path | None = None,
             batch_size: int | None = None, workers: int | None = None, runtime: str | None = None,
             threads: int | None = None, engine: str | None = None, address: str | None = None,
-            ray_workers: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
+            ray_workers: int | None = None, progress: bool = False,
+            keep_identifiers: bool = False) -> list[dict[str, Any]]:
     """`retinalens predict`: one result per image (`load(bundle).predict_many`), written as JSON, CSV
     and/or Parquet (`out`, predict/parquet.py) when asked. Bad inputs get {"input", "error"}; the rest
     still complete. `threads`: intra-op threads per model call (None: one per core). engine "ray": on a
-    Ray cluster (`address`), one model per actor, the same results."""
+    Ray cluster (`address`), one model per actor, the same results. A DICOM file's result names its
+    patient, eye, study and series: pseudonyms, or the tags' values with `keep_identifiers`."""
+    from .data.dicom_dataset import add_identity
+
     run_on = engine_config(engine, address, ray_workers)
     # The Ray driver runs no network: its model only names the classes and how inputs are decoded.
     model = _model(bundle, "torch" if run_on.engine == "ray" else runtime, threads)
@@ -111,6 +115,7 @@ def predict(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[s
                               **given(batch_size=batch_size, runtime=runtime))
     else:
         results = model.predict_many(sources, progress=progress, **given(batch_size=batch_size, workers=workers))
+    add_identity(results, keep_identifiers)
     if out:
         write_predictions_parquet(results, model.classes, out)
     if json_path:

@@ -156,6 +156,10 @@ def predict(
                                 "bundles on the CPU, where it measured faster; torch for bf16 bundles)."),
     engine: str = EngineOpt, address: Optional[str] = AddressOpt, ray_workers: int = RayWorkersOpt,
     threads: int = typer.Option(0, "--threads", help="Intra-op threads per model call (0: one per core)."),
+    sr_out: Optional[Path] = typer.Option(None, "--sr-out", help="Also write a DICOM Structured Report per DICOM "
+                                          "input into this folder (for the PACS; it names the patient)."),
+    keep_identifiers: bool = typer.Option(False, "--keep-identifiers", help="Name DICOM inputs' patient, study and "
+                                          "series by their tags' values, not by pseudonyms."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Class, probabilities and referral level for each image; failures are listed at the end."""
@@ -168,7 +172,7 @@ def predict(
     model = load(bundle, runtime="torch" if engine == "ray" else runtime, threads=threads or None)
     results = run_predict(model, inputs, json_path=json_out, csv_path=csv_out, out=out, batch_size=batch_size,
                           workers=workers, runtime=runtime, engine=engine, address=address, ray_workers=ray_workers,
-                          progress=not quiet)
+                          progress=not quiet, keep_identifiers=keep_identifiers)
     if sys.stdout.isatty():
         print_predictions(results, model.classes)
     else:  # piped or redirected: whole CSV rows, never a table cut to 80 columns
@@ -177,6 +181,11 @@ def predict(
     for r in failed:
         console().print(f"[red]failed[/] {markup_safe(r['error'])}", highlight=False, soft_wrap=True)
     print_gate_summary(results, gated=model.gate is not None)
+    if sr_out is not None:
+        from ..predict.sr import write_reports
+
+        written = write_reports(results, model.classes, sr_out)
+        console().print(f"sr: {len(written)} report(s) in {markup_safe(sr_out)}", highlight=False, soft_wrap=True)
     if failed and len(failed) == len(results):
         raise RetinaLensError(f"none of the {len(results)} input(s) could be read")
 

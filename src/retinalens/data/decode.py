@@ -8,6 +8,10 @@ completeness; Pillow itself checks PNG CRCs), apply EXIF orientation, normalise 
 `REDUCE_ABOVE` pixels a side, refuse decompression bombs, and turn every failure into
 ImageDecodeError so that callers can list the bad file and carry on.
 
+DICOM files (found by their content, the "DICM" at byte 128, never by their name) are read by
+data/dicom.py (the `dicom` extra) and finished here like any other image: a single-frame file is an
+image (`decode_image`), a multi-frame one (an OCT volume) a sequence of them (`decode_frames`).
+
 Memory per image is bounded by `decoded_bytes_bound(width, height, mode)` plus the file's own bytes:
 the full-size raster Pillow decodes into, and at most three rasters of the (reduced) output size.
 """
@@ -18,18 +22,21 @@ import io
 import math
 import os
 from pathlib import Path
+from collections.abc import Iterator
 from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDecodeError
+from .dicom import MAX_FRAMES, is_dicom, is_dicom_file, iter_frames  # noqa: F401 - MAX_FRAMES: decode_frames' limit
 from .integrity import check_jpeg, check_png
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
 
 # The only formats any input is decoded as (the web app's upload sniffing uses the same list).
-ALLOWED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
+PILLOW_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")  # those Pillow decodes
+ALLOWED_FORMATS = (*PILLOW_FORMATS, "DICOM")  # DICOM: data/dicom.py (pydicom), found by its content
 # Pillow's own bomb guard warns at MAX_IMAGE_PIXELS and raises at twice that; we pass an explicit
 # limit instead of touching Pillow's global. 50 MP covers a 7000x7000 fundus photograph.
 MAX_PIXELS = 50_000_000
@@ -37,6 +44,8 @@ MAX_PIXELS = 50_000_000
 # right after decoding: every model input is far smaller (<= 600 px; fundus preparation decodes at
 # twice its output), so nothing is lost, and images up to this size keep their exact pixels.
 REDUCE_ABOVE = 4096
+# All the frames of one multi-frame file together (an OCT volume: 128 B-scans of 1024x1024 are 134 M).
+MAX_VOLUME_PIXELS = 4 * MAX_PIXELS
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 _WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _BAND_ROWS = 256  # rows of a 16-bit image mapped to 8 bits at a time
@@ -153,7 +162,9 @@ def decode_image(source: ImageSource, *, draft_size: int | None = None, name: st
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
     try:
         data = _read(source)
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        if is_dicom(data):  # single=True: exactly one frame, or an error (a list: the frame count is checked)
+            return list(_dicom_frames(data, keep_grey, single=True))[0]
+        img = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
         width, height = img.size
         if width * height > MAX_PIXELS:
             raise ImageDecodeError(f"{label}: {width}x{height} pixels exceeds the {MAX_PIXELS:,}-pixel limit")
@@ -171,5 +182,44 @@ def decode_image(source: ImageSource, *, draft_size: int | None = None, name: st
         raise ImageDecodeError(f"{label}: unreadable image ({exc})") from None
 
 
+def _dicom_frames(data: bytes, keep_grey: bool, single: bool = False) -> Iterator[Image.Image]:
+    """The frames of a DICOM file's bytes finished like any image; `single`: refuse a multi-frame file."""
+    frames = iter_frames(data, MAX_PIXELS, max_total_pixels=MAX_VOLUME_PIXELS, single=single)
+    for frame in frames:
+        yield _to_rgb(frame, keep_grey)
+
+
+def decode_frames(source: ImageSource, *, name: str | None = None, keep_grey: bool = False) -> Iterator[Image.Image]:
+    """Decode every frame of `source` (path, bytes or binary file), in order, as `decode_image` decodes
+    one image: 8-bit RGB PIL images (8-bit L for grey ones with `keep_grey`), reduced above REDUCE_ABOVE.
+
+    A multi-frame DICOM file (an Ophthalmic Tomography volume: one frame per B-scan) yields each frame,
+    decoded one at a time (memory: the file's bytes plus about one frame); any other image, a single-frame
+    DICOM file included, yields its one image. Frame count and sizes are checked before the first frame
+    is decoded: at most MAX_FRAMES frames, MAX_PIXELS pixels a frame and MAX_VOLUME_PIXELS in all.
+    Raises ImageDecodeError (message starting with `name`, default the path or "image") for a file that
+    is not a sound image, including a DICOM file whose pixel data holds more or fewer frames than its
+    header says; that one is raised after the frames that could be read were yielded, so a caller that
+    must not act on a part volume collects them first (`list(decode_frames(...))`)."""
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
+    try:
+        data = _read(source)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{label}: {exc}") from None
+    if not is_dicom(data):
+        yield decode_image(data, name=label, keep_grey=keep_grey)
+        return
+    try:
+        yield from _dicom_frames(data, keep_grey)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{label}: {exc}") from None
+
+
 def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    """An image by its extension, or a DICOM file by its content (DICOMDIR, the index of a DICOM
+    medium, holds no image)."""
+    if path.name.startswith("."):
+        return False
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    return path.name.upper() != "DICOMDIR" and is_dicom_file(path)

@@ -4,6 +4,10 @@
 - split class folders:  ROOT/{train,val,test}/CLASS/*.jpeg   (OCT2017; the given split is kept)
 - a CSV:                image,label[,patient][,split]        (also `level` for DR grades)
 - unlabelled:           a folder of images, for prediction
+
+DICOM files (found by content, whatever their names) take their patient, eye, study and series from
+their tags, pseudonymised (data/dicom_dataset.py); a labels CSV may name them by file or by
+`SOPInstanceUID` (a `sop_instance_uid` column instead of `image`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 from ..errors import RetinaLensError
 from .decode import is_image_file
+from .dicom_dataset import files_by_instance_uid, identity
 from .labels_csv import find_column, image_name, read_rows, resolve_image, search_folders
 from .patients import PatientParser
 
@@ -30,6 +35,21 @@ class Sample:
     label: str | None
     patient: str
     split: str | None = None  # the split the dataset itself assigns, if any
+    # From a DICOM file's tags, pseudonymised ("" otherwise): the eye (R / L), visit and acquisition.
+    laterality: str = ""
+    study: str = ""
+    series: str = ""
+
+
+def _sample(path: Path, label: str | None, parser: PatientParser, fallback: str, split: str | None,
+            patient: str = "") -> Sample:
+    """A sample whose patient is, in order: the one given (a CSV's column), a DICOM file's PatientID
+    (pseudonymised), the one in its name, `fallback`."""
+    who = identity(path)
+    if who is None:
+        return Sample(path, label, patient or parser(path, fallback=fallback), split)
+    return Sample(path, label, patient or who.patient or parser(path, fallback=fallback), split,
+                  who.laterality, who.study, who.series)
 
 
 @dataclass
@@ -106,7 +126,7 @@ def _from_class_folders(root: Path, parser: PatientParser, split: str | None, ba
     for cdir in _class_dirs(root):
         images, others = _walk(cdir)
         for p in images:
-            samples.append(Sample(p, cdir.name, parser(p, fallback=str(p.relative_to(base))), split))
+            samples.append(_sample(p, cdir.name, parser, str(p.relative_to(base)), split))
         skipped += [{"path": str(p), "reason": why, "split": split} for p, why in others]
     return samples
 
@@ -116,21 +136,28 @@ def _from_csv(csv_path: Path, parser: PatientParser, images_dir: Path | None) ->
     if not rows:
         raise RetinaLensError(f"{csv_path}: the CSV has no rows")
     image_col, label_col = find_column(fields, ("image",)), find_column(fields, LABEL_COLUMNS)
-    if image_col is None or label_col is None:
-        raise RetinaLensError(f"{csv_path}: expected columns 'image' and 'label' (or 'level'), found {', '.join(f for f in fields if f)}")
+    uid_col = None if image_col else find_column(fields, ("sopinstanceuid", "sop_instance_uid"))
+    if (image_col or uid_col) is None or label_col is None:
+        raise RetinaLensError(f"{csv_path}: expected columns 'image' (or 'SOPInstanceUID') and 'label' (or 'level'), "
+                              f"found {', '.join(f for f in fields if f)}")
     patient_col, split_col = find_column(fields, ("patient",)), find_column(fields, ("split",))
     search = search_folders(csv_path, images_dir)
+    by_uid = files_by_instance_uid(search[:1] if images_dir else search[1:]) if uid_col else {}
     samples, missing = [], []
     for row in rows:
-        name = (row[image_col] or "").strip()
-        found = resolve_image(image_name(name), search)  # images only: a row naming notes.txt is missing
-        if found is None:
+        name = (row[image_col or uid_col] or "").strip()
+        if uid_col:
+            path = by_uid.get(name)
+        else:  # images only: a row naming notes.txt is missing
+            path = (resolve_image(image_name(name), search) or (None, None))[1]
+        if path is None:
             missing.append(name)
             continue
-        path = found[1]
         patient = (row.get(patient_col) or "").strip() if patient_col else ""
         split = SPLIT_NAMES.get((row.get(split_col) or "").strip().lower()) if split_col else None
-        samples.append(Sample(path, (row[label_col] or "").strip(), patient or parser(path, fallback=name), split))
+        samples.append(_sample(path, (row[label_col] or "").strip(), parser, name, split, patient))
+    if missing and uid_col:  # UIDs identify a patient's images: counted, not echoed
+        raise RetinaLensError(f"{csv_path}: {len(missing)} SOPInstanceUID(s) named in the CSV match no DICOM file")
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise RetinaLensError(f"{csv_path}: {len(missing)} image(s) named in the CSV were not found: {shown}")

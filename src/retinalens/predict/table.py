@@ -38,11 +38,17 @@ def predictions_csv(results: list[dict[str, Any]], classes: list[str]) -> str:
     """One row per input, control characters in names and messages escaped (see above)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(prediction_columns(classes))
-    for row in prediction_records(results, classes):
+    # DICOM inputs' patient, eye, study and series (data/dicom_dataset.add_identity): columns only when there are any.
+    extra = [k for k in IDENTITY if any(k in r for r in results)]
+    w.writerow([*prediction_columns(classes), *extra])
+    for r, row in zip(results, prediction_records(results, classes)):
         row[0], row[-1] = printable(row[0]), printable(row[-1] or "")
-        w.writerow(["" if v is None else yes_no(v) if isinstance(v, bool) else v for v in row])
+        w.writerow(["" if v is None else yes_no(v) if isinstance(v, bool) else v for v in row]
+                   + [r.get(k, "") for k in extra])
     return buf.getvalue()
+
+
+IDENTITY = ("patient", "laterality", "study", "series")
 
 
 def yes_no(value: bool | None) -> str:

@@ -8,7 +8,9 @@ What is stored is the pixels alone: EXIF, JPEG comments, PNG text chunks and ICC
 clinics' software writes patient names and record numbers, never reach the disk. A JPEG keeps its
 compressed data bit for bit without its metadata segments; anything else becomes a PNG of the
 decoder's output, the very pixels the model saw (orientation applied, 16-bit scans stretched). Either
-way a prediction or a heat map made from the stored copy is the one made from the upload.
+way a prediction or a heat map made from the stored copy is the one made from the upload. A DICOM
+file is stored as a de-identified copy (data/deidentify.py: the pixel data kept, the identifying tags
+removed after the DICOM basic de-identification profile).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data.decode import ALLOWED_FORMATS, MAX_PIXELS, decode_image
+from ..data.decode import ALLOWED_FORMATS, MAX_PIXELS, MAX_VOLUME_PIXELS, PILLOW_FORMATS, decode_image
+from ..data.dicom import DicomTooLarge, check_header, is_dicom
 from ..data.integrity import jpeg_segments
 from ..errors import ImageDecodeError
 
 # Pillow format -> the extension of the stored file: the decoder's own allow-list.
-ACCEPTED = {fmt: fmt.lower() for fmt in ALLOWED_FORMATS}
-ACCEPTED_TEXT = "JPEG, PNG, TIFF, BMP or WebP"
+ACCEPTED = {fmt: "dcm" if fmt == "DICOM" else fmt.lower() for fmt in ALLOWED_FORMATS}
+ACCEPTED_TEXT = "JPEG, PNG, TIFF, BMP, WebP or DICOM"
 
 
 class ImageTooLarge(ImageDecodeError):
@@ -34,8 +37,14 @@ def sniff_image(data: bytes) -> str:
     """The extension for the upload's real format; ImageDecodeError for anything that is not one we accept."""
     if not data:
         raise ImageDecodeError("empty file")
+    if is_dicom(data):
+        try:
+            check_header(data, MAX_PIXELS, MAX_VOLUME_PIXELS)  # the header only, no pixel decoded
+        except DicomTooLarge as exc:
+            raise ImageTooLarge(f"refused: {exc}") from None
+        return ACCEPTED["DICOM"]
     try:
-        with Image.open(io.BytesIO(data), formats=list(ACCEPTED)) as img:  # reads the header only
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as img:  # reads the header only
             fmt, (width, height) = img.format, img.size
     except Image.DecompressionBombError:  # Pillow's own, far higher limit: the header alone says so
         raise ImageTooLarge(f"refused: more than {MAX_PIXELS:,} pixels") from None
@@ -54,7 +63,11 @@ def without_metadata(data: bytes, extension: str) -> tuple[bytes, str]:
     A JPEG keeps its compressed data bit for bit and loses its APPn and COM segments (EXIF, XMP, ICC,
     comments, vendor blocks) and whatever trails its end: no re-encoding, no cost, no larger file.
     Everything else, and a JPEG whose EXIF rotates it (the decoder turns it upright; without EXIF it
-    would not), becomes a PNG of the decoded pixels."""
+    would not), becomes a PNG of the decoded pixels. A DICOM file becomes its de-identified copy."""
+    if extension == ACCEPTED["DICOM"]:
+        from ..data.deidentify import deidentify
+
+        return deidentify(data), extension
     if extension == "jpeg":
         with Image.open(io.BytesIO(data)) as img:
             upright = img.getexif().get(0x0112, 1) == 1  # EXIF orientation

@@ -18,7 +18,7 @@ from PIL import Image
 from ..._console import progress_bar
 from ..._io import atomic_write_bytes, atomic_write_json, sweep_temp_files
 from ...errors import RetinaLensError
-from ..decode import ALLOWED_FORMATS, IMAGE_SUFFIXES, decode_image, is_image_file
+from ..decode import IMAGE_SUFFIXES, PILLOW_FORMATS, decode_image, is_image_file
 from ..labels_csv import find_column, image_name, read_rows, resolve_image, search_folders
 from .crop import MIN_SIDE, UnusableFundusError, prepare_with_fov
 
@@ -202,7 +202,7 @@ def _previous_boxes(report_path: Path, settings: dict[str, Any]) -> dict[str, li
 def _complete(path: Path, size: int) -> bool:
     """An output written by an earlier run (atomic writes: existing means whole) of the right size."""
     try:
-        with Image.open(path, formats=ALLOWED_FORMATS) as im:
+        with Image.open(path, formats=PILLOW_FORMATS) as im:
             return im.size == (size, size)
     except (OSError, ValueError, SyntaxError):
         return False
@@ -256,7 +256,7 @@ def _process(args: tuple[Path, Path, int, bool, str, bool]) -> tuple[list[int] |
 
 def _source_size(path: Path) -> tuple[int, int]:
     """Width and height of the file as decoded (EXIF orientation applied), from its header only."""
-    with Image.open(path, formats=ALLOWED_FORMATS) as im:
+    with Image.open(path, formats=PILLOW_FORMATS) as im:
         w, h = im.size
         if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
             w, h = h, w
