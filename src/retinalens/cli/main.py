@@ -15,7 +15,7 @@ import typer
 
 from .._console import console, markup_safe
 from ..config import (AUTO_HEAD, DEMO_OUT, MODE_EPOCHS, EvaluateConfig, ExtractConfig, ExtractOptions, ImageTrainConfig,
-                      RunConfigBase, SplitConfig, TrainConfigBase, default)
+                      RunConfigBase, SplitConfig, TrainConfigBase, VolumeConfig, default)
 from ..errors import RetinaLensError
 from ..predict.table import predictions_csv
 from .options import (BackboneOpt, CacheOpt, ImagesOpt, PatientOpt, PrecisionOpt, QuietOpt, RandomOpt, WeightsOpt,
@@ -139,13 +139,25 @@ def predict(
     batch_size: int = typer.Option(16, "--batch-size", help="Images per model call."), workers: int = WorkersOpt,
     runtime: str = typer.Option("auto", "--runtime", help="torch | onnx (onnxruntime, fp32) | auto (onnx for fp32 "
                                 "bundles on the CPU, where it measured faster; torch for bf16 bundles)."),
-    quiet: bool = QuietOpt,
+    volumes: bool = typer.Option(False, "--volumes", help="One answer per OCT volume (the worst B-scan decides; "
+                                 "automatic for multi-frame files): see README, OCT volumes."),
+    group_by: str = config_option(VolumeConfig, "group_by", help="--volumes: patient (Kermany names) | folder "
+                                  "(one acquisition per folder)."),
+    heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help="--volumes: folder for the heat maps of each "
+                                            "volume's most suspicious B-scans."),
+    patient_regex: Optional[str] = PatientOpt, quiet: bool = QuietOpt,
 ) -> None:
-    """Class, probabilities and referral level for each image; failures are listed at the end."""
+    """Class, probabilities and referral level for each image (or OCT volume); failures are listed at the end."""
     from ..api import predict as run_predict
     from ..predict.model import load
+    from .volumes import has_multi_frame, predict_volumes_command
 
     model = load(bundle, runtime=runtime)
+    if volumes or has_multi_frame(inputs):
+        predict_volumes_command(model, inputs, group_by=group_by, patient_regex=patient_regex, json_out=json_out,
+                                csv_out=csv_out, heatmaps=heatmaps, batch_size=batch_size, workers=workers,
+                                progress=not quiet)
+        return
     results = run_predict(model, inputs, json_path=json_out, csv_path=csv_out, batch_size=batch_size, workers=workers,
                           progress=not quiet)
     if sys.stdout.isatty():
