@@ -20,7 +20,7 @@ from ..errors import RetinaLensError
 from ..predict.table import predictions_csv
 from .options import (BackboneOpt, CacheOpt, ImagesOpt, PatientOpt, PrecisionOpt, QuietOpt, RandomOpt, WeightsOpt,
                       WorkersOpt, add_command, config_option)
-from .output import print_gate_summary, print_metrics, print_predictions
+from .output import print_gate_summary, print_metrics, print_predictions, print_volume_metrics
 from .prepare import prepare_app
 from .retrain import retrain
 from .serve import serve
@@ -116,14 +116,21 @@ def evaluate(
     report: Optional[Path] = typer.Option(None, "--report", help="Write a self-contained HTML report."),
     n_boot: int = config_option(EvaluateConfig, "n_boot", help="Bootstrap resamples for the confidence intervals."),
     cache: Optional[Path] = CacheOpt, workers: int = WorkersOpt,
+    volumes: bool = typer.Option(False, "--volumes", help="Also per OCT volume (the worst B-scan decides): see "
+                                 "README, OCT volumes."),
+    group_by: str = config_option(VolumeConfig, "group_by", help="--volumes: patient (the id in the names) | "
+                                  "folder (one acquisition per folder)."),
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Accuracy, per-class metrics, ROC-AUC and urgent referral, with patient-clustered bootstrap CIs."""
     from ..api import evaluate as run_evaluate
 
     m = run_evaluate(bundle, data, split=split, cache=cache, json_path=json_out, report_path=report, n_boot=n_boot,
-                     workers=workers, progress=not quiet, patient_regex=patient_regex, images_dir=images)
+                     workers=workers, progress=not quiet, patient_regex=patient_regex, images_dir=images,
+                     volumes=VolumeConfig(group_by=group_by) if volumes else None)
     print_metrics(m)
+    if volumes:
+        print_volume_metrics(m["volumes"])
     for f in m["failures"]:
         console().print(f"[red]failed[/] {markup_safe(f['error'])}", highlight=False, soft_wrap=True)
     for label, path in (("json", json_out), ("report", report)):

@@ -68,19 +68,6 @@ class Model:
         probs = head_probabilities(self.head, head_input(self.bundle.head_config, spatial, pooled))
         return calibrated(probs, self.temperature), pooled.numpy()
 
-    def _result(self, name: str, probs: np.ndarray, gate: dict[str, Any]) -> dict[str, Any]:
-        """An ungradable image (gate not ok) keeps its probabilities but gets no label, level or decision."""
-        label = self.classes[int(np.argmax(probs))] if gate["ok"] else None
-        positives = self.bundle.positive_classes
-        p_ref = float(positive_score(probs[None], self.classes, positives)[0]) if positives else None
-        refer = None
-        if gate["ok"] and self.referral_threshold is not None and p_ref is not None:
-            refer = p_ref >= self.referral_threshold.threshold
-        return {"input": name, "label": label,
-                "probabilities": {c: float(p) for c, p in zip(self.classes, probs)},
-                "referral": self.bundle.manifest.level(label),
-                "p_referral": p_ref, "refer": refer, "gate": gate}
-
     def predict(self, source: str | Path | bytes) -> dict[str, Any]:
         """One image (path, URL or bytes) -> {input, label, probabilities, referral, p_referral, refer, gate}
         or {input, error}. gate = {ok, reason, scores}: when not ok, label, referral and refer are None."""
@@ -109,9 +96,23 @@ class Model:
                     gates = self.gate.check(x, pooled, source[0]) if self.gate else [{**NO_GATE, "scores": {}} for _ in range(len(x))]
                     for j, (i, err) in enumerate(zip(idx.tolist(), errors)):
                         k, inp = good[i]
-                        results[k] = {"input": inp.name, "error": err} if err else self._result(inp.name, probs[j], gates[j])
+                        results[k] = {"input": inp.name, "error": err} if err else image_result(self.bundle, inp.name, probs[j], gates[j])
                     advance(len(idx))
         return [r for r in results if r is not None]
+
+
+def image_result(bundle: Bundle, name: str, probs: np.ndarray, gate: dict[str, Any]) -> dict[str, Any]:
+    """One image's result from its calibrated probabilities and gate verdict (prediction's, and an
+    evaluation's B-scans when it answers per volume). An ungradable image (gate not ok) keeps its
+    probabilities but gets no label, level or decision."""
+    classes, positives, threshold = bundle.classes, bundle.positive_classes, bundle.manifest.referral_threshold
+    label = classes[int(np.argmax(probs))] if gate["ok"] else None
+    p_ref = float(positive_score(probs[None], classes, positives)[0]) if positives else None
+    refer = None
+    if gate["ok"] and threshold is not None and p_ref is not None:
+        refer = p_ref >= threshold.threshold
+    return {"input": name, "label": label, "probabilities": {c: float(p) for c, p in zip(classes, probs)},
+            "referral": bundle.manifest.level(label), "p_referral": p_ref, "refer": refer, "gate": gate}
 
 
 def load(path: str | Path, runtime: str = "auto", onnx_file: str | Path | None = None) -> Model:
