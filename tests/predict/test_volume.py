@@ -91,7 +91,8 @@ def _pool(root: Path, cls: str) -> list[Path]:
 def urgent_volume(model, oct_sample_root, tmp_path_factory):
     """A folder of 6 real NORMAL B-scans the model does not refer and one real CNV B-scan it does, 4th
     (few: the rule's 30-slice case is the synthetic test above; this one runs the real model)."""
-    cnv = next(r["input"] for r in model.predict_many(_pool(oct_sample_root, "CNV")[:8]) if r["refer"] and r["label"] == "CNV")
+    cnv = next(r["input"] for r in model.predict_many(_pool(oct_sample_root, "CNV")[:8])
+               if r["refer"] and r["label"] == "CNV")
     normals = [r["input"] for r in model.predict_many(_pool(oct_sample_root, "NORMAL")[:10]) if r["refer"] is False]
     assert len(normals) >= 6
     folder = tmp_path_factory.mktemp("volume") / "OD-visit1"
@@ -150,11 +151,13 @@ def test_predict_volumes_cli(small_bundle, urgent_volume, oct_sample_root, tmp_p
     other.mkdir()
     for p in sorted((oct_sample_root / "test" / "NORMAL").glob("*.jpeg"))[:3]:
         shutil.copy(p, other / p.name)
-    r = run_cli("predict", small_bundle.path, urgent_volume, other, "--volumes", "--group-by", "folder",
-                "--json", tmp_path / "v.json", "--csv", tmp_path / "v.csv", "--heatmaps", tmp_path / "maps", "-q")
+    r = run_cli("predict", small_bundle.path, urgent_volume, other, tmp_path / "missing", "--volumes",
+                "--group-by", "folder", "--json", tmp_path / "v.json", "--csv", tmp_path / "v.csv",
+                "--heatmaps", tmp_path / "maps", "-q")
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(io.StringIO(r.stdout)))  # piped: the volume rows
-    assert [row["volume"] for row in rows] == [str(urgent_volume), str(other)]
+    assert [row["volume"] for row in rows] == [str(urgent_volume), str(other), str(tmp_path / "missing")]
+    assert all(None not in row for row in rows) and "no such file" in rows[2]["error"]  # every row fits the header
     assert rows[0]["refer"] == "yes" and rows[0]["index_slice"] == "3" and rows[0]["n_slices"] == "7"
     assert rows[0]["index_input"].endswith("bscan-03.jpeg") and rows[1]["n_slices"] == "3"
     assert (tmp_path / "v.csv").read_text() == r.stdout

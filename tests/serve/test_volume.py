@@ -10,13 +10,15 @@ from retinalens.data.decode import decode_image
 def test_uploaded_b_scans_are_one_volume(client, demo_scans, oct_images):
     cnv = demo_scans["CNV"].read_bytes()
     normals = [p.read_bytes() for p in oct_images if p.parent.name == "NORMAL"]
-    files = [("files", ("scan-10.jpeg", normals[0], "image/jpeg")), ("files", ("scan-2.jpeg", cnv, "image/jpeg")),
-             ("files", ("scan-1.jpeg", normals[1], "image/jpeg")), ("files", ("scan-3.jpeg", b"not an image", "image/jpeg"))]
+    named = [("scan-10.jpeg", normals[0]), ("scan-2.jpeg", cnv), ("scan-1.jpeg", normals[1]),
+             ("scan-3.jpeg", b"not an image")]
+    files = [("files", (name, data, "image/jpeg")) for name, data in named]
     r = client.post("/api/volume", files=files)
     assert r.status_code == 200, r.text
     body = r.json()
     results, v = body["results"], body["volume"]
-    assert [x["name"] for x in results] == ["scan-1.jpeg", "scan-2.jpeg", "scan-3.jpeg", "scan-10.jpeg"]  # natural order
+    # In the natural order of the names, whatever the order of the upload.
+    assert [x["name"] for x in results] == ["scan-1.jpeg", "scan-2.jpeg", "scan-3.jpeg", "scan-10.jpeg"]
     assert "error" in results[2] and (v["n_slices"], v["n_unreadable"]) == (4, 1) and v["grouping"] == "upload"
     gradable = [k for k, x in enumerate(results) if "error" not in x and x["gate"]["ok"]]
     assert v["n_gradable"] == len(gradable) and v["gate"]["ok"] == (len(gradable) >= 2)

@@ -72,9 +72,10 @@ def _strips(volumes: Sequence[EvaluatedVolume], bundle: Bundle | Model | None) -
             worst = i == r["index_slice"]
             mark, caption = (' class="worst"', f"{i + 1} worst") if worst else ("", str(i + 1))
             cells.append(f'<figure{mark}>{_thumb(path, f"B-scan {i + 1}")}<figcaption>{caption}</figcaption></figure>')
-        more = f'<p class="note">{len(v.paths) - STRIP_SLICES} more B-scans not drawn.</p>' if len(v.paths) > STRIP_SLICES else ""
-        heat = "".join(f'<figure><img alt="Heat map, B-scan {i + 1}" src="{data_uri(jpeg_bytes(e.overlay), "image/jpeg")}">'
-                       f"<figcaption>{i + 1}</figcaption></figure>"
+        extra = len(v.paths) - STRIP_SLICES
+        more = f'<p class="note">{extra} more B-scans not drawn.</p>' if extra > 0 else ""
+        heat = "".join(f'<figure><img alt="Heat map, B-scan {i + 1}" '
+                       f'src="{data_uri(jpeg_bytes(e.overlay), "image/jpeg")}"><figcaption>{i + 1}</figcaption></figure>'
                        for i, e in (maps.get(v.id) or {}).items() if not isinstance(e, dict))
         parts.append(f"<h3>{html.escape(head)}</h3><div class=\"strip\">{''.join(cells)}</div>{more}"
                      + (f'<div class="strip">{heat}</div>' if heat else ""))

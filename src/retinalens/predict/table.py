@@ -35,7 +35,7 @@ def volumes_csv(results: list[dict[str, Any]], classes: list[str]) -> str:
                 "index_input", "suspicious", "error"])
     for r in results:
         if "error" in r:
-            w.writerow([r["input"], *[""] * (len(classes) + 15), r["error"]])
+            w.writerow([r["input"], *[""] * (len(classes) + 14), r["error"]])
             continue
         p, index = r["probabilities"], r["index_slice"]
         w.writerow([r["volume"], r["grouping"], r["n_slices"], r["n_gradable"], r["n_ungradable"], r["n_unreadable"],
