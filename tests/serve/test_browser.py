@@ -179,9 +179,9 @@ def test_keyboard_alone_uploads_and_gives_feedback_with_labels_for_screen_reader
             "return {id: a.id, tag: a.tagName, text: a.textContent.trim().slice(0, 40),"
             "        outline: s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) >= 2};")
 
-    order = [tab() for _ in range(5)]
+    order = [tab() for _ in range(6)]
     assert [o["text"] for o in order[:3]] == ["Analyse", "Model card", "API"]  # the header's links
-    assert [o["id"] for o in order[3:]] == ["drop", "analyse"]  # then upload, then submit
+    assert [o["id"] for o in order[3:]] == ["drop", "as-volume", "analyse"]  # upload, "one volume", submit
     assert all(o["outline"] for o in order)  # focus is visible on every stop
     drop = browser.find_element(By.ID, "drop")
     drop.send_keys(Keys.ENTER)
