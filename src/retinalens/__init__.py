@@ -28,12 +28,12 @@ from ._version import __version__
 from .errors import ImageDecodeError, RetinaLensError
 
 if TYPE_CHECKING:
-    from .api import (backbones, demo, evaluate, explain, export, extract, predict, prepare_fundus,  # noqa: F401
-                      report, retrain, serve, train)
+    from .api import (backbones, demo, evaluate, explain, export, extract, predict, predict_volumes,  # noqa: F401
+                      prepare_fundus, report, retrain, serve, train)
 
 # The API functions: one per command, several named like the subpackages that implement them.
-_API = ("extract", "train", "evaluate", "report", "predict", "explain", "export", "serve", "retrain",
-        "prepare_fundus", "demo", "backbones")
+_API = ("extract", "train", "evaluate", "report", "predict", "predict_volumes", "explain", "export", "serve",
+        "retrain", "prepare_fundus", "demo", "backbones")
 
 _LAZY = {
     **dict.fromkeys(_API, "retinalens.api"),

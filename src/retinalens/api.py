@@ -17,7 +17,7 @@ from typing import Any
 
 from ._io import atomic_write_bytes, atomic_write_json
 from .bundle.store import Bundle, load_bundle
-from .config import (DEMO_OUT, EXPLAIN_OUT, EvaluateConfig, ExtractConfig, ExtractOptions, given,
+from .config import (DEMO_OUT, EXPLAIN_OUT, EvaluateConfig, ExtractConfig, ExtractOptions, VolumeConfig, given,
                      str_or_none)
 from .data.discover import discover
 from .data.fundus.prepare import PrepareReport
@@ -124,6 +124,51 @@ def predict(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[s
         # surrogateescape: a name that is not UTF-8 is written as the bytes it is, not an encoding error
         atomic_write_bytes(Path(csv_path), predictions_csv(results, model.classes).encode("utf-8", "surrogateescape"))
     return results
+
+
+def predict_volumes(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[str | Path], *,
+                    group_by: str | None = None, patient_regex: str | None = None, json_path: str | Path | None = None,
+                    csv_path: str | Path | None = None, heatmaps_dir: str | Path | None = None,
+                    batch_size: int | None = None, workers: int | None = None, runtime: str | None = None,
+                    progress: bool = False, **rule: Any) -> list[dict[str, Any]]:
+    """`retinalens predict --volumes`: one result per OCT volume (predict/volume.py: the rule, the gate's
+    verdict, the most suspicious B-scans), each with its slices' results; multi-frame files are volumes of
+    their own, other images grouped by `group_by` (VolumeConfig's default). `rule`: further VolumeConfig
+    fields. `heatmaps_dir`: Grad-CAM overlays of the suspicious B-scans, named in each result's `heatmaps`.
+    Inputs that cannot be read get {"input", "error"}, after the volumes."""
+    from .data.patients import PatientParser
+    from .predict.table import volumes_csv
+    from .predict.volume import predict_volumes as run, volume_inputs
+
+    model = _model(bundle, runtime)
+    cfg = VolumeConfig(**given(group_by=group_by, **rule))
+    sources = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    volumes, failures = volume_inputs(sources, cfg.group_by, PatientParser.from_regex(patient_regex))
+    results = run(model, volumes, cfg, progress=progress, **given(batch_size=batch_size, workers=workers))
+    if heatmaps_dir is not None:
+        _write_volume_heatmaps(model, volumes, results, Path(heatmaps_dir).expanduser())
+    results += failures
+    if json_path:
+        atomic_write_json(Path(json_path), results)
+    if csv_path:
+        atomic_write_bytes(Path(csv_path), volumes_csv(results, model.classes).encode())
+    return results
+
+
+def _write_volume_heatmaps(model: Model, volumes: Sequence[Any], results: list[dict[str, Any]], out: Path) -> None:
+    from .explain import Explainer
+    from .explain.volume import suspicious_heatmaps
+
+    used: set[str] = set()
+    with Explainer(model) as ex:
+        for volume, result in zip(volumes, results):
+            result["heatmaps"] = {}
+            for i, made in suspicious_heatmaps(ex, volume, result).items():
+                if isinstance(made, dict):
+                    continue  # a slice unreadable now was listed as such when it was predicted
+                png = out / _png_name(made.input, made.class_name, used)
+                atomic_write_bytes(png, made.overlay_png())
+                result["heatmaps"][str(i)] = str(png)
 
 
 def _model(bundle: str | Path | Bundle | Model, runtime: str | None = None, threads: int | None = None) -> Model:

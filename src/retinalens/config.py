@@ -126,6 +126,17 @@ class EvaluateConfig:
     n_boot: int = 1000
 
 
+@dataclass(frozen=True)
+class VolumeConfig:
+    """OCT volumes (`predict --volumes`, `evaluate --volumes`, the web app): how B-scans are grouped and
+    how a volume's answer is drawn from its slices (predict/volume.py states the rule)."""
+
+    group_by: str = "patient"  # patient (Kermany names: CLASS-PATIENT-N) | folder (one acquisition per folder)
+    min_positive_slices: int = 1  # the volume refers when at least this many gradable slices pass the threshold
+    min_gradable_fraction: float = 0.5  # fewer gradable slices than this share: the volume is ungradable
+    n_suspicious: int = 3  # the most suspicious B-scans reported (with heat maps)
+
+
 def default(cls: type, name: str) -> Any:
     """The default of dataclass `cls`'s field `name` (a default_factory is called)."""
     f = next((f for f in fields(cls) if f.name == name), None)

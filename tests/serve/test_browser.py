@@ -179,9 +179,9 @@ def test_keyboard_alone_uploads_and_gives_feedback_with_labels_for_screen_reader
             "return {id: a.id, tag: a.tagName, text: a.textContent.trim().slice(0, 40),"
             "        outline: s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) >= 2};")
 
-    order = [tab() for _ in range(5)]
+    order = [tab() for _ in range(6)]
     assert [o["text"] for o in order[:3]] == ["Analyse", "Model card", "API"]  # the header's links
-    assert [o["id"] for o in order[3:]] == ["drop", "analyse"]  # then upload, then submit
+    assert [o["id"] for o in order[3:]] == ["drop", "as-volume", "analyse"]  # upload, "one volume", submit
     assert all(o["outline"] for o in order)  # focus is visible on every stop
     drop = browser.find_element(By.ID, "drop")
     drop.send_keys(Keys.ENTER)
@@ -280,3 +280,35 @@ def test_page_works_under_a_strict_content_security_policy(browser, small_bundle
         assert card.find_element("css selector", "h2").text == demo_scans["NORMAL"].name
         widths = [bar.rect["width"] for bar in card.find_elements("css selector", "[role=meter]")]
         assert not widths or max(widths) > 10  # bar widths set through the CSSOM, which the policy allows
+
+
+def test_a_volume_of_b_scans_is_answered_and_scrolled_by_keyboard(browser, live_url, oct_images):
+    """Several B-scans sent as one volume: the eye-level answer, and the slices gone through with the arrow keys."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(live_url + "/")
+    browser.find_element(By.ID, "file-input").send_keys("\n".join(str(p) for p in oct_images[:4]))
+    browser.find_element(By.ID, "as-volume").click()
+    browser.find_element(By.ID, "analyse").click()
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "article.volume"))
+    card = browser.find_element(By.CSS_SELECTOR, "article.volume")
+    assert card.find_element(By.TAG_NAME, "h2").text == "OCT volume of 4 B-scans"
+    assert "4 of 4 B-scans gradable" in card.text or "Ungradable volume" in card.text
+    slider = card.find_element(By.CSS_SELECTOR, "input[type=range]")
+    caption = card.find_element(By.CSS_SELECTOR, ".slice-caption")
+    start = int(slider.get_attribute("value"))
+    assert caption.text.startswith(f"B-scan {start} of 4")
+    slider.send_keys(Keys.HOME)
+    assert slider.get_attribute("value") == "1" and caption.text.startswith("B-scan 1 of 4")
+    slider.send_keys(Keys.ARROW_RIGHT)
+    assert caption.text.startswith("B-scan 2 of 4") and oct_images[1].name in caption.text  # natural name order
+    image = card.find_element(By.CSS_SELECTOR, "img.slice")
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", image))
+    assert image.get_attribute("src").endswith("/image") and image.get_attribute("alt") == "B-scan 2"
+    card.find_element(By.CSS_SELECTOR, "input[type=checkbox]").send_keys(Keys.SPACE)  # the heat map, by keyboard
+    assert image.get_attribute("src").endswith("/heatmap.png")
+    blocked = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not blocked, blocked

@@ -15,12 +15,12 @@ import typer
 
 from .._console import console, markup_safe
 from ..config import (AUTO_HEAD, DEMO_OUT, MODE_EPOCHS, EvaluateConfig, ExtractConfig, ExtractOptions, ImageTrainConfig,
-                      RunConfigBase, SplitConfig, TrainConfigBase, default)
+                      RunConfigBase, SplitConfig, TrainConfigBase, VolumeConfig, default)
 from ..errors import RetinaLensError
 from ..predict.table import predictions_csv
 from .options import (AddressOpt, BackboneOpt, CacheOpt, EngineOpt, ImagesOpt, PatientOpt, PrecisionOpt, QuietOpt,
                       RandomOpt, RayWorkersOpt, WeightsOpt, WorkersOpt, add_command, config_option)
-from .output import print_gate_summary, print_metrics, print_predictions
+from .output import print_gate_summary, print_metrics, print_predictions, print_volume_metrics
 from .prepare import prepare_app
 from .retrain import retrain
 from .serve import serve
@@ -129,14 +129,21 @@ def evaluate(
     report: Optional[Path] = typer.Option(None, "--report", help="Write a self-contained HTML report."),
     n_boot: int = config_option(EvaluateConfig, "n_boot", help="Bootstrap resamples for the confidence intervals."),
     cache: Optional[Path] = CacheOpt, workers: int = WorkersOpt,
+    volumes: bool = typer.Option(False, "--volumes", help="Also per OCT volume (the worst B-scan decides): see "
+                                 "README, OCT volumes."),
+    group_by: str = config_option(VolumeConfig, "group_by", help="--volumes: patient (the id in the names) | "
+                                  "folder (one acquisition per folder)."),
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Accuracy, per-class metrics, ROC-AUC and urgent referral, with patient-clustered bootstrap CIs."""
     from ..api import evaluate as run_evaluate
 
     m = run_evaluate(bundle, data, split=split, cache=cache, json_path=json_out, report_path=report, n_boot=n_boot,
-                     workers=workers, progress=not quiet, patient_regex=patient_regex, images_dir=images)
+                     workers=workers, progress=not quiet, patient_regex=patient_regex, images_dir=images,
+                     volumes=VolumeConfig(group_by=group_by) if volumes else None)
     print_metrics(m)
+    if volumes:
+        print_volume_metrics(m["volumes"])
     for f in m["failures"]:
         console().print(f"[red]failed[/] {markup_safe(f['error'])}", highlight=False, soft_wrap=True)
     for label, path in (("json", json_out), ("report", report)):
@@ -160,16 +167,30 @@ def predict(
                                           "input into this folder (for the PACS; it names the patient)."),
     keep_identifiers: bool = typer.Option(False, "--keep-identifiers", help="Name DICOM inputs' patient, study and "
                                           "series by their tags' values, not by pseudonyms."),
-    quiet: bool = QuietOpt,
+    volumes: bool = typer.Option(False, "--volumes", help="One answer per OCT volume (the worst B-scan decides; "
+                                 "automatic for multi-frame files): see README, OCT volumes."),
+    group_by: str = config_option(VolumeConfig, "group_by", help="--volumes: patient (Kermany names) | folder "
+                                  "(one acquisition per folder)."),
+    heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help="--volumes: folder for the heat maps of each "
+                                            "volume's most suspicious B-scans."),
+    patient_regex: Optional[str] = PatientOpt, quiet: bool = QuietOpt,
 ) -> None:
-    """Class, probabilities and referral level for each image; failures are listed at the end."""
+    """Class, probabilities and referral level for each image (or OCT volume); failures are listed at the end."""
     from ..api import predict as run_predict
     from ..predict.model import load
+    from .volumes import has_multi_frame, predict_volumes_command
 
     if threads < 0:
         raise RetinaLensError(f"--threads must be 0 (one per core) or more, got {threads}")
     # On Ray the workers run the network; this process only names the classes (torch: nothing to build).
     model = load(bundle, runtime="torch" if engine == "ray" else runtime, threads=threads or None)
+    if volumes or has_multi_frame(inputs):
+        if engine != "local":
+            raise RetinaLensError("--volumes runs on the local engine only: leave out --engine")
+        predict_volumes_command(model, inputs, group_by=group_by, patient_regex=patient_regex, json_out=json_out,
+                                csv_out=csv_out, heatmaps=heatmaps, batch_size=batch_size, workers=workers,
+                                progress=not quiet)
+        return
     results = run_predict(model, inputs, json_path=json_out, csv_path=csv_out, out=out, batch_size=batch_size,
                           workers=workers, runtime=runtime, engine=engine, address=address, ray_workers=ray_workers,
                           progress=not quiet, keep_identifiers=keep_identifiers)

@@ -19,11 +19,13 @@ if TYPE_CHECKING:
     from rich.text import Text
 
 
+def ci(v: Any, c: Any) -> str:
+    """A value with its confidence interval, as the tables print it."""
+    return "n/a" if v is None else (f"{v:.3f}" + (f" ({c[0]:.2f}-{c[1]:.2f})" if c else ""))
+
+
 def print_metrics(m: dict[str, Any]) -> None:
     from rich.table import Table
-
-    def ci(v: Any, c: Any) -> str:
-        return "n/a" if v is None else (f"{v:.3f}" + (f" ({c[0]:.2f}-{c[1]:.2f})" if c else ""))
 
     t = Table(title=f"{m['n_images']} images, {m['n_patients']} patients (95% CI, patient bootstrap)")
     for col in ("class", "precision", "recall / sensitivity", "specificity", "f1", "support"):
@@ -48,6 +50,22 @@ def print_metrics(m: dict[str, Any]) -> None:
     if gate:
         console().print(f"quality gate: {gate['n_rejected']} of {gate['n_checked']} ungradable ({gate['rejection_rate']:.1%})"
                         + (f": {', '.join(f'{k} {v}' for k, v in gate['reasons'].items())}" if gate["reasons"] else ""))
+
+
+def print_volume_metrics(v: dict[str, Any]) -> None:
+    """`evaluate --volumes`: the volume-level figures after the B-scan ones, with the grouping used."""
+    console().print(f"per volume: {v['grouping_note']}; {v['n_volumes']} volumes, {v['n_ungradable']} ungradable, "
+                    f"{v['n_mixed_labels']} with B-scans in several class folders (truth: the most urgent)",
+                    highlight=False, soft_wrap=True)
+    m = v["metrics"]
+    if m is None:
+        console().print("per volume: no gradable volume")
+        return
+    u = m.get("urgent_referral")
+    console().print(f"per volume: accuracy {ci(m['accuracy'], m.get('accuracy_ci'))}" + (
+        f"; referral sensitivity {ci(u['sensitivity'], u.get('sensitivity_ci'))}, specificity "
+        f"{ci(u['specificity'], u.get('specificity_ci'))} at P >= {u['threshold']:.3g}" if u else ""),
+        highlight=False, soft_wrap=True)
 
 
 def print_predictions(results: list[dict[str, Any]], classes: list[str], out: Console | None = None) -> None:

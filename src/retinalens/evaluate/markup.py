@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import html
 from collections.abc import Sequence
 
 from retinalens.bundle.card import fmt
 
-__all__ = ["fmt", "table"]
+__all__ = ["data_uri", "fmt", "table"]
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -18,3 +19,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         f"<tr><td>{row[0]}</td>" + "".join(cell.format(c) for c in row[1:]) + "</tr>" for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    """Bytes as a data: URI, so that the report holds its images (one file, offline)."""
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"

@@ -8,13 +8,12 @@ Every label of the referral decision comes from the bundle's referral levels (bu
 referral_label): a DR grade model refers grade 2 routinely, so its decision is not called "urgent".
 
 Sections: metrics with CIs, confusion matrix, ROC curves, calibration (reliability diagram),
-operating point, quality gate, misclassified images with heat maps, data, training curves and a
+operating point, quality gate, misclassified images with heat maps, OCT volumes (evaluate --volumes), data, training curves and a
 model card. A section whose numbers the evaluation did not produce says so instead of vanishing.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,9 +26,11 @@ from retinalens.errors import RetinaLensError
 from retinalens.bundle.card import bundle_card, dataset_name, model_card as manifest_card, ordered_splits, \
     referral_label
 from retinalens.evaluate.card import INTENDED_USE, model_card
+from retinalens.evaluate.markup import data_uri as _data_uri
 from retinalens.evaluate.markup import fmt as _fmt
 from retinalens.evaluate.markup import table as _table
 from retinalens.evaluate.metrics import roc_curves
+from retinalens.evaluate.report_volumes import volumes_section
 from retinalens.evaluate.plots import (
     MIN_BIN_IMAGES,
     confusion_figure,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from retinalens.bundle.store import Bundle
+    from retinalens.evaluate.volumes import EvaluatedVolume
     from retinalens.predict.model import Model
 
 # INTENDED_USE and plot_training_curves live in card.py and plots.py; the web app and the trainer
@@ -63,6 +65,9 @@ th{background:#f4f4f4;text-align:left}td.num{text-align:right;font-variant-numer
 img{max-width:100%;height:auto}.note{color:#666;font-size:.9em}
 .gallery{display:flex;flex-wrap:wrap;gap:.8em}.gallery figure{margin:0;width:392px;font-size:.85em}
 .gallery img{width:192px;margin-right:4px}.gallery figcaption{overflow-wrap:anywhere}
+.strip{display:flex;gap:3px;overflow-x:auto;padding:4px 0}.strip figure{margin:0;font-size:.75em;text-align:center}
+.strip img{width:80px;display:block;border:3px solid transparent}.strip .worst img{border-color:#c00}
+.strip .worst figcaption{color:#c00;font-weight:600}
 footer{margin-top:2.5em;padding-top:.6em;border-top:1px solid #ddd;color:#a00;font-weight:600}
 """
 
@@ -81,6 +86,7 @@ def write_html_report(
     bundle: Bundle | Model | None = None,
     gallery_limit: int = 48,
     best_epoch: int | None = None,
+    volumes: Sequence[EvaluatedVolume] | None = None,
 ) -> Path:
     """Write the report for `metrics` (from classification_metrics on the same y_true/probs).
 
@@ -89,6 +95,7 @@ def write_html_report(
     misclassified ones (at most `gallery_limit`) are shown with their Grad-CAM heat maps.
     `extra_sections` are (plain-text heading, already-safe HTML body) pairs appended at the end.
     `title` defaults to the model, data set and split; `best_epoch` (marked on the curves) to the bundle's.
+    `volumes` (an evaluation per OCT volume, metrics["volumes"]): their metrics and strips of B-scans.
     """
     try:
         names = list(metrics["classes"])
@@ -124,6 +131,7 @@ def write_html_report(
         ("Operating point", _operating_point_section(metrics.get("operating_point"), card["referral"])),
         ("Quality gate", _gate_section(metrics.get("gate"))),
         ("Misclassified images", _gallery_section(bundle, images, y_true, probs, names, gallery_limit)),
+        *([("OCT volumes", volumes_section(metrics.get("volumes"), volumes, bundle))] if volumes is not None else []),
         ("Data", _data_section(metrics, model)),
         ("Training curves", _curves_section(curves_csv, best_epoch) if curves_csv is not None else _NOT_AVAILABLE),
         ("Model card", model_card(card, metrics)),
@@ -303,7 +311,3 @@ def _curves_section(curves_csv: str | Path, best_epoch: int | None) -> str:
 
 def _img(figure: Figure, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="{_data_uri(png_bytes(figure), "image/png")}">'
-
-
-def _data_uri(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"

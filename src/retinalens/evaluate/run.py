@@ -9,13 +9,15 @@ import numpy as np
 
 from .._console import console
 from .._io import atomic_write_json
+from ..config import VolumeConfig
 from ..data.discover import discover
 from ..data.hashing import sha256_files
 from ..data.tasks import apply_task, get_task
 from ..errors import RetinaLensError
 from ..features.cache import FeatureCache
 from ..features.extract import ExtractReport, extract_features, head_inputs, open_cache
-from .trust import trust_metrics
+from .trust import gate_verdicts, trust_metrics
+from .volumes import volume_metrics
 from ..bundle.card import write_model_card
 from ..bundle.store import Bundle
 from ..models.heads import head_probabilities
@@ -27,8 +29,9 @@ from .report import write_html_report
 def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "test", cache: str | Path | None = None,
                     json_path: str | Path | None = None, report_path: str | Path | None = None, n_boot: int = 1000,
                     seed: int = 0, workers: int = 0, progress: bool = True, patient_regex: str | None = None,
-                    images_dir: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate on DATA's `split` (a dataset root with splits) or on the whole of DATA (plain class folders)."""
+                    images_dir: str | Path | None = None, volumes: VolumeConfig | None = None) -> dict[str, Any]:
+    """Evaluate on DATA's `split` (a dataset root with splits) or on the whole of DATA (plain class folders).
+    `volumes`: also per OCT volume, grouped and answered by that rule (metrics["volumes"], evaluate/volumes.py)."""
     ds = discover(data, patient_regex=patient_regex, images_dir=images_dir)
     if ds.splits and split:
         ds = ds.subset(split)
@@ -54,9 +57,14 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
         for key in ("auc", "sensitivity", "specificity"):
             metrics[key], metrics[f"{key}_ci"] = metrics["urgent_referral"][key], metrics["urgent_referral"][f"{key}_ci"]
     # Calibration before/after, the referral operating point and the quality gate (None where the bundle lacks one).
-    metrics |= trust_metrics(bundle, raw_probs, y, [ds.samples[i].patient for i in keep],
-                             [ds.samples[i].path for i in keep], store.pooled([hashes[i] for i in keep]),
-                             n_boot=n_boot, seed=seed, workers=workers)
+    verdicts = gate_verdicts(bundle, [ds.samples[i].path for i in keep], store.pooled([hashes[i] for i in keep]),
+                             workers=workers)
+    metrics |= trust_metrics(bundle, raw_probs, y, [ds.samples[i].patient for i in keep], verdicts,
+                             n_boot=n_boot, seed=seed)
+    evaluated_volumes = None
+    if volumes is not None:
+        metrics["volumes"], evaluated_volumes = volume_metrics(bundle, [ds.samples[i] for i in keep], probs, verdicts,
+                                                               volumes, n_boot=n_boot, seed=seed)
     metrics["data"] = {"path": str(ds.root), "split": split if ds.layout == "split-folders" or split in ds.splits else None,
                        "per_class": ds.class_counts()}
     metrics["failures"] = [{"input": p, "error": r} for p, r in report.failures] + [
@@ -74,7 +82,8 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
     if report_path:  # titled with the model, the data set and the split
         write_html_report(report_path, metrics, y_true=y, probs=probs, model=bundle.manifest.to_dict(),
                           curves_csv=bundle.curves_file(),
-                          bundle=bundle, images=[ds.samples[i].path for i in keep])  # gallery of mistakes
+                          bundle=bundle, images=[ds.samples[i].path for i in keep],  # gallery of mistakes
+                          volumes=evaluated_volumes)
     return metrics
 
 

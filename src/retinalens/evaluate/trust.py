@@ -45,20 +45,26 @@ def operating_point_report(probs: np.ndarray, y: np.ndarray, classes: Sequence[s
             "specificity": m["specificity"], "specificity_ci": m["specificity_ci"]}
 
 
-def trust_metrics(bundle: Bundle, raw_probs: np.ndarray, y: np.ndarray, groups: Sequence[str], paths: Sequence[Path],
-                  pooled: np.ndarray, *, n_boot: int, seed: int, workers: int = 0) -> dict[str, Any]:
+def gate_verdicts(bundle: Bundle, paths: Sequence[Path], pooled: np.ndarray, workers: int = 0,
+                  ) -> list[dict[str, Any]] | None:
+    """The quality gate's verdict on each evaluated image (None: the bundle has no gate)."""
+    gate = Gate.from_bundle(bundle)
+    if gate is None:
+        return None
+    stats, _ = file_statistics(list(paths), bundle.preprocessing, workers=workers)
+    return gate.verdicts(stats | {"distance": gate.distance(pooled)})
+
+
+def trust_metrics(bundle: Bundle, raw_probs: np.ndarray, y: np.ndarray, groups: Sequence[str],
+                  verdicts: list[dict[str, Any]] | None, *, n_boot: int, seed: int) -> dict[str, Any]:
     """metrics["calibration"], ["operating_point"] and ["gate"] of an evaluation: each None when the
-    bundle has no temperature, referral threshold or gate (a bundle from before they existed)."""
+    bundle has no temperature, referral threshold or gate (a bundle from before they existed);
+    `verdicts` are gate_verdicts'."""
     temperature = bundle.temperature
     referral = bundle.manifest.referral_threshold
-    gate = Gate.from_bundle(bundle)
-    out: dict[str, Any] = {
+    return {
         "calibration": calibration_report(raw_probs, y, temperature) if temperature is not None else None,
         "operating_point": operating_point_report(calibrated(raw_probs, temperature), y, bundle.classes, referral,
                                                   groups, n_boot=n_boot, seed=seed) if referral else None,
-        "gate": None,
+        "gate": summarize(verdicts) if verdicts is not None else None,
     }
-    if gate is not None:
-        stats, _ = file_statistics(list(paths), bundle.preprocessing, workers=workers)
-        out["gate"] = summarize(gate.verdicts(stats | {"distance": gate.distance(pooled)}))
-    return out

@@ -92,19 +92,6 @@ class Model:
             return probs, [{**NO_GATE, "scores": {}} for _ in range(len(batch))]
         return probs, self.gate.check(batch, pooled, source)
 
-    def _result(self, name: str, probs: np.ndarray, gate: dict[str, Any]) -> dict[str, Any]:
-        """An ungradable image (gate not ok) keeps its probabilities but gets no label, level or decision."""
-        label = self.classes[int(np.argmax(probs))] if gate["ok"] else None
-        positives = self.bundle.positive_classes
-        p_ref = float(positive_score(probs[None], self.classes, positives)[0]) if positives else None
-        refer = None
-        if gate["ok"] and self.referral_threshold is not None and p_ref is not None:
-            refer = p_ref >= self.referral_threshold.threshold
-        return {"input": name, "label": label,
-                "probabilities": {c: float(p) for c, p in zip(self.classes, probs)},
-                "referral": self.bundle.manifest.level(label),
-                "p_referral": p_ref, "refer": refer, "gate": gate}
-
     def decoding(self) -> dict[str, Any]:
         """How this model's inputs are decoded (ImageFiles' options): with a gate, each file's
         full-resolution statistics (size, 8x8 blocks) come with its pixels."""
@@ -115,7 +102,7 @@ class Model:
         """One decoded batch (pixels, and `source` statistics when gated) -> one result per image:
         {input, error} for those that did not decode. The one path of every engine."""
         probs, gates = self.assess(x, source)
-        return [{"input": n, "error": e} if e else self._result(n, probs[j], gates[j])
+        return [{"input": n, "error": e} if e else image_result(self.bundle, n, probs[j], gates[j])
                 for j, (n, e) in enumerate(zip(names, errors))]
 
     def predict(self, source: str | Path | bytes) -> dict[str, Any]:
@@ -145,6 +132,20 @@ class Model:
                         results[good[i][0]] = r
                     advance(len(idx))
         return [r for r in results if r is not None]
+
+
+def image_result(bundle: Bundle, name: str, probs: np.ndarray, gate: dict[str, Any]) -> dict[str, Any]:
+    """One image's result from its calibrated probabilities and gate verdict (prediction's, and an
+    evaluation's B-scans when it answers per volume). An ungradable image (gate not ok) keeps its
+    probabilities but gets no label, level or decision."""
+    classes, positives, threshold = bundle.classes, bundle.positive_classes, bundle.manifest.referral_threshold
+    label = classes[int(np.argmax(probs))] if gate["ok"] else None
+    p_ref = float(positive_score(probs[None], classes, positives)[0]) if positives else None
+    refer = None
+    if gate["ok"] and threshold is not None and p_ref is not None:
+        refer = p_ref >= threshold.threshold
+    return {"input": name, "label": label, "probabilities": {c: float(p) for c, p in zip(classes, probs)},
+            "referral": bundle.manifest.level(label), "p_referral": p_ref, "refer": refer, "gate": gate}
 
 
 def load(path: str | Path, runtime: str = "auto", onnx_file: str | Path | None = None,

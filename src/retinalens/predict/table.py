@@ -51,5 +51,27 @@ def predictions_csv(results: list[dict[str, Any]], classes: list[str]) -> str:
 IDENTITY = ("patient", "laterality", "study", "series")
 
 
+def volumes_csv(results: list[dict[str, Any]], classes: list[str]) -> str:
+    """One row per volume (predict/volume.py's results; inputs that could not be read as error rows).
+    index_slice and suspicious are 0-based positions in the volume's slice order."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["volume", "grouping", "n_slices", "n_gradable", "n_ungradable", "n_unreadable", "label", "referral",
+                *[f"p_{c}" for c in classes], "p_referral", "refer", "gate", "gate_reason", "index_slice",
+                "index_input", "suspicious", "error"])
+    for r in results:
+        if "error" in r:
+            w.writerow([printable(r["input"]), *[""] * (len(classes) + 14), printable(r["error"])])
+            continue
+        p, index = r["probabilities"], r["index_slice"]
+        w.writerow([printable(r["volume"]), r["grouping"], r["n_slices"], r["n_gradable"], r["n_ungradable"], r["n_unreadable"],
+                    r["label"] or "", r["referral"] or "", *[p.get(c, "") for c in classes],
+                    "" if r["p_referral"] is None else r["p_referral"], yes_no(r["refer"]),
+                    "ok" if r["gate"]["ok"] else "ungradable", r["gate"]["reason"] or "",
+                    "" if index is None else index, "" if index is None else printable(r["slices"][index]["input"]),
+                    " ".join(map(str, r["suspicious"])), ""])
+    return buf.getvalue()
+
+
 def yes_no(value: bool | None) -> str:
     return "" if value is None else ("yes" if value else "no")

@@ -1,7 +1,9 @@
 """The FastAPI application: one HTML page (its script and style under /static), the model card, the REST API.
 
     POST /api/predict            multipart, one or many files -> class, probabilities, referral, gate
-    GET  /api/analyses/{id}      the stored record;  GET /api/analyses/{id}/heatmap.png  the Grad-CAM overlay
+    POST /api/volume             multipart, the B-scans of one OCT volume -> the volume's answer and each B-scan's
+    GET  /api/analyses/{id}      the stored record;  GET /api/analyses/{id}/heatmap.png  the Grad-CAM overlay;
+    GET  /api/analyses/{id}/image  the stored image (its metadata removed)
     POST /api/feedback           {"analysis_id", "label"}: a clinician confirms or corrects a label
     GET  /api/model              the model card;  GET /healthz;  GET /openapi.json (the contract), /docs
     GET  /login, POST /login     the page's login when an API token is set (a cookie; scripts send the Bearer header)
@@ -34,8 +36,11 @@ from .pages import docs_page, index_page, model_card_page
 from .security import COOKIE, Guard, csp_for_page, session_value
 from .service import ServeConfig, Service
 from .uploads import ImageTooLarge
+from .volume import VOLUME_DESCRIPTION, in_slice_order, volume_answer
 
 LOG = logging.getLogger("uvicorn.error")
+IMAGE_TYPES = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png", "tiff": "image/tiff", "bmp": "image/bmp",
+               "webp": "image/webp"}
 ANALYSIS_ID = "^[0-9a-f]{32}$"  # uuid4().hex: anything else is no id of ours, refused before any lookup
 LOGIN_PAGE = ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>RetinaLens: log in</title>'
               '<link rel="icon" href="data:,"></head><body><h1>RetinaLens</h1><form method="post" action="/login">'
@@ -147,10 +152,23 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> Any:
                          503: {"description": "the feedback storage cannot be written"},
                          507: {"description": "the feedback storage is full"}})
     async def predict(request: fastapi.Request) -> dict[str, Any]:
+        _, _, results = await analyse(request)
+        return {"model": service.version.sha256, "results": results}
+
+    @app.post("/api/volume", summary="Analyse uploaded B-scans as one OCT volume", openapi_extra=_PREDICT_BODY,
+              description=VOLUME_DESCRIPTION, responses={400: {"description": "no files, or too many"},
+                                                          413: {"description": "over the upload limit"}})
+    async def volume(request: fastapi.Request) -> dict[str, Any]:
+        sniffed, predictions, results = await analyse(request, in_slice_order)
+        return {"model": service.version.sha256, "volume": volume_answer(sniffed, predictions), "results": results}
+
+    async def analyse(request: fastapi.Request, order: Any = list) -> tuple[list[Any], list[Any], list[Any]]:
+        """The uploaded files sniffed, predicted (through the batcher) and stored: (uploads, model results of
+        the readable ones, one response result per upload)."""
         form = await request.form(max_files=cfg.max_files, max_fields=cfg.max_files)
         try:
-            uploads = [(value.filename, await value.read()) for _, value in form.multi_items()
-                       if isinstance(value, UploadFile)]
+            uploads = order([(value.filename, await value.read()) for _, value in form.multi_items()
+                             if isinstance(value, UploadFile)])
         finally:
             await form.close()
         if not uploads:
@@ -161,7 +179,7 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> Any:
             raise http_error(413, str(exc)) from None
         predictions = await batcher.predict([u.data for u in sniffed if not u.error])
         results = await anyio.to_thread.run_sync(service.record, sniffed, predictions)
-        return {"model": service.version.sha256, "results": results}
+        return sniffed, predictions, results
 
     @app.get("/api/analyses/{analysis_id}", summary="A stored analysis with its latest feedback",
              responses={404: {"description": "no such analysis"}})
@@ -180,6 +198,17 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> Any:
         except UnknownAnalysis as exc:
             raise http_error(404, str(exc)) from None
         return responses.Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.get("/api/analyses/{analysis_id}/image", summary="The stored image (metadata removed), e.g. a volume's B-scan",
+             response_class=responses.Response, responses={404: {"description": "no such analysis"}})
+    async def stored_image(analysis_id: str = fastapi.Path(pattern=ANALYSIS_ID)) -> Any:
+        try:
+            record = await anyio.to_thread.run_sync(service.analysis, analysis_id)
+            data = await anyio.to_thread.run_sync(service.store.read_image, record)
+        except UnknownAnalysis as exc:
+            raise http_error(404, str(exc)) from None
+        return responses.Response(data, media_type=IMAGE_TYPES.get(record["image"].rsplit(".", 1)[-1], "image/png"),
+                                  headers={"Cache-Control": "private, max-age=86400"})
 
     @app.post("/api/feedback", summary="Confirm or correct the label of an analysed image",
               responses={404: {"description": "no such analysis"},

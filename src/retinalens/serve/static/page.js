@@ -42,9 +42,10 @@ async function analyse() {
   const form = new FormData();
   for (const f of files) form.append("files", f, f.name);
   setStatus(`Analysing ${plural(files.length)}…`);
+  const asVolume = $("as-volume").checked;
   let response;
   try {
-    response = await fetch("/api/predict", {method: "POST", body: form});
+    response = await fetch(asVolume ? "/api/volume" : "/api/predict", {method: "POST", body: form});
   } catch (err) {
     setStatus("The server could not be reached.");  // the choice is kept: "Analyse" again retries
     return;
@@ -55,8 +56,64 @@ async function analyse() {
     return;
   }
   choose([]);
-  setStatus(`${plural(body.results.length)} analysed.`);
+  setStatus(`${plural(body.results.length)} analysed${asVolume ? " as one volume" : ""}.`);
+  if (asVolume) { $("results").prepend(volumeCard(body.volume, body.results)); return; }
   for (const result of body.results.slice().reverse()) $("results").prepend(resultCard(result));
+}
+
+// One OCT volume: the eye-level answer, then a viewer to go through its B-scans (a range input: arrow keys,
+// Home and End work on it natively), the one that decided and the most suspicious ones a button away.
+function volumeCard(v, slices) {
+  const id = `result-${++cards}`;
+  const node = el("article", {class: "card volume", "aria-labelledby": id},
+                  el("h2", {id, text: `OCT volume of ${plural(slices.length).replace("image", "B-scan")}`}));
+  const left = el("div", {class: "result"});
+  const counts = `${v.n_gradable} of ${v.n_slices} B-scans gradable` +
+    (v.n_unreadable ? `, ${v.n_unreadable} unreadable` : "");
+  if (!v.gate.ok) {
+    left.append(el("p", {class: "label ungradable", text: "Ungradable volume: " + counts}),
+                el("p", {class: "gate fail", text: "No class or referral is given for this eye."}));
+  } else {
+    left.append(el("p", {class: "verdict"}, el("span", {class: "label", text: v.label}),
+                   v.referral ? el("span", {class: "referral " + v.referral, text: "referral: " + v.referral}) : null),
+                el("p", {class: "gate ok", text: "Quality check: " + counts}),
+                el("p", {class: "decided", text: `Decided by B-scan ${v.index_slice + 1} (${slices[v.index_slice].name})`}),
+                probabilityTable(v.probabilities, id));
+  }
+  left.append(el("p", {class: "rule", text: "Rule: " + v.rule}));
+  node.append(left, sliceViewer(v, slices, id));
+  return node;
+}
+
+function sliceViewer(v, slices, id) {
+  const range = el("input", {type: "range", id: id + "-slice", min: "1", max: String(slices.length), step: "1"});
+  const caption = el("p", {class: "slice-caption", id: id + "-caption", "aria-live": "polite"});
+  const image = el("img", {class: "slice", alt: ""});
+  const heat = el("input", {type: "checkbox", id: id + "-heat"});
+  const show = (k) => {
+    const r = slices[k];
+    range.value = String(k + 1);
+    const worst = v.suspicious.includes(k) ? (k === v.index_slice ? " (decided the volume)" : " (suspicious)") : "";
+    const what = r.error ? "unreadable: " + r.error : ungradable(r) ? "ungradable" :
+      `${r.label}, P(referral) ${r.p_referral === null ? "n/a" : r.p_referral.toFixed(2)}`;
+    caption.textContent = `B-scan ${k + 1} of ${slices.length}${worst}: ${r.name}, ${what}`;
+    range.setAttribute("aria-valuetext", caption.textContent);
+    if (r.error) { image.removeAttribute("src"); image.alt = "unreadable B-scan"; return; }
+    image.src = heat.checked ? r.heatmap : `/api/analyses/${r.id}/image`;
+    image.alt = `B-scan ${k + 1}${heat.checked ? ", Grad-CAM heat map" : ""}`;
+  };
+  range.addEventListener("input", () => show(Number(range.value) - 1));
+  heat.addEventListener("change", () => show(Number(range.value) - 1));
+  const jumps = el("p", {class: "jumps"}, el("span", {text: "Most suspicious: "}));
+  for (const k of v.suspicious) {
+    const button = el("button", {type: "button", class: "button small", text: `B-scan ${k + 1}`});
+    button.addEventListener("click", () => { show(k); range.focus(); });
+    jumps.append(button);
+  }
+  show(v.index_slice === null ? 0 : v.index_slice);
+  return el("figure", {class: "viewer"}, image,
+            el("figcaption", {}, el("label", {for: range.id, text: "B-scan "}), range, caption,
+               el("label", {}, heat, " show the heat map"), v.suspicious.length ? jumps : null));
 }
 
 function ungradable(r) { return Boolean(r.gate && !r.gate.ok); }

@@ -1,0 +1,35 @@
+"""POST /api/volume on a real server: uploaded real B-scans answered as one volume, in slice order."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from retinalens.data.decode import decode_image
+
+
+def test_uploaded_b_scans_are_one_volume(client, demo_scans, oct_images):
+    cnv = demo_scans["CNV"].read_bytes()
+    normals = [p.read_bytes() for p in oct_images if p.parent.name == "NORMAL"]
+    named = [("scan-10.jpeg", normals[0]), ("scan-2.jpeg", cnv), ("scan-1.jpeg", normals[1]),
+             ("scan-3.jpeg", b"not an image")]
+    files = [("files", (name, data, "image/jpeg")) for name, data in named]
+    r = client.post("/api/volume", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    results, v = body["results"], body["volume"]
+    # In the natural order of the names, whatever the order of the upload.
+    assert [x["name"] for x in results] == ["scan-1.jpeg", "scan-2.jpeg", "scan-3.jpeg", "scan-10.jpeg"]
+    assert "error" in results[2] and (v["n_slices"], v["n_unreadable"]) == (4, 1) and v["grouping"] == "upload"
+    gradable = [k for k, x in enumerate(results) if "error" not in x and x["gate"]["ok"]]
+    assert v["n_gradable"] == len(gradable) and v["gate"]["ok"] == (len(gradable) >= 2)
+    if v["gate"]["ok"]:
+        worst = max(gradable, key=lambda k: results[k]["p_referral"])
+        assert v["index_slice"] == worst == v["suspicious"][0] and v["label"] == results[worst]["label"]
+        assert v["refer"] == any(results[k]["refer"] for k in gradable)
+    assert "slices" not in v and "k-th most suspicious" in v["rule"]
+
+    stored = client.get(f"/api/analyses/{results[1]['id']}/image")  # the viewer's B-scan: the stored copy
+    assert stored.status_code == 200 and stored.headers["content-type"] == "image/jpeg"
+    assert np.array_equal(np.asarray(decode_image(stored.content)), np.asarray(decode_image(cnv)))
+    assert client.get("/api/analyses/" + "0" * 32 + "/image").status_code == 404
+    assert client.post("/api/volume", data={"x": "1"}).status_code == 400
