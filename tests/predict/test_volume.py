@@ -169,3 +169,31 @@ def test_predict_volumes_cli(small_bundle, urgent_volume, oct_sample_root, tmp_p
 
     assert_clean_error(run_cli("predict", small_bundle.path, other, "--volumes", "--group-by", "eye"),
                        "unknown grouping 'eye'")
+
+
+def test_a_dicom_oct_volume_is_one_volume_on_the_command_line(small_bundle, oct_sample_root, tmp_path):
+    """An Ophthalmic Tomography file (one patient's real B-scans as frames, no extension, as devices
+    export) named on the command line is answered as one volume, each frame as the PNG of its pixels
+    would be; a one-frame DICOM file stays an ordinary image."""
+    pytest.importorskip("pydicom", reason="DICOM needs the 'dicom' extra")
+    import dicom_files as F
+
+    scans = sorted((oct_sample_root / "test" / "CNV").glob("*.jpeg"))[:3]
+    frames = F.volume(scans)
+    opt = F.save(F.build(frames, sop_class=F.OPT), tmp_path / "IM0001")
+    volume = multi_frame_volume(opt)
+    assert volume is not None and volume.grouping == "file" and len(volume.slices) == len(scans)
+    single = F.save(F.build(frames[0]), tmp_path / "IM0002")
+    assert multi_frame_volume(single) is None
+    r = run_cli("predict", small_bundle.path, opt, "-q")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert [(row["volume"], row["grouping"], row["n_slices"]) for row in rows] == [(str(opt), "file", "3")]
+    pngs = []
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(tmp_path / f"frame{i}.png")
+        pngs.append(tmp_path / f"frame{i}.png")
+    by_png = Model(small_bundle).predict_many(pngs)
+    v = predict_volumes(Model(small_bundle), [volume])[0]
+    for s, want in zip(v["slices"], by_png):
+        assert np.allclose(list(s["probabilities"].values()), list(want["probabilities"].values()), atol=1e-5)

@@ -33,3 +33,27 @@ def test_uploaded_b_scans_are_one_volume(client, demo_scans, oct_images):
     assert np.array_equal(np.asarray(decode_image(stored.content)), np.asarray(decode_image(cnv)))
     assert client.get("/api/analyses/" + "0" * 32 + "/image").status_code == 404
     assert client.post("/api/volume", data={"x": "1"}).status_code == 400
+
+
+def test_a_dicom_volume_upload_is_its_frames_and_a_bomb_is_refused(client, oct_images, tmp_path):
+    """One multi-frame Ophthalmic Tomography file (real B-scans as frames) is one volume of its frames,
+    in file order; a file whose header claims more frames than the limit is a 413, decoded never."""
+    import pytest
+
+    pytest.importorskip("pydicom", reason="DICOM needs the 'dicom' extra")
+    import dicom_files as F
+
+    scans = [p for p in oct_images if p.parent.name == "NORMAL"][:3]
+    frames = F.volume(scans)
+    opt = F.save(F.build(frames, sop_class=F.OPT), tmp_path / "IM0001").read_bytes()
+    r = client.post("/api/volume", files=[("files", ("IM0001", opt, "application/dicom"))])
+    assert r.status_code == 200, r.text
+    results, v = r.json()["results"], r.json()["volume"]
+    assert [x["name"] for x in results] == [f"IM0001#frame {i}" for i in (1, 2, 3)] and v["n_slices"] == 3
+    stored = client.get(f"/api/analyses/{results[1]['id']}/image")
+    assert stored.status_code == 200 and np.array_equal(np.asarray(decode_image(stored.content, keep_grey=True)), frames[1])
+    bomb = F.build(frames, sop_class=F.OPT)
+    bomb.NumberOfFrames = 100_000
+    data = F.save(bomb, tmp_path / "IM0002").read_bytes()
+    r = client.post("/api/volume", files=[("files", ("IM0002", data, "application/dicom"))])
+    assert r.status_code == 413 and "frames" in r.json()["detail"]

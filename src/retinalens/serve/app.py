@@ -27,7 +27,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from ..bundle.card import served_card_markdown
-from ..errors import RetinaLensError
+from ..data.dicom import DicomTooLarge
+from ..errors import ImageDecodeError, RetinaLensError
 from ._deps import require
 from .batching import Batcher
 from ..feedback.store import StorageError, UnknownAnalysis
@@ -167,10 +168,16 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> Any:
         the readable ones, one response result per upload)."""
         form = await request.form(max_files=cfg.max_files, max_fields=cfg.max_files)
         try:
-            uploads = order([(value.filename, await value.read()) for _, value in form.multi_items()
-                             if isinstance(value, UploadFile)])
+            files = [(value.filename, await value.read()) for _, value in form.multi_items()
+                     if isinstance(value, UploadFile)]
         finally:
             await form.close()
+        try:
+            uploads = await anyio.to_thread.run_sync(order, files)  # a DICOM volume's frames are decoded here
+        except DicomTooLarge as exc:
+            raise http_error(413, str(exc)) from None
+        except ImageDecodeError as exc:
+            raise http_error(422, str(exc)) from None
         if not uploads:
             raise http_error(400, "no files: send images as multipart/form-data field 'files'")
         try:

@@ -1,7 +1,8 @@
 """POST /api/volume: uploaded B-scans as one OCT volume, answered by predict/volume.py's rule.
 
-The B-scans are put in the natural order of their file names (browsers send files in any order) and
-each is analysed and stored as /api/predict does (so each has its id, image and heat map); the volume's
+The B-scans are put in the natural order of their file names (browsers send files in any order); a
+multi-frame DICOM upload (an Ophthalmic Tomography volume in one file) stands for its frames, in file
+order, each re-encoded losslessly as the command line does (data/volumes.py). Each B-scan is analysed and stored as /api/predict does (so each has its id, image and heat map); the volume's
 answer comes from their model results, the quality gate's verdicts included.
 """
 
@@ -11,7 +12,8 @@ import os
 from typing import Any
 
 from ..config import VolumeConfig
-from ..data.volumes import natural_key
+from ..data.decode import decode_frames, is_dicom
+from ..data.volumes import natural_key, png_bytes
 from ..predict.volume import aggregate
 from .service import Upload, jsonable
 
@@ -26,7 +28,17 @@ VOLUME_DESCRIPTION = (
 
 
 def in_slice_order(files: list[tuple[str | None, bytes]]) -> list[tuple[str | None, bytes]]:
-    return sorted(files, key=lambda f: natural_key(os.path.basename(f[0] or "")))
+    """The uploads in slice order, a multi-frame DICOM file replaced by its frames. Raises the decoder's
+    ImageDecodeError (DicomTooLarge for a frame-count or size bomb, told by its header before any frame
+    is decoded) for a DICOM volume that cannot be read whole."""
+    out: list[tuple[str | None, bytes]] = []
+    for name, data in sorted(files, key=lambda f: natural_key(os.path.basename(f[0] or ""))):
+        frames = list(decode_frames(data, name=name or "upload", keep_grey=True)) if is_dicom(data) else []
+        if len(frames) < 2:
+            out.append((name, data))  # an ordinary image, a one-frame DICOM file included
+        else:
+            out += [(f"{name or 'upload'}#frame {i + 1}", png_bytes(f)) for i, f in enumerate(frames)]
+    return out
 
 
 def volume_answer(uploads: list[Upload], predictions: list[dict[str, Any]], rule: VolumeConfig = VolumeConfig(),
