@@ -212,7 +212,7 @@ def decode_frames(source: ImageSource, *, name: str | None = None, keep_grey: bo
     try:
         yield from _dicom_frames(data, keep_grey)
     except ImageDecodeError as exc:
-        raise ImageDecodeError(f"{label}: {exc}") from None
+        raise type(exc)(f"{label}: {exc}") from None  # the kind kept: a bomb (DicomTooLarge) is told apart
 
 
 def is_image_file(path: Path) -> bool:
