@@ -388,3 +388,22 @@ def test_importing_the_cli_module_is_cheap() -> None:
                          env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_dicom_photograph_is_prepared_as_its_pixels_are(tmp_path: Path, shared_data: Path) -> None:
+    """An Ophthalmic Photography file (a real Kaggle photo's pixels, no extension, as cameras export)
+    goes through the one decoder: prepared exactly as a PNG of the same pixels is."""
+    pytest.importorskip("pydicom", reason="DICOM needs the 'dicom' extra")
+    import dicom_files as F
+
+    images, _ = _kaggle(shared_data)
+    rgb = F.rgb_pixels(images / "10_left.jpeg", side=1024)
+    for folder, write in (("dicom", lambda d: F.save(F.build(rgb), d / "IM0001")),
+                          ("png", lambda d: Image.fromarray(rgb).save(d / "IM0001.png"))):
+        (tmp_path / folder).mkdir()
+        write(tmp_path / folder)
+    reports = {k: prepare_fundus(tmp_path / k, tmp_path / f"out-{k}", size=96, workers=1, progress=False)
+               for k in ("dicom", "png")}
+    assert [r.kept for r in reports.values()] == [1, 1] and not reports["dicom"].dropped
+    outs = [decode_image(tmp_path / f"out-{k}" / "IM0001.jpeg") for k in ("dicom", "png")]
+    assert np.array_equal(np.asarray(outs[0]), np.asarray(outs[1]))

@@ -42,16 +42,21 @@ def dicom_export(tmp_path_factory: pytest.TempPathFactory, demo_scans: dict[str,
 
 
 def test_cli_outputs_hold_no_identifiers(tmp_path: Path, small_bundle, dicom_export: Path) -> None:
-    out = {k: tmp_path / f"out.{k}" for k in ("json", "csv")}
+    out = {k: tmp_path / f"out.{k}" for k in ("json", "csv", "parquet")}
     r = run_cli("predict", small_bundle.path, dicom_export, "--json", out["json"], "--csv", out["csv"],
-                "--sr-out", tmp_path / "sr", "--quiet")
+                "--out", out["parquet"], "--sr-out", tmp_path / "sr", "--quiet")
     assert r.returncode == 0, r.stderr
     results = json.loads(out["json"].read_text())
     assert len(results) == 8 and not [r for r in results if "error" in r]  # every file was read
     assert len({r["patient"] for r in results}) == 8 and all(r["patient"].startswith("p-") for r in results)
     assert {r["laterality"] for r in results} == {"R"} and "patient" in out["csv"].read_text().splitlines()[0]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out["parquet"])  # values and schema metadata as read back (the file is compressed)
+    assert table.num_rows == 8
+    parquet_text = repr(table.to_pylist()) + repr(table.schema.metadata)
     for name, text in (("stdout", r.stdout), ("stderr", r.stderr), ("JSON", out["json"].read_text()),
-                       ("CSV", out["csv"].read_text())):
+                       ("CSV", out["csv"].read_text()), ("Parquet", parquet_text)):
         assert_clean(text, f"predict {name}")
     reports = sorted((tmp_path / "sr").glob("*.dcm"))
     assert len(reports) == 8

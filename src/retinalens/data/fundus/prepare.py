@@ -18,7 +18,7 @@ from PIL import Image
 from ..._console import progress_bar
 from ..._io import atomic_write_bytes, atomic_write_json, sweep_temp_files
 from ...errors import RetinaLensError
-from ..decode import IMAGE_SUFFIXES, PILLOW_FORMATS, decode_image, is_image_file
+from ..decode import IMAGE_SUFFIXES, PILLOW_FORMATS, decode_image, is_dicom_file, is_image_file
 from ..labels_csv import find_column, image_name, read_rows, resolve_image, search_folders
 from .crop import MIN_SIDE, UnusableFundusError, prepare_with_fov
 
@@ -231,7 +231,9 @@ def _process(args: tuple[Path, Path, int, bool, str, bool]) -> tuple[list[int] |
         # JPEG draft decoding (1/2..1/8 in the decoder) to at least twice the output: fast on
         # 4000-px originals, and the LANCZOS resize that follows still sees every output pixel's area.
         img = decode_image(source, draft_size=max(2 * size, MIN_SIDE))
-        full = _source_size(source)
+        # A DICOM photograph has no draft decoding: what was decoded is the whole image (its header is
+        # not one Pillow reads).
+        full = img.size if is_dicom_file(source) else _source_size(source)
         if min(full) < MIN_SIDE:
             raise UnusableFundusError(f"too small to be a fundus photograph ({full[0]}x{full[1]} px; "
                                       f"need at least {MIN_SIDE} px a side)")
