@@ -14,7 +14,8 @@ from typing import Optional
 import typer
 
 from .._console import console, markup_safe
-from ..config import (AUTO_HEAD, DEMO_OUT, MODE_EPOCHS, EvaluateConfig, ExtractConfig, ExtractOptions, ImageTrainConfig,
+from ..config import (AUTO_HEAD, CV_AUTO_FOLDS, CV_AUTO_MAX_IMAGES, DEMO_OUT, MODE_EPOCHS, EvaluateConfig, ExtractConfig,
+                      ExtractOptions, ImageTrainConfig,
                       RunConfigBase, SplitConfig, TrainConfigBase, default)
 from ..errors import RetinaLensError
 from ..predict.table import predictions_csv
@@ -90,6 +91,11 @@ def train(
                                 "cuda[:N]."),
     target_sensitivity: float = config_option(RunConfigBase, "target_sensitivity", help="The referral threshold is the "
                                               "highest that reaches this sensitivity on validation."),
+    cv: Optional[int] = typer.Option(None, "--cv", help=f"Folds of patient-grouped, stratified cross-validation "
+                                     f"inside the training data that choose the head, C, the epochs, calibration and "
+                                     f"the referral threshold, then a refit on all of it; 0: one validation split. "
+                                     f"Default: {CV_AUTO_FOLDS} in bottleneck mode up to {CV_AUTO_MAX_IMAGES} "
+                                     f"training images, else 0."),
     sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="Key file: sign the bundle (signature.json; "
                                             "default: the key $RETINALENS_BUNDLE_KEY names, if set)."),
     cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
@@ -104,7 +110,7 @@ def train(
                        progress=not quiet, batch_size=batch_size, lr=lr, monitor=monitor, balance=balance,
                        class_weights=class_weights, unfreeze=unfreeze, backbone_lr_scale=backbone_lr_scale,
                        warmup_epochs=warmup_epochs, augment=augment, device=device, resume=resume,
-                       target_sensitivity=target_sensitivity, sign_key=sign_key)
+                       target_sensitivity=target_sensitivity, sign_key=sign_key, cv=cv)
     console().print(f"[green]bundle written:[/] {markup_safe(bundle.path)}", highlight=False, soft_wrap=True)
 
 
@@ -115,6 +121,8 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write a self-contained HTML report."),
     n_boot: int = config_option(EvaluateConfig, "n_boot", help="Bootstrap resamples for the confidence intervals."),
+    include_training: bool = config_option(EvaluateConfig, "include_training", help="Also score the images the "
+                                           "model was trained or validated on (left out by default)."),
     cache: Optional[Path] = CacheOpt, workers: int = WorkersOpt,
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
 ) -> None:
@@ -122,6 +130,7 @@ def evaluate(
     from ..api import evaluate as run_evaluate
 
     m = run_evaluate(bundle, data, split=split, cache=cache, json_path=json_out, report_path=report, n_boot=n_boot,
+                     include_training=include_training,
                      workers=workers, progress=not quiet, patient_regex=patient_regex, images_dir=images)
     print_metrics(m)
     for f in m["failures"]:
