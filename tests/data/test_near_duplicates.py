@@ -13,7 +13,7 @@ from PIL import Image
 from retinalens.data.decode import decode_image
 from retinalens.data.discover import discover
 from retinalens.data.hashing import sha256_files
-from retinalens.data.near_duplicates import near_duplicate_pairs
+from retinalens.data.near_duplicates import MIN_COSINE, PHASH_BITS, near_duplicate_pairs
 from retinalens.features.extract import extract_features, open_cache
 from retinalens.models.registry import resolve_precision
 from retinalens.train.pipeline import build_run_config, train_bundle
@@ -57,7 +57,7 @@ def test_resized_reencoded_and_cropped_copies_are_found(oct_images, pooled, tmp_
     found = {(i, j) for i, j, _, _ in pairs}
     assert {(origin[j], j) for j in range(len(copies))} <= found  # every copy meets its original ...
     assert all(origin[j] == i for i, j in found)  # ... and no other scan
-    assert all(bits <= 4 and cos >= 0.85 for _, _, bits, cos in pairs)
+    assert all(bits <= PHASH_BITS and cos >= MIN_COSINE for _, _, bits, cos in pairs)
 
 
 def test_distinct_scans_of_different_patients_are_not_near_duplicates(oct_sample_root, pooled):
