@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from retinalens.data.decode import decode_image
 from retinalens.data.discover import discover
