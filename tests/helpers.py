@@ -65,8 +65,9 @@ def small_run_config(data: Path, cache: Path, *, head: str = "conv", epochs: int
     from retinalens.train.pipeline import ExtractConfig, RunConfig
     from retinalens.train.trainer import TrainConfig
 
+    # cv=0: one carved validation split, which these tests inspect (tests/train/test_cv.py: the CV default)
     return RunConfig(data=str(data), extract=ExtractConfig(cache=str(cache), workers=0),
-                     train=TrainConfig(head=HeadConfig(kind=head), epochs=epochs, seed=seed))
+                     train=TrainConfig(head=HeadConfig(kind=head), epochs=epochs, seed=seed), cv=0)
 
 
 def train_small_bundle(data: Path, out: Path, cache: Path, *, head: str = "conv", epochs: int = 12,

@@ -19,6 +19,12 @@ from typing import Any
 # --epochs when not given, by mode: a head on cached features is cheap to train long (early stopping
 # ends it); an epoch on images costs a pass through the backbone.
 MODE_EPOCHS = {"bottleneck": 60, "frozen": 20, "finetune": 15, "scratch": 30}
+# --cv when not given (None): CV_AUTO_FOLDS folds in bottleneck mode when the training data (every
+# image but the test split) hold at most CV_AUTO_MAX_IMAGES images, where one validation split is small
+# enough to be noise and k head fits on cached features cost seconds; else one validation split. The
+# image modes default to one validation split (k trainings on images would cost k times the minutes).
+CV_AUTO_FOLDS = 5
+CV_AUTO_MAX_IMAGES = 5000
 AUTO_HEAD = "auto"  # train's --head: conv and logreg both (bottleneck), or each image mode's own head
 DEMO_OUT = "demo-out"  # demo's --out: the cache, bundle, report and predictions of the bundled sample
 EXPLAIN_OUT = "heatmaps"  # explain's --out: the folder of the overlay PNGs
@@ -112,6 +118,7 @@ class RunConfigBase:
     images: ImageTrainConfig = field(default_factory=ImageTrainConfig)
     resume: bool = False  # image modes: continue from the checkpoint of an interrupted run
     target_sensitivity: float = 0.95  # the referral threshold is the highest reaching this on validation
+    cv: int | None = None  # folds of cross-validated selection; 0 or 1: one validation split; None: auto (above)
     # A key file: sign the bundle (signature.json). None: the key $RETINALENS_BUNDLE_KEY names, if any. Saved
     # as None in the bundle's config.json (a retrain signs with the key configured then), and no part of
     # what a resumed run must share.
@@ -124,6 +131,7 @@ class EvaluateConfig:
 
     split: str | None = "test"  # a dataset root's split; None (or a plain class-folder tree): all of DATA
     n_boot: int = 1000
+    include_training: bool = False  # also score images the bundle was trained or validated on
 
 
 @dataclass(frozen=True)

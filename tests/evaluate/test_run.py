@@ -42,9 +42,19 @@ def test_evaluate_matches_predict(small_bundle, small_dataset, feature_cache):
 
 
 def test_plain_class_folders_are_evaluated_whole(small_bundle, small_dataset, feature_cache):
-    m = evaluate_bundle(small_bundle, small_dataset / "train", cache=feature_cache, n_boot=0, progress=False)
+    m = evaluate_bundle(small_bundle, small_dataset / "test", cache=feature_cache, n_boot=0, progress=False)
+    assert m["n_images"] == 16 and m["overlap_with_training"] == 0
+
+
+def test_training_images_are_left_out_unless_asked(small_bundle, small_dataset, feature_cache):
+    # Every image of train/ trained or validated the model: nothing unseen is left to score.
+    with pytest.raises(RetinaLensError, match="all 48 images were in the model's training or validation data"):
+        evaluate_bundle(small_bundle, small_dataset / "train", cache=feature_cache, n_boot=0, progress=False)
+    m = evaluate_bundle(small_bundle, small_dataset / "train", cache=feature_cache, n_boot=0, progress=False,
+                        include_training=True)
     assert m["n_images"] == 48
     assert m["overlap_with_training"] > 0  # these images trained the model: flagged
+    assert m["data"]["scored"]["rule"].startswith("every image (--include-training)")
 
 
 def test_missing_split_and_unknown_classes_are_errors(small_bundle, small_dataset, feature_cache, tmp_path):

@@ -24,7 +24,9 @@ def test_dr_task_trains_and_evaluates_with_cis(task, kaggle_csv, tmp_path_factor
     splits = m["training"]["splits"]
     assert splits["train"]["n_patients"] + splits["val"]["n_patients"] + splits["test"]["n_patients"] == 75
     metrics = retinalens.evaluate(bundle, kaggle_csv, cache=cache, n_boot=200)
-    assert metrics["n_images"] == 130 and metrics["overlap_with_training"] > 0  # whole CSV: flagged
+    # The whole CSV (no split column) is the training data: its own carved test split is what is scored.
+    assert metrics["n_images"] == splits["test"]["n_images"] and metrics["overlap_with_training"] == 0
+    assert metrics["data"]["scored"]["rule"].startswith("the bundle's own test split")
     for key in ("auc", "sensitivity", "specificity"):
         assert 0 <= metrics[key] <= 1 and len(metrics[f"{key}_ci"]) == 2
     assert ("quadratic_kappa" in metrics) == (task == "grade")

@@ -39,18 +39,24 @@ def test_retrain_adds_feedback_to_train_only_and_compares_on_the_parents_splits(
     held_out = next((small_dataset / "test" / "CNV").glob("*.jpeg"))
     black = tmp_path / "black.png"
     Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(black)
+    # A test scan saved again at JPEG quality 50: another sha256, the same scan.
+    reencoded = tmp_path / "reencoded.jpeg"
+    Image.open(sorted((small_dataset / "test" / "DME").glob("*.jpeg"))[0]).convert("L").save(reencoded, quality=50)
     db = tmp_path / "fb" / "feedback.db"
     with _store(db) as store:
         for f, label in new:
             _confirm(store, model, f, label)
         _confirm(store, model, held_out, "CNV")
         _confirm(store, model, black, "NORMAL")
+        _confirm(store, model, reencoded, "DME")
 
     report = retrain(small_bundle.path, db, tmp_path / "v2", cache=feature_cache, progress=False)
 
     reasons = {Path(x["image"]).name: x["reason"] for x in report["feedback"]["left_out"]}
     assert reasons[f"{sha256_file(held_out)}.jpeg"] == "already in the validation or test split"
     assert reasons[f"{sha256_file(black)}.png"].startswith("ungradable")  # the parent's quality gate screens
+    near = reasons[f"{sha256_file(reencoded)}.jpeg"]
+    assert near.startswith("near-duplicate of ") and near.endswith(")") and "in the validation or test split" in near
     assert report["feedback"]["added"] == len(new)
     target = Path(report["bundle"])
     assert target == (tmp_path / "v2" if report["promoted"] else tmp_path / "v2.rejected")

@@ -217,7 +217,7 @@ def _metrics(card: dict[str, Any], ev: dict[str, Any] | None) -> str:
     chosen = (card.get("head_selection") or {}).get("chosen")
     text = ("## Metrics\n\nValues with 95% confidence intervals from a patient-clustered bootstrap (all images of a "
             "patient resampled together).\n\n### Validation\n\n" + _table(("Metric", "Value (95% CI)"), rows)
-            + (f"\n\nHead chosen on validation: {esc(chosen)}." if chosen else ""))
+            + (f"\n\nHead chosen on {esc(val.get('source') or 'validation')}: {esc(chosen)}." if chosen else ""))
     if not ev:
         return text
     rows = [("Accuracy", fmt(ev.get("accuracy"), ev.get("accuracy_ci"))),

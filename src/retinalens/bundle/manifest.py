@@ -11,7 +11,9 @@ keeps the validated document it came from, so `to_dict()` writes back exactly wh
 (JSON has no NaN; Python's reader would take `NaN`, `Infinity` or `1e999`, and a NaN passes every
 schema bound), nesting at most MAX_DEPTH deep (a 200k-deep document would exhaust the stack).
 
-Format history: 1 = the first bundle format (the only one so far).
+Format history: 1 = the first bundle format; 2 = cross-validated selection (`training.cv`, and
+`validation` / `calibration` may come from out-of-fold predictions, `validation.source` says). A
+format-1 manifest reads as before (no `cv`; validation from the one validation split).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..data.transforms import Preprocessing
 from ..errors import RetinaLensError
 from ..models.heads import HeadConfig
 
-FORMAT = 1
+FORMAT = 2
 SCHEMA_FILE = "manifest.schema.json"
 MAX_BYTES = 4 * 1024 * 1024  # a trained model's manifest is a few kB (the split hashes are in splits.json)
 MAX_DEPTH = 32  # RetinaLens writes 6 levels
@@ -80,6 +82,29 @@ class GateSpec:
 
 
 @dataclass(frozen=True)
+class CrossValidation:
+    """How the head and its hyperparameters were chosen by k-fold CV inside the training data (train/cv.py)."""
+
+    k: int
+    folds: tuple[dict[str, Any], ...]  # per fold: n_images, n_patients, per_class, patients_sha256
+    digest: str  # sha256 over the folds' patient digests: equal digests, equal folds
+    candidates: tuple[dict[str, Any], ...]  # per candidate: name, accuracy_mean, accuracy_sd, fold_accuracy, oof_nll, ...
+    chosen: str  # the chosen candidate's name
+    by: str  # the rule
+    refit: dict[str, Any]  # what the final model was refitted with (n_images, epochs or C)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CrossValidation:
+        return cls(int(d["k"]), tuple(d["folds"]), str(d["digest"]), tuple(d["candidates"]), str(d["chosen"]),
+                   str(d.get("by", "")), dict(d.get("refit") or {}))
+
+    def candidate(self, name: str | None = None) -> dict[str, Any]:
+        """One candidate's CV record (default: the chosen one)."""
+        want = name or self.chosen
+        return next(c for c in self.candidates if c["name"] == want)
+
+
+@dataclass(frozen=True)
 class Training:
     """What the model was trained on and how it was chosen (all optional: hand-made bundles lack them)."""
 
@@ -94,6 +119,7 @@ class Training:
     head_selection: dict[str, Any] | None = None
     baseline: dict[str, float] | None = None  # the logistic-regression baseline on the same split
     config: dict[str, Any] | None = None  # the run's config, as config.json holds it
+    cv: CrossValidation | None = None  # cross-validated selection (format 2; None: one validation split)
 
 
 @dataclass(frozen=True)
@@ -148,7 +174,8 @@ class Manifest:
                 head=HeadConfig.from_dict(d["head"]),
                 training=Training(tr.get("data"), tr.get("layout"), tr.get("mode"), dict(tr.get("splits") or {}),
                                   tr.get("best_epoch"), tr.get("epochs_run"), tr.get("extract_failures"),
-                                  tuple(tr.get("screened") or ()), tr.get("head_selection"), tr.get("baseline_logistic_regression"), tr.get("config")),
+                                  tuple(tr.get("screened") or ()), tr.get("head_selection"), tr.get("baseline_logistic_regression"), tr.get("config"),
+                                  CrossValidation.from_dict(tr["cv"]) if tr.get("cv") else None),
                 validation=dict(d.get("validation") or {}), metrics=dict(d.get("metrics") or {}),
                 lineage=Lineage(int(lin.get("version", 1)), lin.get("parent"), lin.get("feedback")),
                 library_versions=dict(d.get("library_versions") or {}), files=dict(d["files"]),
@@ -236,6 +263,10 @@ def validate(d: Any, where: str = "manifest") -> None:
             or ("referral" in d and set(d["referral"]) != classes)):
         raise RetinaLensError(f"{where}: unreadable bundle manifest (classes, referral and positive classes "
                               "do not agree: each class once, a referral level for each, positives among them)")
+    cv = (d.get("training") or {}).get("cv") if isinstance(d.get("training"), dict) else None
+    if cv and cv["chosen"] not in {c["name"] for c in cv["candidates"]}:
+        raise RetinaLensError(f"{where}: unreadable bundle manifest (training.cv chose {cv['chosen']!r}, which is not "
+                              "among its candidates)")
     features_file = ((d.get("gate") or {}).get("features") or {}).get("file")
     if features_file and features_file not in d["files"]:
         raise RetinaLensError(f"{where}: unreadable bundle manifest (the gate's {features_file} is not among its "

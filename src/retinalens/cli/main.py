@@ -14,8 +14,9 @@ from typing import Optional
 import typer
 
 from .._console import console, markup_safe
-from ..config import (AUTO_HEAD, DEMO_OUT, MODE_EPOCHS, EvaluateConfig, ExtractConfig, ExtractOptions, ImageTrainConfig,
-                      RunConfigBase, SplitConfig, TrainConfigBase, VolumeConfig, default)
+from ..config import (AUTO_HEAD, CV_AUTO_FOLDS, CV_AUTO_MAX_IMAGES, DEMO_OUT, MODE_EPOCHS, EvaluateConfig, ExtractConfig,
+                      ExtractOptions, ImageTrainConfig, RunConfigBase, SplitConfig, TrainConfigBase, VolumeConfig,
+                      default)
 from ..errors import RetinaLensError
 from ..predict.table import predictions_csv
 from .options import (AddressOpt, BackboneOpt, CacheOpt, EngineOpt, ImagesOpt, PatientOpt, PrecisionOpt, QuietOpt,
@@ -92,6 +93,11 @@ def train(
                                 "cuda[:N]."),
     target_sensitivity: float = config_option(RunConfigBase, "target_sensitivity", help="The referral threshold is the "
                                               "highest that reaches this sensitivity on validation."),
+    cv: Optional[int] = typer.Option(None, "--cv", help=f"Folds of patient-grouped, stratified cross-validation "
+                                     f"inside the training data that choose the head, C, the epochs, calibration and "
+                                     f"the referral threshold, then a refit on all of it; 0: one validation split. "
+                                     f"Default: {CV_AUTO_FOLDS} in bottleneck mode up to {CV_AUTO_MAX_IMAGES} "
+                                     f"training images, else 0."),
     sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="Key file: sign the bundle (signature.json; "
                                             "default: the key $RETINALENS_BUNDLE_KEY names, if set)."),
     cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
@@ -116,7 +122,7 @@ def train(
                        progress=not quiet, batch_size=batch_size, lr=lr, monitor=monitor, balance=balance,
                        class_weights=class_weights, unfreeze=unfreeze, backbone_lr_scale=backbone_lr_scale,
                        warmup_epochs=warmup_epochs, augment=augment, device=device, resume=resume,
-                       target_sensitivity=target_sensitivity, sign_key=sign_key)
+                       target_sensitivity=target_sensitivity, sign_key=sign_key, cv=cv)
     if bundle is not None:  # None: a rank of torchrun's other than 0, which writes the bundle
         console().print(f"[green]bundle written:[/] {markup_safe(bundle.path)}", highlight=False, soft_wrap=True)
 
@@ -128,6 +134,8 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write a self-contained HTML report."),
     n_boot: int = config_option(EvaluateConfig, "n_boot", help="Bootstrap resamples for the confidence intervals."),
+    include_training: bool = config_option(EvaluateConfig, "include_training", help="Also score the images the "
+                                           "model was trained or validated on (left out by default)."),
     cache: Optional[Path] = CacheOpt, workers: int = WorkersOpt,
     volumes: bool = typer.Option(False, "--volumes", help="Also per OCT volume (the worst B-scan decides): see "
                                  "README, OCT volumes."),
@@ -139,6 +147,7 @@ def evaluate(
     from ..api import evaluate as run_evaluate
 
     m = run_evaluate(bundle, data, split=split, cache=cache, json_path=json_out, report_path=report, n_boot=n_boot,
+                     include_training=include_training,
                      workers=workers, progress=not quiet, patient_regex=patient_regex, images_dir=images,
                      volumes=VolumeConfig(group_by=group_by) if volumes else None)
     print_metrics(m)

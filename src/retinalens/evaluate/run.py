@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 from .._console import console
 from .._io import atomic_write_json
 from ..config import VolumeConfig
-from ..data.discover import discover
+from ..data.discover import Dataset, discover
 from ..data.hashing import sha256_files
 from ..data.tasks import apply_task, get_task
 from ..errors import RetinaLensError
@@ -29,11 +30,17 @@ from .report import write_html_report
 def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "test", cache: str | Path | None = None,
                     json_path: str | Path | None = None, report_path: str | Path | None = None, n_boot: int = 1000,
                     seed: int = 0, workers: int = 0, progress: bool = True, patient_regex: str | None = None,
-                    images_dir: str | Path | None = None, volumes: VolumeConfig | None = None) -> dict[str, Any]:
+                    images_dir: str | Path | None = None, include_training: bool = False,
+                    volumes: VolumeConfig | None = None) -> dict[str, Any]:
     """Evaluate on DATA's `split` (a dataset root with splits) or on the whole of DATA (plain class folders).
-    `volumes`: also per OCT volume, grouped and answered by that rule (metrics["volumes"], evaluate/volumes.py)."""
+
+    Images the bundle was trained or validated on (its splits.json) are left out unless
+    `include_training`; where DATA is the data the bundle carved its own test split from, that test
+    split is what is scored (scored_images says which images were scored and why). `volumes`: also per
+    OCT volume, grouped and answered by that rule (metrics["volumes"], evaluate/volumes.py)."""
     ds = discover(data, patient_regex=patient_regex, images_dir=images_dir)
-    if ds.splits and split:
+    whole = not (ds.splits and split)
+    if not whole:
         ds = ds.subset(split)
     task = get_task(bundle.manifest.task)  # a DR bundle reads grades 0-4 and maps them itself
     ds, dropped = apply_task(ds, task)
@@ -41,6 +48,7 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
     if unknown:
         raise RetinaLensError(f"{ds.root}: classes {', '.join(unknown)} are not among the model's ({', '.join(bundle.classes)})")
     hashes = sha256_files(s.path for s in ds.samples)
+    ds, hashes, scored = scored_images(bundle, ds, hashes, whole=whole, include_training=include_training)
     # An explicit --cache that holds other features is an error; the default root keys folders by backbone.
     store, report, keep, raw_probs = bundle_probabilities(bundle, [s.path for s in ds.samples], hashes, cache,
                                                           on_mismatch="error" if cache is not None else "rebuild",
@@ -66,7 +74,7 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
         metrics["volumes"], evaluated_volumes = volume_metrics(bundle, [ds.samples[i] for i in keep], probs, verdicts,
                                                                volumes, n_boot=n_boot, seed=seed)
     metrics["data"] = {"path": str(ds.root), "split": split if ds.layout == "split-folders" or split in ds.splits else None,
-                       "per_class": ds.class_counts()}
+                       "per_class": ds.class_counts(), "scored": scored}
     metrics["failures"] = [{"input": p, "error": r} for p, r in report.failures] + [
         {"input": d["path"], "error": d["reason"]} for d in dropped] + [
         {"input": d["path"], "error": f"{d['path']}: {d['reason']}"} for d in ds.skipped]  # FIFOs, folders, ...
@@ -85,6 +93,38 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
                           bundle=bundle, images=[ds.samples[i].path for i in keep],  # gallery of mistakes
                           volumes=evaluated_volumes)
     return metrics
+
+
+def scored_images(bundle: Bundle, ds: Dataset, hashes: list[str], *, whole: bool,
+                  include_training: bool) -> tuple[Dataset, list[str], dict[str, Any]]:
+    """The images to score, and why: every image but those the bundle trained or validated on; the
+    bundle's own carved test split when DATA (taken whole) is the data it was trained on."""
+    seen = bundle.split_hashes()
+    training = seen.get("train", set()) | seen.get("val", set())
+    n_training = sum(h in training for h in hashes)
+    own_test = whole and n_training > 0 and any(h in seen.get("test", ()) for h in hashes)
+    if include_training or not n_training:
+        keep = list(range(len(hashes)))
+        rule = ("every image (--include-training)" if n_training else "every image (none was in the model's training "
+                "or validation data)")
+    elif own_test:
+        keep = [i for i, h in enumerate(hashes) if h in seen["test"]]
+        rule = "the bundle's own test split (DATA is the data it was trained on; splits.json names the test images)"
+    else:
+        keep = [i for i, h in enumerate(hashes) if h not in training]
+        rule = "every image but those the model was trained or validated on (--include-training scores them too)"
+    if not keep:
+        raise RetinaLensError(f"{ds.root}: all {len(hashes)} images were in the model's training or validation data; "
+                              "there is nothing unseen to evaluate (--include-training scores them anyway)")
+    scored = {"n_images": len(keep), "n_in_data": len(hashes), "rule": rule,
+              "excluded_training": 0 if include_training else n_training,
+              "excluded_other": len(hashes) - len(keep) - (0 if include_training else n_training)}
+    console().print(f"scoring {len(keep)} of the {len(hashes)} images: {rule}"
+                    + (f"; left out {scored['excluded_training']} training/validation image(s)"
+                       if scored["excluded_training"] else "")
+                    + (f" and {scored['excluded_other']} not in its test split (removed or screened at training)"
+                       if scored["excluded_other"] else ""), highlight=False, soft_wrap=True)
+    return replace(ds, samples=[ds.samples[i] for i in keep]), [hashes[i] for i in keep], scored
 
 
 def bundle_probabilities(bundle: Bundle, paths: list[Path], hashes: list[str], cache: str | Path | None, *,

@@ -74,10 +74,15 @@ def plateau_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig) -> tuple[Any,
 
 
 def run_epochs(model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, *,
-               train_epoch: Callable[[int], EpochTotals], validate: Callable[[], tuple[float, float]],
+               train_epoch: Callable[[int], EpochTotals], validate: Callable[[], tuple[float, float]] | None,
                description: str, progress: bool = True, saved: Mapping[str, Any] | None = None,
-               checkpoint: Callable[[dict[str, Any]], None] | None = None) -> LoopState:
+               checkpoint: Callable[[dict[str, Any]], None] | None = None, select: bool = True) -> LoopState:
     """Train `model` for up to cfg.epochs epochs; return where it ended, with `model` at its best epoch (eval mode).
+
+    `select=False` trains exactly cfg.epochs epochs and keeps the last (the epoch count was chosen
+    elsewhere, by cross-validation): the LR schedule then follows the training score, so that a fold
+    and the refit on all training images see the same schedule, and `validate` (None: no validation
+    columns) only records.
 
     train_epoch(epoch) trains one epoch (1-based) and returns its totals; validate() returns (val_loss,
     val_acc). checkpoint(state), when given, runs after every epoch with all that the loop needs to resume
@@ -95,16 +100,21 @@ def run_epochs(model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, *
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             # Checked before an epoch, not after the one that ran out of patience: a run resumed from
             # that epoch's checkpoint stops there as well.
-            if cfg.early_stopping and state.stale >= cfg.early_stopping:
+            if select and cfg.early_stopping and state.stale >= cfg.early_stopping:
                 break
             totals = train_epoch(epoch)
-            val_loss, val_acc = validate()
-            score = val_loss if cfg.monitor == "val_loss" else val_acc
+            val_loss, val_acc = validate() if validate is not None else (math.nan, math.nan)
             seen = max(totals.seen, 1)
-            state.history.append({"epoch": epoch, "train_loss": totals.loss / seen, "train_acc": totals.correct / seen,
+            train_loss, train_acc = totals.loss / seen, totals.correct / seen
+            score = ((val_loss if cfg.monitor == "val_loss" else val_acc) if select else
+                     (train_loss if cfg.monitor == "val_loss" else train_acc))
+            state.history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                                   "val_loss": val_loss, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"]})
             sched.step(score)
-            if state.best_state is None or better(score, state.best):
+            if not select:
+                state.best, state.best_epoch, state.stale = score, epoch, 0
+                state.best_state = None  # the last epoch's weights are the model's: nothing to restore
+            elif state.best_state is None or better(score, state.best):
                 state.best, state.best_epoch, state.stale = score, epoch, 0
                 state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             else:
@@ -114,6 +124,7 @@ def run_epochs(model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, *
                 checkpoint({**{f.name: getattr(state, f.name) for f in fields(LoopState)}, "net": model.state_dict(),
                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
             advance(1)
-    model.load_state_dict(state.best_state)
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
     model.eval()
     return state

@@ -25,8 +25,8 @@ from ..config import (AUTO_HEAD, MODE_EPOCHS, ExtractConfig, ImageTrainConfig, R
 from ..data.discover import Dataset, discover
 from ..data.transforms import Preprocessing
 from ..data.hashing import sha256_files
-from ..data.splits import Splits, make_splits
-from ..data.tasks import Task, apply_task, get_task
+from ..data.splits import make_splits
+from ..data.tasks import apply_task, get_task
 from ..errors import RetinaLensError
 from ..evaluate.metrics import classification_metrics
 from ..features.cache import FeatureCache
@@ -39,6 +39,7 @@ from ..models.heads import HEADS, HeadConfig, check_head_config, head_probabilit
 from ..models.registry import DEFAULT_BACKBONE, Backbone, create_backbone, resolve_precision, resolve_spec
 from .distributed import World, barrier, check_world, from_main, process_group, torchrun_world
 from .images import balance_options, check_image_config, config_fingerprint, train_on_images, training_device
+from .selection import _Data, _Trained, cv_folds, drop_near_duplicates, train_bottleneck_cv, without_val
 from .trainer import TrainConfig, TrainResult, check_train_config, fit_logistic_head, train_head, write_curves
 
 
@@ -52,7 +53,7 @@ class RunConfig(RunConfigBase):
 
 def run_config_from_dict(d: dict[str, Any]) -> RunConfig:
     """A RunConfig back from a bundle's config.json (older bundles lack the image-mode fields)."""
-    d = dict(d)
+    d = {"cv": 0} | dict(d)  # bundles from before cross-validation chose on one validation split
     return RunConfig(**d | {"extract": ExtractConfig(**d.get("extract", {})), "split": SplitConfig(**d.get("split", {})),
                             "train": TrainConfig.from_dict(d.get("train", {})),
                             "images": ImageTrainConfig(**d.get("images", {}))})
@@ -68,7 +69,7 @@ def build_run_config(data: str | Path, *, mode: str | None = None, backbone: str
                      backbone_lr_scale: float | None = None, warmup_epochs: int | None = None,
                      augment: str | None = None, device: str | None = None, resume: bool | None = None,
                      target_sensitivity: float | None = None, sign_key: str | Path | None = None,
-                     **train_options: Any) -> RunConfig:
+                     cv: int | None = None, **train_options: Any) -> RunConfig:
     """`train`'s options, as the CLI spells them, to a RunConfig: the one place this is done (the CLI
     and `retinalens.train` both come here). An option left out or None keeps its dataclass default
     (retinalens/config.py); `epochs` defaults by mode (MODE_EPOCHS). `seed` seeds the split and the
@@ -82,7 +83,7 @@ def build_run_config(data: str | Path, *, mode: str | None = None, backbone: str
     return RunConfig(
         data=str(data), **given(task=task, patient_regex=patient_regex, images_dir=str_or_none(images_dir),
                                 mode=mode, resume=resume, target_sensitivity=target_sensitivity,
-                                sign_key=str_or_none(sign_key)),
+                                sign_key=str_or_none(sign_key), cv=cv),
         extract=ExtractConfig(**given(backbone=backbone, weights=str_or_none(weights), pretrained=pretrained,
                                       precision=precision, workers=workers, cache=str_or_none(cache))),
         split=SplitConfig(**given(val_fraction=val_fraction, seed=seed)),
@@ -100,38 +101,6 @@ def _balance(balance: str | None, class_weights: bool | None) -> str | None:
     if balance not in (None, "none", "weights"):
         raise RetinaLensError(f"--class-weights is --balance weights: it cannot go with --balance {balance}")
     return "weights"
-
-
-@dataclass
-class _Data:
-    """The dataset, its hashes and patient-level splits, with the labels as class indices."""
-
-    ds: Dataset
-    task: Task | None
-    hashes: list[str]
-    splits: Splits
-    summary: dict[str, Any]
-    screened: list[dict[str, str]] = field(default_factory=list)  # {path, reason}: excluded before splitting
-
-    def index(self, name: str, cache: FeatureCache) -> list[int]:
-        """The split's samples that the cache could read (a failed decode is left out)."""
-        return [i for i in self.splits.indices(name) if self.hashes[i] in cache]
-
-    def labels(self, idx: list[int]) -> np.ndarray:
-        k = {c: j for j, c in enumerate(self.ds.classes)}
-        return np.array([k[self.ds.samples[i].label] for i in idx], dtype=np.int64)
-
-    def keys(self, idx: list[int]) -> list[str]:
-        return [self.hashes[i] for i in idx]
-
-
-@dataclass
-class _Trained:
-    backbone: Backbone
-    head_config: HeadConfig
-    result: TrainResult
-    curves: TrainResult | None  # the run whose epochs are plotted (a fitted logistic head has none)
-    selection: dict[str, Any]
 
 
 def default_head(mode: str, scratch: bool) -> HeadConfig:
@@ -157,21 +126,32 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     pretrained = create_backbone(DEFAULT_BACKBONE if scratch else x.backbone, weights=None if scratch else x.weights,
                                  pretrained=x.pretrained)
     data = data or _prepare(cfg, pretrained.preprocessing)  # screened through the model input it will see
+    k = cv_folds(cfg, len(data.splits.train) + len(data.splits.val))
+    if k:
+        data = without_val(data)
+        console().print(f"{k}-fold cross-validation on the {len(data.splits.train)} training images (folds grouped by "
+                        "patient, stratified by class), then a refit on all of them")
     image_head = default_head(cfg.mode, scratch) if cfg.train.head.kind == "auto" else cfg.train.head
     spatial = "conv" in _candidates(cfg) if cfg.mode == "bottleneck" else (
         cfg.mode == "frozen" and image_head.input_kind == "spatial")
     with process_group(world, training_device(cfg.mode, cfg.images, pretrained, world)):
         cache, report = _extract(data, pretrained, x, precision, spatial, progress, world)
+        # Near-duplicates found once, on rank 0, whose cache is whole; every rank trains on its data.
+        data = from_main(world, drop_near_duplicates(data, cache, cross_validated=bool(k)) if world.main else None)
         # The samples the cache could read: rank 0's list, for ranks whose cache (on another machine) is partial.
         idx = from_main(world, {n: data.index(n, cache) for n in ("train", "val", "test")} if world.main else None)
         y = {n: data.labels(ix) for n, ix in idx.items()}
         fits: dict[float, Any] = {}  # the baseline's C=0.1 model is one of the logreg head's candidates: fitted once
         if world.main:
             pooled = {n: cache.pooled(data.keys(idx[n])) for n in ("train", "val")}
-            baseline = fit_logistic_head(pooled["train"], y["train"], pooled["val"], y["val"],
-                                         num_classes=len(data.ds.classes), feature_shape=cache.key.feature_shape,
-                                         seed=cfg.train.seed, cs=(0.1,), fits=fits).val_metrics
-        if cfg.mode == "bottleneck":
+            if not k:  # the baseline on the same split (cross-validation measures it on the same folds)
+                baseline = fit_logistic_head(pooled["train"], y["train"], pooled["val"], y["val"],
+                                             num_classes=len(data.ds.classes), feature_shape=cache.key.feature_shape,
+                                             seed=cfg.train.seed, cs=(0.1,), fits=fits).val_metrics
+        if k:
+            trained = train_bottleneck_cv(cfg, data, cache, idx["train"], y["train"], pretrained, k, progress)
+            baseline = trained.baseline or {}
+        elif cfg.mode == "bottleneck":
             trained = _train_bottleneck(cfg, data, cache, idx, y, pooled, pretrained, progress, fits)
         else:
             start = create_backbone(x.backbone, seed=cfg.train.seed) if scratch else pretrained
@@ -193,6 +173,11 @@ def _check(cfg: RunConfig, out: Path) -> None:
     check_output_folder(out)
     configured_key(cfg.sign_key)  # a missing or short key file fails now, not after training
     check_train_config(cfg.train)
+    if cfg.cv is not None and cfg.cv < 0:
+        raise RetinaLensError(f"--cv must be 0 (one validation split) or a number of folds >= 2, got {cfg.cv}")
+    if cfg.mode != "bottleneck" and cfg.cv is not None and cfg.cv > 1:
+        raise RetinaLensError(f"--cv {cfg.cv}: cross-validated selection is for --mode bottleneck (heads on cached "
+                              f"features); --mode {cfg.mode} chooses on one validation split (--cv 0)")
     if not 0 < cfg.target_sensitivity <= 1:
         raise RetinaLensError(f"--target-sensitivity must be in (0, 1], got {cfg.target_sensitivity}")
     resolve_precision(cfg.extract.precision)
@@ -342,18 +327,24 @@ def _finish(cfg: RunConfig, out: Path, data: _Data, trained: _Trained, cache: Fe
     """Validation metrics through the inference path, the manifest, the bundle, the curves."""
     ds, task, hc = data.ds, data.task, trained.head_config
     idx = {n: data.index(n, cache) for n in ("train", "val")}
-    y_val = data.labels(idx["val"])
-    val_probs = head_probabilities(trained.result.head, head_inputs(cache, data.keys(idx["val"]), hc.input_kind))
+    if trained.folds is not None:  # cross-validation: "validation" is every training image, out of fold
+        held, val_probs, where = idx["train"], trained.oof, f"{trained.folds.k}-fold cross-validation (out of fold)"
+        fit, gate_held = (np.asarray(idx["train"])[part].tolist() for part in trained.folds.split(0))
+        gate = {"train": fit, "val": gate_held}  # the gate: one fold's held-out images against the rest
+    else:
+        held, where, gate = idx["val"], "validation", idx
+        val_probs = head_probabilities(trained.result.head, head_inputs(cache, data.keys(held), hc.input_kind))
+    y_val = data.labels(held)
     positives = positive_classes_for(ds.classes, task)
-    val_metrics = classification_metrics(y_val, val_probs, ds.classes, [ds.samples[i].patient for i in idx["val"]],
+    val_metrics = classification_metrics(y_val, val_probs, ds.classes, [ds.samples[i].patient for i in held],
                                          positive_classes=positives or None, n_boot=200, seed=cfg.train.seed,
                                          ordinal=bool(task and task.ordinal))
     say = console()
-    say.print("validation accuracy: " + ", ".join(f"{kd} head {v['val_acc']:.3f}" for kd, v in trained.selection["candidates"].items())
+    say.print(f"{where} accuracy: " + ", ".join(f"{kd} head {v['val_acc']:.3f}" for kd, v in trained.selection["candidates"].items())
               + f"; logistic-regression baseline {baseline['val_acc']:.3f}; using the {hc.kind} head"
               + (f" ({cfg.mode} training on images)" if cfg.mode != "bottleneck" else ""))
     if val_metrics["accuracy"] < baseline["val_acc"]:
-        say.print(f"[yellow]note: this model is below the logistic-regression baseline on validation "
+        say.print(f"[yellow]note: this model is below the logistic-regression baseline on {where} "
                   f"({val_metrics['accuracy']:.3f} < {baseline['val_acc']:.3f})[/]")
     config = _jsonable(asdict(replace(cfg, sign_key=None)))  # where the key lies is not the bundle's to tell
     sections: dict[str, Any] = {
@@ -363,21 +354,27 @@ def _finish(cfg: RunConfig, out: Path, data: _Data, trained: _Trained, cache: Fe
                      "extract_failures": len(report.failures) + len(data.ds.skipped)
                      + sum(d["reason"] == "unreadable" for d in data.screened), "screened": data.screened,
                      "head_selection": trained.selection,
-                     "baseline_logistic_regression": baseline, "config": config},
+                     "baseline_logistic_regression": baseline, "config": config,
+                     **({"cv": trained.cv} if trained.cv else {})},
         "validation": {k: val_metrics[k] for k in ("accuracy", "accuracy_ci", "roc_auc_macro", "n_images", "n_patients")}
-        | {"loss": trained.result.val_metrics["val_loss"]},
+        | {"loss": trained.result.val_metrics["val_loss"], "source": where},
         "metrics": {},
         "lineage": lineage,
     }
     split_hashes = {n: sorted({data.hashes[i] for i in data.splits.indices(n)}) for n in ("train", "val", "test")}
+    folds = ({"folds": dict(sorted(zip(data.keys(idx["train"]), trained.folds.fold.tolist())))}
+             if trained.folds is not None else {})  # sha256 -> fold: the folds, image for image
     files = {"config.json": json.dumps(config, indent=2).encode(),
-             "splits.json": json.dumps({"sha256": split_hashes, "removed": data.splits.removed}, indent=1).encode()}
-    # Calibration, the referral operating point and the quality gate, fitted on validation (gate/trust.py).
+             "splits.json": json.dumps({"sha256": split_hashes, "removed": data.splits.removed} | folds,
+                                       indent=1).encode()}
+    # Calibration, the referral operating point and the quality gate, fitted on validation or out of
+    # fold (trust/fit.py).
     trust, trust_files = fit_trust(
         val_probs=val_probs, val_y=y_val, classes=ds.classes, positive_classes=positives,
-        train_pooled=cache.pooled(data.keys(idx["train"])), val_pooled=cache.pooled(data.keys(idx["val"])),
-        val_paths=[ds.samples[i].path for i in idx["val"]], preprocessing=trained.backbone.preprocessing,
-        target_sensitivity=cfg.target_sensitivity, workers=cfg.extract.workers, seed=cfg.train.seed)
+        train_pooled=cache.pooled(data.keys(gate["train"])), val_pooled=cache.pooled(data.keys(gate["val"])),
+        val_paths=[ds.samples[i].path for i in gate["val"]], preprocessing=trained.backbone.preprocessing,
+        target_sensitivity=cfg.target_sensitivity, workers=cfg.extract.workers, seed=cfg.train.seed,
+        folds=trained.folds.fold if trained.folds is not None else None)
     sections, files = sections | trust, files | trust_files
     key = configured_key(cfg.sign_key)
     curves = trained.curves

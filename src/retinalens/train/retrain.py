@@ -20,6 +20,7 @@ from .._console import console
 from .._io import atomic_write_json
 from ..data.discover import Dataset, Sample
 from ..data.hashing import sha256_file
+from ..data.near_duplicates import near_duplicate_pairs
 from ..data.splits import Splits
 from ..errors import RetinaLensError
 from ..feedback.store import FeedbackStore
@@ -52,7 +53,7 @@ def retrain(bundle_path: str | Path, feedback: str | Path, out: str | Path, *, i
         confirmed = store.confirmed()
     if not confirmed:
         raise RetinaLensError(f"{feedback}: no image has a confirmed or corrected label yet; nothing to retrain on")
-    fb = _screen(Model(parent), confirmed, base, parent)
+    fb = _near_duplicates(_screen(Model(parent), confirmed, base, parent), base, parent, cfg.extract.cache)
     say = console()
     for item in fb.left_out:
         say.print(f"[yellow]left out[/] {item['image']}: {item['reason']}", highlight=False)
@@ -70,13 +71,13 @@ def retrain(bundle_path: str | Path, feedback: str | Path, out: str | Path, *, i
 
     compared = {split: {"parent": _split_metrics(parent, data, split, cfg, progress),
                         "candidate": _split_metrics(candidate, data, split, cfg, progress)} for split in ("val", "test")}
-    promoted = compared["val"]["candidate"]["accuracy"] >= compared["val"]["parent"]["accuracy"]
+    promoted, rule = _promoted(parent, candidate, compared)
     target = out if promoted else out.with_name(f"{out.name}.rejected")
     if is_bundle(target):  # an older bundle there (check_output_folder allowed it)
         shutil.rmtree(target)
     candidate_dir.rename(target)
     report = {"promoted": promoted, "bundle": str(target), "parent": str(parent.path),
-              "rule": "promoted when validation accuracy is not lower than the parent's (test is reported, never used)",
+              "rule": rule,
               "version": version + 1, "feedback": {"added": len(fb.added), "left_out": fb.left_out},
               "splits": {k: v["n_images"] for k, v in data.summary.items() if k != "removed"},
               "compared": compared}
@@ -97,7 +98,7 @@ def _parent_config(parent: Bundle, cache: str | Path | None) -> RunConfig:
 
 def _screen(model: Any, confirmed: list[Any], base: _Data, parent: Bundle) -> Feedback:
     """Keep confirmed images that decode, pass the parent's gate, and are not in validation or test."""
-    held_out = {base.hashes[i] for split in ("val", "test") for i in base.splits.indices(split)}
+    held_out = _held_out(base, parent)
     known = set(base.hashes)
     results = model.predict_many([c.image for c in confirmed])
     added, hashes, left_out = [], [], []
@@ -121,6 +122,51 @@ def _screen(model: Any, confirmed: list[Any], base: _Data, parent: Bundle) -> Fe
                 continue
         left_out.append({"image": str(c.image), "reason": reason})
     return Feedback(added, hashes, left_out)
+
+
+def _held_out(base: _Data, parent: Bundle) -> set[str]:
+    """The parent's validation and test images (its splits.json; a cross-validated parent has no validation)."""
+    saved = parent.split_hashes()
+    if saved:
+        return saved.get("val", set()) | saved.get("test", set())
+    return {base.hashes[i] for split in ("val", "test") for i in base.splits.indices(split)}
+
+
+def _near_duplicates(fb: Feedback, base: _Data, parent: Bundle, cache: str | Path | None) -> Feedback:
+    """Leave out the feedback images that are near-duplicates (data/near_duplicates.py: resized,
+    re-encoded, slightly cropped copies) of the parent's images: sha256 catches byte-for-byte copies only."""
+    if not fb.added:
+        return fb
+    paths = [s.path for s in fb.added] + [s.path for s in base.ds.samples]
+    hashes = fb.hashes + base.hashes
+    store, _, keep, _ = bundle_probabilities(parent, paths, hashes, cache, progress=False)
+    n, readable = len(fb.added), set(keep)
+    new = [i for i in range(n) if i in readable]
+    old = [j for j in range(len(base.hashes)) if n + j in readable]
+    pairs = near_duplicate_pairs([fb.added[i].path for i in new], store.pooled([fb.hashes[i] for i in new]),
+                                 [base.ds.samples[j].path for j in old], store.pooled([base.hashes[j] for j in old]))
+    held_out = _held_out(base, parent)
+    reasons: dict[int, str] = {}
+    for a, b, bits, cos in pairs:
+        j = old[b]
+        where = "the validation or test split" if base.hashes[j] in held_out else "the training data"
+        reasons.setdefault(new[a], f"near-duplicate of {base.ds.samples[j].path} in {where} "
+                                   f"(pHash {bits} bits, cosine {cos:.3f})")
+    kept = [i for i in range(n) if i not in reasons]
+    return Feedback([fb.added[i] for i in kept], [fb.hashes[i] for i in kept],
+                    fb.left_out + [{"image": str(fb.added[i].path), "reason": r} for i, r in sorted(reasons.items())])
+
+
+def _promoted(parent: Bundle, candidate: Bundle, compared: dict[str, Any]) -> tuple[bool, str]:
+    """The promotion decision and its rule: validation accuracy, or for cross-validated bundles (which
+    have no validation split) the chosen head's mean CV accuracy (test is reported, never used)."""
+    cv_parent, cv_candidate = parent.manifest.training.cv, candidate.manifest.training.cv
+    if cv_parent is not None and cv_candidate is not None:
+        new, old = cv_candidate.candidate()["accuracy_mean"], cv_parent.candidate()["accuracy_mean"]
+        return new >= old, ("promoted when the mean cross-validated accuracy is not lower than the parent's "
+                            "(test is reported, never used)")
+    return (compared["val"]["candidate"]["accuracy"] >= compared["val"]["parent"]["accuracy"],
+            "promoted when validation accuracy is not lower than the parent's (test is reported, never used)")
 
 
 def _with_feedback(base: _Data, fb: Feedback, parent: Bundle) -> _Data:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import TrainConfigBase
 from ..errors import RetinaLensError
-from ..models.heads import HeadConfig, create_head
+from ..models.heads import HeadConfig, create_head, head_probabilities
 from ..models.registry import autocast, resolve_precision
 from .loop import CURVE_COLUMNS, EpochTotals, run_epochs
 
@@ -74,28 +74,38 @@ def class_weights_for(y: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, batch: int) -> tuple[float, float]:
+def _evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, batch: int,
+              record: list[np.ndarray] | None = None) -> tuple[float, float]:
+    """(loss, accuracy) on held-out data; `record`, when given, gets this epoch's probabilities appended."""
     head.eval()
-    loss, correct = 0.0, 0
+    loss, correct, probs = 0.0, 0, []
     for i in range(0, len(y), batch):
         logits = head(x[i:i + batch].float())
         loss += float(loss_fn(logits, y[i:i + batch])) * len(logits)
         correct += int((logits.argmax(1) == y[i:i + batch]).sum())
+        if record is not None:
+            probs.append(torch.softmax(logits, dim=1).double().numpy())
+    if record is not None:
+        record.append(np.concatenate(probs))
     return loss / len(y), correct / len(y)
 
 
-def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
+def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None, y_val: np.ndarray | None, *,
                num_classes: int, feature_shape: tuple[int, int, int], cfg: TrainConfig,
-               progress: bool = True) -> TrainResult:
-    """x_*: (N, H, W, C) float16 maps for the conv head, (N, C) float32 vectors for the pooled head."""
-    if len(y_train) == 0 or len(y_val) == 0:
+               progress: bool = True, select: bool = True, record: list[np.ndarray] | None = None) -> TrainResult:
+    """x_*: (N, H, W, C) float16 maps for the conv head, (N, C) float32 vectors for the pooled head.
+
+    `select=False`: exactly cfg.epochs epochs, the last kept (train/loop.py); x_val may then be None
+    (a refit on every training image). `record`: the held-out probabilities of every epoch are
+    appended to it (cross-validation reads them at the epoch count it chooses)."""
+    if len(y_train) == 0 or (select and (y_val is None or len(y_val) == 0)):
         raise RetinaLensError("training needs images in both the train and the validation split")
     check_train_config(cfg)
     amp = resolve_precision(cfg.precision) == "bf16"
     xt, yt = torch.from_numpy(np.ascontiguousarray(x_train)), torch.from_numpy(y_train).long()
+    held_out = x_val is not None and y_val is not None and len(y_val) > 0
     if amp and xt.dtype == torch.float16:
         xt = xt.to(torch.bfloat16)  # once, up front: autocast would convert every batch again
-    xv, yv = torch.from_numpy(np.ascontiguousarray(x_val)), torch.from_numpy(y_val).long()
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         head = create_head(cfg.head, feature_shape, num_classes)
@@ -122,8 +132,12 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
                 totals.add(loss, logits, yt[idx])
             return totals
 
-        run = run_epochs(head, opt, cfg, train_epoch=train_epoch, validate=lambda: _evaluate(head, xv, yv, val_loss_fn, 256),
-                         description="train head", progress=progress)
+        validate = None
+        if held_out:
+            xv, yv = torch.from_numpy(np.ascontiguousarray(x_val)), torch.from_numpy(y_val).long()
+            validate = lambda: _evaluate(head, xv, yv, val_loss_fn, 256, record)  # noqa: E731
+        run = run_epochs(head, opt, cfg, train_epoch=train_epoch, validate=validate, description="train head",
+                         progress=progress, select=select)
     return TrainResult(head, run.best_epoch, run.history, run.val_metrics)
 
 
@@ -134,23 +148,33 @@ def fit_logistic_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarra
     folded into a plain linear head: bundles, evaluation and prediction need nothing new for it.
     `fits`: the models fitted so far on these same x_train / y_train / seed, by C, read and added to,
     so a caller that asks twice (training's C=0.1 baseline, then the C search) fits each C once."""
+    best: tuple[float, float, float, nn.Module, float] | None = None
+    fits = {} if fits is None else fits
+    for c in cs:
+        if c not in fits:
+            fits[c] = fit_logistic(x_train, y_train, c, num_classes=num_classes, feature_shape=feature_shape,
+                                   seed=seed)
+        head, train_acc = fits[c]
+        p = head_probabilities(head, x_val)
+        acc = float((p.argmax(1) == y_val).mean())
+        loss = float(-np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-15, 1.0)).mean())  # cross-entropy, as SGD heads
+        if best is None or (acc, -loss) > (best[0], -best[1]):
+            best = (acc, loss, c, head, train_acc)
+    acc, loss, c, head, train_acc = best  # type: ignore[misc]
+    row = {"epoch": 1, "train_loss": float("nan"), "train_acc": train_acc, "val_loss": loss, "val_acc": acc, "lr": 0.0}
+    return TrainResult(head, 1, [row], {"val_loss": loss, "val_acc": acc, "C": c})
+
+
+def fit_logistic(x_train: np.ndarray, y_train: np.ndarray, c: float, *, num_classes: int,
+                 feature_shape: tuple[int, int, int], seed: int = 0) -> tuple[nn.Module, float]:
+    """One L2 logistic regression (inverse strength `c`) on standardised pooled vectors, as a plain
+    linear head (eval mode), and its training accuracy."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(x_train)
-    zt, zv = scaler.transform(x_train), scaler.transform(x_val)
-    best: tuple[float, float, float, LogisticRegression] | None = None
-    for c in cs:
-        fits = {} if fits is None else fits
-        if c not in fits:
-            fits[c] = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(zt, y_train)
-        lr = fits[c]
-        p = _full_probs(lr, zv, num_classes)
-        acc = float((p.argmax(1) == y_val).mean())
-        loss = float(-np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-15, 1.0)).mean())  # cross-entropy, as SGD heads
-        if best is None or (acc, -loss) > (best[0], -best[1]):
-            best = (acc, loss, c, lr)
-    acc, loss, c, lr = best  # type: ignore[misc]
+    zt = scaler.transform(x_train)
+    lr = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(zt, y_train)
     coef = np.zeros((num_classes, zt.shape[1]))
     intercept = np.full(num_classes, -1e4)  # a class absent from train can never win
     rows = lr.classes_.astype(int)
@@ -163,15 +187,7 @@ def fit_logistic_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarra
     with torch.no_grad():  # standardisation folded in: w' = w / sd, b' = b - w . (mean / sd)
         linear.weight.copy_(torch.from_numpy(coef / scaler.scale_).float())
         linear.bias.copy_(torch.from_numpy(intercept - coef @ (scaler.mean_ / scaler.scale_)).float())
-    train_acc = float((lr.predict(zt) == y_train).mean())
-    row = {"epoch": 1, "train_loss": float("nan"), "train_acc": train_acc, "val_loss": loss, "val_acc": acc, "lr": 0.0}
-    return TrainResult(head.eval(), 1, [row], {"val_loss": loss, "val_acc": acc, "C": c})
-
-
-def _full_probs(lr: Any, z: np.ndarray, k: int) -> np.ndarray:
-    p = np.zeros((len(z), k))
-    p[:, lr.classes_.astype(int)] = lr.predict_proba(z)
-    return p
+    return head.eval(), float((lr.predict(zt) == y_train).mean())
 
 
 def write_curves(result: TrainResult, folder: Path) -> None:

@@ -28,22 +28,29 @@ MAX_STATISTICS_IMAGES = 2000  # validation images decoded again for the statisti
 def fit_trust(*, val_probs: np.ndarray, val_y: np.ndarray, classes: Sequence[str], positive_classes: Sequence[str],
               train_pooled: np.ndarray, val_pooled: np.ndarray, val_paths: Sequence[Path],
               preprocessing: Preprocessing, target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
-              workers: int = 0, seed: int = 0) -> tuple[dict[str, Any], dict[str, bytes]]:
+              workers: int = 0, seed: int = 0, folds: np.ndarray | None = None,
+              ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Manifest sections {"calibration", "thresholds", "gate"} and the bundle files they need.
 
     val_probs: the head's (uncalibrated) probabilities on validation; val_y: class indices;
     train_pooled / val_pooled: the bundle backbone's pooled features; val_paths: the validation
     images (decoded again for the image statistics), in the order of the other validation arrays.
+    With cross-validation, val_probs / val_y are the out-of-fold predictions of every training image
+    and `folds` their folds (calibration and the referral threshold are fitted on them), and the
+    gate's arrays are one fold's held-out images against the rest.
     """
     say = console()
     val_y = np.asarray(val_y)
     if len(val_y) == 0:
         say.print("[yellow]note: no validation images, so no calibration, referral threshold or quality gate[/]")
         return {}, {}
-    calibration = fit_calibration(val_probs, val_y)
+    calibration = fit_calibration(val_probs, val_y, folds)
     probs = calibrated(val_probs, calibration["temperature"])
-    ece = f"validation ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f}"
-    notes = [f"calibration T={calibration['temperature']:.2f} ({ece})"]
+    where = "validation" if folds is None else "out-of-fold"
+    ece = (f"{where} NLL {calibration['nll_before']:.3f} -> {calibration['nll_after']:.3f}, "
+           f"ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f} ({calibration['ece_bins']} bins)")
+    kept = "" if calibration["kept"] or folds is None else ", dropped: it did not lower the out-of-fold NLL"
+    notes = [f"calibration T={calibration['temperature']:.2f} ({ece}{kept})"]
 
     thresholds: dict[str, Any] = {}
     positives = [list(classes).index(c) for c in positive_classes]
@@ -52,7 +59,7 @@ def fit_trust(*, val_probs: np.ndarray, val_y: np.ndarray, classes: Sequence[str
         thresholds["referral"] = referral_threshold(positive_score(probs, classes, positive_classes), is_pos,
                                                     target_sensitivity) | {"positive_classes": list(positive_classes)}
         r = thresholds["referral"]
-        notes.append(f"referral threshold {r['threshold']:.3f} (validation sensitivity {r['val_sensitivity']:.3f}"
+        notes.append(f"referral threshold {r['threshold']:.3f} ({where} sensitivity {r['val_sensitivity']:.3f}"
                      + (f", specificity {r['val_specificity']:.3f})" if r["val_specificity"] is not None else ")"))
     elif positives:
         notes.append("no referral threshold (no referable image in validation)")
