@@ -29,7 +29,7 @@ from .features.extract import ExtractReport, extract_features, open_cache
 from .models.registry import BackboneSpec, create_backbone, list_backbones, resolve_precision
 from .predict.model import Model, load
 from .predict.table import predictions_csv
-from .train.pipeline import build_run_config, train_bundle
+from .train.pipeline import build_run_config
 
 NAME_MAX = 255  # bytes in a file name, on every common file system
 _SAFE = re.compile(r"[^\w.-]+")  # what may stay in a file name built from an input name or a class
@@ -55,10 +55,16 @@ def extract(data: str | Path, *, backbone: str | None = None, weights: str | Pat
     return store, report
 
 
-def train(data: str | Path, out: str | Path, *, progress: bool = False, **options: Any) -> Bundle:
+def train(data: str | Path, out: str | Path, *, progress: bool = False, ensemble: str | Sequence[str] | None = None,
+          seeds: str | Sequence[int] | None = None, tta: str | Sequence[str] | None = None, **options: Any) -> Bundle:
     """`retinalens train`, option for option: `options` are train.pipeline.build_run_config's (mode,
-    backbone, head, epochs, balance, ..., and further TrainConfig fields such as lr or batch_size)."""
-    return train_bundle(build_run_config(data, **options), out, progress=progress)
+    backbone, head, epochs, balance, ..., and further TrainConfig fields such as lr or batch_size);
+    `ensemble` (backbones), `seeds` and `tta` (views) make one bundle of several networks
+    (train/ensemble.py; lists or the CLI's comma-separated strings)."""
+    from .train.ensemble import ensemble_config, train_ensemble
+
+    ens = ensemble_config(ensemble, seeds, tta)
+    return train_ensemble(build_run_config(data, **options), ens, out, progress=progress)
 
 
 def evaluate(bundle: str | Path | Bundle, data: str | Path, *, progress: bool = False,
