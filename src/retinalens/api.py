@@ -17,7 +17,7 @@ from typing import Any
 
 from ._io import atomic_write_bytes, atomic_write_json
 from .bundle.store import Bundle, load_bundle
-from .config import (DEMO_OUT, EXPLAIN_OUT, EvaluateConfig, ExtractConfig, ExtractOptions, given,
+from .config import (DEMO_OUT, EXPLAIN_OUT, EnsembleConfig, EvaluateConfig, ExtractConfig, ExtractOptions, given,
                      str_or_none)
 from .data.discover import discover
 from .data.fundus.prepare import PrepareReport
@@ -29,7 +29,7 @@ from .features.extract import ExtractReport, extract_features, open_cache
 from .models.registry import BackboneSpec, create_backbone, list_backbones, resolve_precision
 from .predict.model import Model, load
 from .predict.table import predictions_csv
-from .train.pipeline import build_run_config
+from .train.pipeline import build_run_config, train_bundle
 
 NAME_MAX = 255  # bytes in a file name, on every common file system
 _SAFE = re.compile(r"[^\w.-]+")  # what may stay in a file name built from an input name or a class
@@ -64,7 +64,10 @@ def train(data: str | Path, out: str | Path, *, progress: bool = False, ensemble
     from .train.ensemble import ensemble_config, train_ensemble
 
     ens = ensemble_config(ensemble, seeds, tta)
-    return train_ensemble(build_run_config(data, **options), ens, out, progress=progress)
+    cfg = build_run_config(data, **options)
+    if ens == EnsembleConfig():  # one network, seen once
+        return train_bundle(cfg, out, progress=progress)
+    return train_ensemble(cfg, ens, out, progress=progress)
 
 
 def evaluate(bundle: str | Path | Bundle, data: str | Path, *, progress: bool = False,

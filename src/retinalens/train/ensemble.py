@@ -84,8 +84,8 @@ def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, prog
     """Train every member on one split and write them as one bundle (see the module's notes)."""
     out = Path(out).expanduser()
     runs = member_runs(cfg, ens)
-    if len(runs) == 1 and len(ens.tta) == 1:
-        return train_bundle(cfg, out, progress=progress)
+    if len(runs) == 1 and len(ens.tta) == 1:  # one network seen once: a plain bundle (of that backbone, seed)
+        return train_bundle(runs[0], out, progress=progress)
     check_ensemble(cfg, ens, runs)
     check_output_folder(out)
     key = configured_key(cfg.sign_key)
