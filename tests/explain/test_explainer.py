@@ -104,10 +104,12 @@ def test_target_layers(small_bundle: Bundle, small_dataset: Path, feature_cache:
     from helpers import train_small_bundle
 
     with Explainer(small_bundle) as ex:  # the conv head: its 1x1 conv, as in the original work
-        assert ex._layer is ex._net.head.conv
+        net, layer, *_ = ex._nets[0]
+        assert layer is net.head.conv
     pooled = train_small_bundle(small_dataset, tmp_path / "logreg", feature_cache, head="logreg")
     with Explainer(pooled) as ex:  # a pooled head: the backbone's last 4-D map (Lite0: conv_head + BN + ReLU6)
-        assert ex._layer is ex._net.features.bn2
+        net, layer, *_ = ex._nets[0]
+        assert layer is net.features.bn2
         e = ex.explain(min((small_dataset / "test" / "DME").glob("*.jpeg")))
         assert e.heatmap.max() > 0.9 and not np.isnan(e.heatmap).any()
 
@@ -142,8 +144,8 @@ def test_memory_does_not_grow_over_200_calls(small_bundle: Bundle, pixels: torch
         for i in range(200):
             ex.heatmaps(one, [i % 4])
         growth = _rss_mb() - start
-        assert len(ex._layer._forward_hooks) == 1  # only the Explainer's own: each call's CAM hooks were released
-        layer = ex._layer
+        layer = ex._nets[0][1]
+        assert len(layer._forward_hooks) == 1  # only the Explainer's own: each call's CAM hooks were released
     assert not layer._forward_hooks  # and that one goes with the `with`
     print(f"RSS growth over 200 heat maps after warm-up: {growth:.1f} MB")
     assert growth < 50

@@ -73,6 +73,8 @@ def model_card(document: dict[str, Any] | None, *, local_paths: bool = False) ->
         "backbone": {k: backbone.get(k) for k in _BACKBONE_FIELDS} if isinstance(backbone, dict) else backbone,
         "precision": (m.get("features") or {}).get("precision"),
         "head": m.get("head"),
+        "ensemble": {"members": [f"{(e.get('backbone') or {}).get('name')} seed {e.get('seed')}" for e in m.get("members") or []],
+                     "views": (m.get("tta") or {}).get("views")} if m.get("members") or m.get("tta") else None,
         "training_data": {"dataset": dataset_name(training["data"]) if training.get("data") else None,
                           "layout": training.get("layout"), "splits": training.get("splits"),
                           "extract_failures": training.get("extract_failures")},
@@ -155,6 +157,7 @@ def _details(card: dict[str, Any]) -> str:
         ("Task", card.get("task")), ("Classes", ", ".join(card.get("classes") or [])),
         ("Backbone", backbone_text(backbone) if isinstance(backbone, dict) else backbone),
         ("Head", head_text(head) if isinstance(head, dict) else head), ("Feature precision", card.get("precision")),
+        ("Ensemble", _ensemble_text(card.get("ensemble"))),
         ("Training", f"{training['mode']}{epochs}" if training.get("mode") else None),
         ("Version", f"{lineage.get('version', 1)}" + (f", retrained from {Path(parent).name}" if parent else "")),
         ("Created", card.get("created")), ("Library versions", describe(card.get("library_versions"))),
@@ -320,6 +323,15 @@ def backbone_text(b: dict) -> str:
     size = (b.get("preprocessing") or {}).get("size")
     return f"{b.get('name')}" + (f", {size} px" if size else "") + (f", weights: {b['weights_source']}"
                                                                    if b.get("weights_source") else "")
+
+
+def _ensemble_text(ensemble: dict | None) -> str | None:
+    """'mean of 3 networks (a, b, c) over views identity, flip', or None for one network seen once."""
+    if not ensemble:
+        return None
+    members = ensemble.get("members") or []
+    return (f"mean of {len(members)} networks ({', '.join(members)})" if members else "one network") + \
+        f" over views {', '.join(ensemble.get('views') or ['identity'])}"
 
 
 def head_text(head: dict) -> str:

@@ -53,6 +53,24 @@ class BackboneInfo:
 
 
 @dataclass(frozen=True)
+class Member:
+    """One network of the bundle: a backbone and a head, with the temperature on its own softmax.
+
+    A bundle's members are averaged in probability space (bundle/network.py's Ensemble); a bundle
+    without a `members` list has one member, its top-level backbone and head, with no temperature of
+    its own (the bundle's calibration is then that member's)."""
+
+    backbone: BackboneInfo
+    precision: str
+    feature_shape: tuple[int, int, int]
+    head: HeadConfig
+    temperature: float | None
+    backbone_file: str
+    head_file: str
+    details: dict[str, Any]  # how it was trained (seed) and how it scored alone on validation
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Temperature scaling (trust/calibration.py): the temperature, and what fitting measured."""
 
@@ -150,6 +168,8 @@ class Manifest:
     calibration: Calibration | None = None
     referral_threshold: ReferralThreshold | None = None
     gate: GateSpec | None = None
+    members: tuple[Member, ...] = ()  # empty: one network, the top-level backbone and head
+    tta: tuple[str, ...] = ("identity",)  # test-time views, each through every member (bundle/network.py)
     _document: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     # -- reading ----------------------------------------------------------------------------------
@@ -168,8 +188,7 @@ class Manifest:
                 classes=tuple(d["classes"]), referral=dict(d.get("referral") or {}),
                 positive_classes=tuple(d.get("positive_classes",
                                              [c for c, lv in (d.get("referral") or {}).items() if lv == "urgent"])),
-                backbone=BackboneInfo(bb["name"], bb.get("timm_name", bb["name"]), bb["weights_sha256"],
-                                      bb.get("weights_source", ""), Preprocessing.from_dict(bb["preprocessing"])),
+                backbone=_backbone_info(bb),
                 precision=feats["precision"], feature_shape=tuple(feats["feature_shape"]),  # type: ignore[arg-type]
                 head=HeadConfig.from_dict(d["head"]),
                 training=Training(tr.get("data"), tr.get("layout"), tr.get("mode"), dict(tr.get("splits") or {}),
@@ -187,6 +206,8 @@ class Manifest:
                                                      tuple(ref["positive_classes"])) if ref else None,
                 gate=GateSpec(tuple(gate["checks"]), (gate.get("features") or {}).get("file"),
                               {k: v for k, v in gate.items() if k != "checks"}) if gate else None,
+                members=tuple(_member(m) for m in d.get("members") or ()),
+                tta=tuple((d.get("tta") or {}).get("views") or ("identity",)),
                 _document=copy.deepcopy(d),
             )
         except (KeyError, TypeError, ValueError) as exc:  # the schema should have caught it; say so plainly
@@ -198,9 +219,34 @@ class Manifest:
 
     # -- derived ----------------------------------------------------------------------------------
 
+    def ensemble(self) -> tuple[Member, ...]:
+        """The networks whose probabilities the bundle averages: its members, or its one network."""
+        if self.members:
+            return self.members
+        return (Member(self.backbone, self.precision, self.feature_shape, self.head, None, "backbone.safetensors",
+                       "head.safetensors", {}),)
+
+    @property
+    def is_ensemble(self) -> bool:
+        """More than one network, or more than one view: predictions average several passes."""
+        return len(self.members) > 1 or len(self.tta) > 1
+
     def level(self, label: str | None) -> str | None:
         """The referral level of a class (None for an unknown or unmapped class)."""
         return self.referral.get(label) if label else None
+
+
+def _backbone_info(bb: dict[str, Any]) -> BackboneInfo:
+    return BackboneInfo(bb["name"], bb.get("timm_name", bb["name"]), bb["weights_sha256"], bb.get("weights_source", ""),
+                        Preprocessing.from_dict(bb["preprocessing"]))
+
+
+def _member(m: dict[str, Any]) -> Member:
+    t = m.get("temperature")
+    return Member(_backbone_info(m["backbone"]), m["features"]["precision"], tuple(m["features"]["feature_shape"]),
+                  HeadConfig.from_dict(m["head"]), None if t is None else float(t), m["files"]["backbone"],
+                  m["files"]["head"], {k: v for k, v in m.items() if k not in ("backbone", "features", "head",
+                                                                                "temperature", "files")})
 
 
 def parse(raw: bytes, where: str = "manifest") -> Any:
@@ -271,3 +317,29 @@ def validate(d: Any, where: str = "manifest") -> None:
     if features_file and features_file not in d["files"]:
         raise RetinaLensError(f"{where}: unreadable bundle manifest (the gate's {features_file} is not among its "
                               "hashed files)")
+    _validate_members(d, where)
+
+
+def _validate_members(d: dict[str, Any], where: str) -> None:
+    """An ensemble's members: every file hashed and used once, the first member the top-level network
+    (what single-model readers see), and one input for all (the same pixels: size, resampling, resize;
+    each member normalises with its own mean and std)."""
+    members = d.get("members") or []
+    views = (d.get("tta") or {}).get("views") or ["identity"]
+    problem = None
+    if views[0] != "identity":
+        problem = "the first test-time view must be 'identity' (the gate reads its features)"
+    elif members:
+        names = [m["files"][k] for m in members for k in ("backbone", "head")]
+        first, pp = members[0], d["backbone"]["preprocessing"]
+        same_input = ("size", "interpolation", "resize")
+        if len(set(names)) != len(names) or not set(names) <= set(d["files"]):
+            problem = "each member's files must be distinct and among its hashed files"
+        elif (first["files"] != {"backbone": "backbone.safetensors", "head": "head.safetensors"}
+              or first["backbone"]["weights_sha256"] != d["backbone"]["weights_sha256"]):
+            problem = "the first member must be the bundle's own backbone.safetensors and head.safetensors"
+        elif any({k: m["backbone"]["preprocessing"].get(k) for k in same_input} != {k: pp.get(k) for k in same_input}
+                 for m in members):
+            problem = "every member must take the same input (size, interpolation, resize) as the bundle"
+    if problem:
+        raise RetinaLensError(f"{where}: unreadable bundle manifest ({problem})")

@@ -34,9 +34,10 @@ from .._io import TEMP_PREFIX, TEMP_SUFFIX, atomic_write_bytes, canonical_json, 
 from ..data.tasks import Task
 from ..data.transforms import Preprocessing
 from ..errors import RetinaLensError
-from ..models.heads import HeadConfig, create_head
-from ..models.registry import Backbone, create_backbone
+from ..models.heads import HeadConfig
+from ..models.registry import Backbone
 from .manifest import FORMAT, Manifest, parse
+from .members import CLASSES_KEY, BundleMember, load_head
 from .signature import SIGNATURE, check_signature, configured_key, manifest_digest, sign
 
 BUNDLE_FORMAT = FORMAT
@@ -44,7 +45,6 @@ MANIFEST = "manifest.json"
 CONFIG, SPLITS, CURVES = "config.json", "splits.json", "curves.csv"
 CURVES_PNG = "curves.png"
 READ = (CONFIG, SPLITS, CURVES, CURVES_PNG)  # the side files commands read: hashed whenever present
-_CLASSES_KEY = "retinalens.classes"  # head.safetensors' metadata: the names of the head's outputs, in order
 # Kermany et al.: choroidal neovascularisation and diabetic macular oedema need urgent referral,
 # drusen (early AMD) routine follow-up, a normal scan observation.
 OCT_REFERRAL = {"CNV": "urgent", "DME": "urgent", "DRUSEN": "routine", "NORMAL": "observation"}
@@ -82,7 +82,7 @@ class Bundle:
     head: nn.Module
     digest: str  # manifest_digest(manifest): the bundle's identity
     signature: dict[str, Any] | None = None  # signature.json when the bundle is signed (checked against a key if set)
-    _backbone: Backbone | None = field(default=None, repr=False)
+    member_heads: list[nn.Module] = field(default_factory=list, repr=False)  # the further members' heads, in order
 
     @property
     def classes(self) -> list[str]:
@@ -118,16 +118,25 @@ class Bundle:
         """The model's identity, as feedback records and exports name it: the bundle digest."""
         return self.digest
 
-    @cached_property
+    @property
     def backbone(self) -> Backbone:
-        """The frozen backbone, rebuilt from the bundle's own weights (no hub, no pickle)."""
-        info = self.manifest.backbone
-        bb = create_backbone(info.name, weights=self.path / "backbone.safetensors")
-        if bb.weights_sha256 != info.weights_sha256:
-            raise RetinaLensError(f"{self.path}: backbone weights do not match the manifest's hash")
-        if bb.preprocessing != self.preprocessing:
-            bb.preprocessing = self.preprocessing  # the bundle's recorded preprocessing wins
-        return bb
+        """The (first member's) frozen backbone, rebuilt from the bundle's own weights (no hub, no pickle)."""
+        return self.members[0].backbone
+
+    @cached_property
+    def members(self) -> list[BundleMember]:
+        """Every network the bundle averages (one for a single model); the first is the top-level one."""
+        infos = self.manifest.ensemble()
+        return [BundleMember(self.path, info, head) for info, head in zip(infos, [self.head, *self.member_heads])]
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The test-time views each image is seen through (identity first)."""
+        return self.manifest.tta
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.manifest.is_ensemble
 
     # -- side files: written by training, read here only ---------------------------------------------
 
@@ -187,7 +196,7 @@ def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_co
         tmp = temp_folder(out.parent)
     try:
         weights = {"head.safetensors": save({k: v.contiguous() for k, v in head.state_dict().items()},
-                                            metadata={_CLASSES_KEY: json.dumps(classes)}),
+                                            metadata={CLASSES_KEY: json.dumps(classes)}),
                    "backbone.safetensors": save({k: v.contiguous() for k, v in backbone.model.state_dict().items()})}
         for name, data in (weights | (files or {})).items():
             with writing(out / name):
@@ -279,7 +288,8 @@ def load_bundle(path: str | Path, key: str | Path | None = None) -> Bundle:
     digest = manifest_digest(document)
     signature = check_signature(path, digest, secret)  # before the weights are read: a refused bundle costs nothing
     _check_files(path, manifest)
-    return Bundle(path, manifest, _load_head(path, manifest), digest, signature)
+    heads = [load_head(path, member, manifest.classes) for member in manifest.ensemble()]
+    return Bundle(path, manifest, heads[0], digest, signature, heads[1:])
 
 
 def _check_files(path: Path, manifest: Manifest) -> None:
@@ -296,40 +306,3 @@ def _check_files(path: Path, manifest: Manifest) -> None:
         raise RetinaLensError(f"{path}: {', '.join(unlisted[:3])}{' ...' if len(unlisted) > 3 else ''} is in the "
                               "bundle but not hashed in its manifest (every file must be; bundles written before "
                               "side files were hashed need training again)")
-
-
-def _load_head(path: Path, manifest: Manifest) -> nn.Module:
-    """The head, built to the shapes its file holds: a manifest claiming huge sizes is refused before any
-    memory is spent (the head is first made on the meta device), and the head's outputs must be the
-    manifest's classes in the manifest's order (recorded in the hashed head file)."""
-    import torch
-    from safetensors import SafetensorError, safe_open
-
-    f = path / "head.safetensors"
-    try:
-        with safe_open(str(f), framework="pt") as st:
-            recorded = (st.metadata() or {}).get(_CLASSES_KEY)
-            tensors = {k: st.get_tensor(k) for k in st.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise RetinaLensError(f"{path}: head weights do not load ({type(exc).__name__})") from None
-    if recorded is None or _json_or_none(recorded) != list(manifest.classes):
-        raise RetinaLensError(f"{path}: the manifest's classes {list(manifest.classes)} are not the head's outputs "
-                              f"{recorded or '(not recorded)'}")
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in create_head(manifest.head, manifest.feature_shape,
-                                                            len(manifest.classes)).state_dict().items()}
-    if shapes != {k: tuple(v.shape) for k, v in tensors.items()}:
-        raise RetinaLensError(f"{path}: head weights do not fit the manifest's head, features and classes")
-    head = create_head(manifest.head, manifest.feature_shape, len(manifest.classes))
-    try:
-        head.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise RetinaLensError(f"{path}: head weights do not load ({type(exc).__name__})") from None
-    return head.eval()
-
-
-def _json_or_none(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return None

@@ -100,6 +100,12 @@ def train(
                                      f"training images, else 0."),
     sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="Key file: sign the bundle (signature.json; "
                                             "default: the key $RETINALENS_BUNDLE_KEY names, if set)."),
+    ensemble: Optional[str] = typer.Option(None, "--ensemble", help="Backbones, comma-separated (e.g. "
+                                           "efficientnet_lite0,mobilenet_v2): one bundle averaging them all."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Training seeds, comma-separated: each backbone "
+                                        "trained once per seed, in one bundle (the split keeps --seed)."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="Test-time views averaged with the image itself, "
+                                      "comma-separated: flip | crop."),
     cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
     nproc: int = typer.Option(1, "--nproc", help="frozen | finetune: train on N processes (torchrun, PyTorch DDP; "
@@ -122,7 +128,8 @@ def train(
                        progress=not quiet, batch_size=batch_size, lr=lr, monitor=monitor, balance=balance,
                        class_weights=class_weights, unfreeze=unfreeze, backbone_lr_scale=backbone_lr_scale,
                        warmup_epochs=warmup_epochs, augment=augment, device=device, resume=resume,
-                       target_sensitivity=target_sensitivity, sign_key=sign_key, cv=cv)
+                       target_sensitivity=target_sensitivity, sign_key=sign_key, cv=cv, ensemble=ensemble,
+                       seeds=seeds, tta=tta)
     if bundle is not None:  # None: a rank of torchrun's other than 0, which writes the bundle
         console().print(f"[green]bundle written:[/] {markup_safe(bundle.path)}", highlight=False, soft_wrap=True)
 

@@ -22,6 +22,7 @@ from .volumes import volume_metrics
 from ..bundle.card import write_model_card
 from ..bundle.store import Bundle
 from ..models.heads import head_probabilities
+from ..predict.ensemble import ensemble_outputs
 from ..trust.calibration import calibrated
 from .metrics import classification_metrics
 from .report import write_html_report
@@ -50,9 +51,14 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
     hashes = sha256_files(s.path for s in ds.samples)
     ds, hashes, scored = scored_images(bundle, ds, hashes, whole=whole, include_training=include_training)
     # An explicit --cache that holds other features is an error; the default root keys folders by backbone.
-    store, report, keep, raw_probs = bundle_probabilities(bundle, [s.path for s in ds.samples], hashes, cache,
-                                                          on_mismatch="error" if cache is not None else "rebuild",
-                                                          workers=workers, progress=progress)
+    if bundle.is_ensemble:  # several backbones and views: through the prediction path (predict/ensemble.py)
+        keep, raw_probs, pooled, failures = ensemble_outputs(bundle.members, bundle.views, [s.path for s in ds.samples],
+                                                             workers=workers, progress=progress)
+    else:
+        store, report, keep, raw_probs = bundle_probabilities(bundle, [s.path for s in ds.samples], hashes, cache,
+                                                              on_mismatch="error" if cache is not None else "rebuild",
+                                                              workers=workers, progress=progress)
+        pooled, failures = store.pooled([hashes[i] for i in keep]), report.failures
     if not keep:
         raise RetinaLensError(f"{ds.root}: none of the {len(ds)} images could be read")
     probs = calibrated(raw_probs, bundle.temperature)  # what prediction gives
@@ -65,8 +71,7 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
         for key in ("auc", "sensitivity", "specificity"):
             metrics[key], metrics[f"{key}_ci"] = metrics["urgent_referral"][key], metrics["urgent_referral"][f"{key}_ci"]
     # Calibration before/after, the referral operating point and the quality gate (None where the bundle lacks one).
-    verdicts = gate_verdicts(bundle, [ds.samples[i].path for i in keep], store.pooled([hashes[i] for i in keep]),
-                             workers=workers)
+    verdicts = gate_verdicts(bundle, [ds.samples[i].path for i in keep], pooled, workers=workers)
     metrics |= trust_metrics(bundle, raw_probs, y, [ds.samples[i].patient for i in keep], verdicts,
                              n_boot=n_boot, seed=seed)
     evaluated_volumes = None
@@ -75,12 +80,13 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
                                                                volumes, n_boot=n_boot, seed=seed)
     metrics["data"] = {"path": str(ds.root), "split": split if ds.layout == "split-folders" or split in ds.splits else None,
                        "per_class": ds.class_counts(), "scored": scored}
-    metrics["failures"] = [{"input": p, "error": r} for p, r in report.failures] + [
+    metrics["failures"] = [{"input": p, "error": r} for p, r in failures] + [
         {"input": d["path"], "error": d["reason"]} for d in dropped] + [
         {"input": d["path"], "error": f"{d['path']}: {d['reason']}"} for d in ds.skipped]  # FIFOs, folders, ...
     metrics["overlap_with_training"] = _overlap(bundle, {hashes[i] for i in keep})
     metrics["model"] = {"path": str(bundle.path), "backbone": bundle.manifest.backbone.name,
-                        "head": bundle.head_config.kind}
+                        "head": bundle.head_config.kind,
+                        "members": [m.backbone.name for m in bundle.manifest.ensemble()], "tta": list(bundle.views)}
     if metrics["overlap_with_training"]:
         console().print(f"[yellow]warning: {metrics['overlap_with_training']} evaluation image(s) were in the model's "
                         "train/validation data; these metrics are optimistic[/]")

@@ -6,7 +6,9 @@
         open("scan.cam.png", "wb").write(e.overlay_png())
 
 The prediction (label, probabilities) comes from the same path as `Model.predict`; the heat map
-from pytorch-grad-cam on an fp32 eager copy of the bundle (see `net.py`). `BaseExplainer` holds
+from pytorch-grad-cam on an fp32 eager copy of the bundle (see `net.py`). An ensemble's map is the
+mean of its members' maps (each already resized by pytorch-grad-cam to the model input, so maps of
+backbones with different feature-map sizes average pixel for pixel), on the identity view. `BaseExplainer` holds
 everything but the CAM method, which a subclass picks in `create_cam`, as pytorch-grad-cam's
 BaseCAM subclasses pick their channel weights.
 """
@@ -70,10 +72,9 @@ class BaseExplainer:
         from ..predict.model import Model
 
         self.model = model if isinstance(model, Model) else Model(model)
-        self._net: ExplainNet | None = None
-        self._layer: nn.Module | None = None
-        self._reshape: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        # Per member: (its network copy, the layer Grad-CAM reads, that layer's reshape, the grad hook).
+        self._nets: list[tuple[ExplainNet, nn.Module, Callable[[torch.Tensor], torch.Tensor] | None,
+                               torch.utils.hooks.RemovableHandle]] = []
 
     def create_cam(self, net: nn.Module, layers: list[nn.Module],
                    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None) -> BaseCAM:
@@ -91,20 +92,21 @@ class BaseExplainer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _open(self) -> ExplainNet:
-        if self._net is None:
+    def _open(self) -> list[tuple[ExplainNet, nn.Module, Callable[[torch.Tensor], torch.Tensor] | None,
+                                  torch.utils.hooks.RemovableHandle]]:
+        if not self._nets:
             with torch.inference_mode(False):  # copies made inside a caller's inference mode could not train
-                net = ExplainNet.from_bundle(self.model.bundle)
-            self._layer, self._reshape = target_layer(net)
-            self._hook = enable_grad_on_output(self._layer)
-            self._net = net
-        return self._net
+                nets = ExplainNet.members(self.model.bundle)
+            for net in nets:
+                layer, reshape = target_layer(net)
+                self._nets.append((net, layer, reshape, enable_grad_on_output(layer)))
+        return self._nets
 
     def close(self) -> None:
-        """Remove the hooks and drop the network copy (a later call makes them again)."""
-        if self._hook is not None:
-            self._hook.remove()
-        self._net = self._layer = self._reshape = self._hook = None
+        """Remove the hooks and drop the network copies (a later call makes them again)."""
+        for *_, hook in self._nets:
+            hook.remove()
+        self._nets = []
 
     def class_index(self, name: str) -> int:
         if name not in self.classes:
@@ -127,17 +129,19 @@ class BaseExplainer:
         if len(class_indices) != len(pixels) or not all(0 <= int(k) < len(self.classes) for k in class_indices):
             raise RetinaLensError(f"need one class index in 0..{len(self.classes) - 1} per image "
                                   f"(got {list(class_indices)} for {len(pixels)} images)")
-        net = self._open()
-        maps = None
         targets = [ClassifierOutputTarget(int(k)) for k in class_indices]
+        member_maps = []
         # inference_mode(False): a caller inside torch.inference_mode still gets gradients here.
         with torch.inference_mode(False), torch.enable_grad():
             x = pixels.permute(0, 3, 1, 2).float()
-            with self.create_cam(net, [self._layer], self._reshape) as cam:  # hooks released on exit
-                maps = cam(input_tensor=x, targets=targets)
-        if maps is None:  # pytorch-grad-cam's __exit__ swallows an IndexError; never return nothing
-            raise RuntimeError("Grad-CAM produced no heat map")
-        return np.clip(np.nan_to_num(maps, nan=0.0), 0.0, 1.0).astype(np.float32)
+            for net, layer, reshape, _ in self._open():
+                maps = None
+                with self.create_cam(net, [layer], reshape) as cam:  # hooks released on exit
+                    maps = cam(input_tensor=x, targets=targets)
+                if maps is None:  # pytorch-grad-cam's __exit__ swallows an IndexError; never return nothing
+                    raise RuntimeError("Grad-CAM produced no heat map")
+                member_maps.append(np.clip(np.nan_to_num(maps, nan=0.0), 0.0, 1.0))
+        return np.mean(member_maps, axis=0).astype(np.float32)
 
     def explain(self, source: str | Path | bytes, target_class: str | None = None) -> Explanation:
         """One image (path, URL or bytes) -> Explanation. An unreadable image raises RetinaLensError."""

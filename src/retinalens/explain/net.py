@@ -26,8 +26,9 @@ class ExplainNet(nn.Module):
         self.features, self.head, self.pp = net.features, net.head, net.preprocessing
 
     @classmethod
-    def from_bundle(cls, bundle) -> ExplainNet:
-        return cls(Network.from_bundle(bundle, private=True))
+    def members(cls, bundle) -> list[ExplainNet]:
+        """One per network of the bundle (an ensemble's maps are averaged over its members)."""
+        return [cls(Network.from_member(m, private=True)) for m in bundle.members]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.permute(0, 2, 3, 1))[0]

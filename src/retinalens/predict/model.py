@@ -20,7 +20,8 @@ from ..trust.calibration import calibrated, positive_score
 from ..trust import NO_GATE, Gate
 from ..trust.statistics import SOURCE_STATISTICS, source_statistics
 from ..bundle.manifest import Manifest
-from ..bundle.network import head_input
+from ..bundle.network import head_input, tta_view
+from ..bundle.members import BundleMember
 from ..bundle.store import Bundle, load_bundle
 from ..models.heads import head_probabilities
 from ..models.machine import runtime_settings
@@ -46,7 +47,7 @@ class Model:
         from ..export.runtime import open_runtime
 
         self.bundle = bundle
-        self.head = bundle.head.eval()
+        self.head = bundle.head.eval()  # the first member's
         self._onnx = open_runtime(bundle, runtime, onnx_file)
         self.runtime = "torch" if self._onnx is None else "onnx"
         self.temperature = bundle.temperature  # None: a bundle from before calibration
@@ -75,9 +76,15 @@ class Model:
         temperature, pooled backbone features (N, C) float32)."""
         if self._onnx is not None:  # the exported graph divides the logits by the temperature itself
             return self._onnx.run(batch)
-        spatial, pooled = self.backbone.encode(batch, self.bundle.precision)
-        probs = head_probabilities(self.head, head_input(self.bundle.head_config, spatial, pooled))
-        return calibrated(probs, self.temperature), pooled.numpy()
+        probs, pooled = self.uncalibrated(batch)
+        return calibrated(probs, self.temperature), pooled
+
+    def uncalibrated(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The probabilities before the bundle's temperature (an ensemble's: the average of its members'
+        over its views, each member after its own temperature), and the gate's pooled features: the
+        first member's, of the identity view. The traced backbones at the bundle's precision compute
+        what bundle/network.py's Ensemble computes eagerly (same views, same order, same average)."""
+        return ensemble_uncalibrated(self.bundle.members, self.bundle.views, batch)
 
     @property
     def measure(self) -> Callable[[Image.Image], list[float]] | None:
@@ -146,6 +153,20 @@ def image_result(bundle: Bundle, name: str, probs: np.ndarray, gate: dict[str, A
         refer = p_ref >= threshold.threshold
     return {"input": name, "label": label, "probabilities": {c: float(p) for c, p in zip(classes, probs)},
             "referral": bundle.manifest.level(label), "p_referral": p_ref, "refer": refer, "gate": gate}
+
+
+def ensemble_uncalibrated(members: Sequence[BundleMember], views: Sequence[str],
+                          batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Members x views on uint8 pixels -> (the mean of the members' probabilities, each after its own
+    temperature, (N, K) float64; the first member's pooled identity-view features (N, C) float32)."""
+    outs, first = [], None
+    for view in views:
+        x = tta_view(view, batch)
+        for m in members:
+            spatial, pooled = m.backbone.encode(x, m.precision)
+            first = pooled if first is None else first
+            outs.append(calibrated(head_probabilities(m.head, head_input(m.head_config, spatial, pooled)), m.temperature))
+    return (outs[0] if len(outs) == 1 else np.mean(outs, axis=0)), first.numpy()
 
 
 def load(path: str | Path, runtime: str = "auto", onnx_file: str | Path | None = None,

@@ -111,10 +111,12 @@ def default_head(mode: str, scratch: bool) -> HeadConfig:
 
 
 def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data: _Data | None = None,
-                 lineage: dict[str, Any] | None = None) -> Bundle | None:
+                 lineage: dict[str, Any] | None = None, input_like: Preprocessing | None = None) -> Bundle | None:
     """`data`: a dataset with its splits already made (retraining keeps its parent's splits);
-    `lineage`: the bundle's version and parent (default: version 1, no parent). Under torchrun every
-    rank calls this; rank 0 returns the bundle it wrote, the others None (train/distributed.py)."""
+    `lineage`: the bundle's version and parent (default: version 1, no parent); `input_like`: feed the
+    backbone pixels of this size and resampling (an ensemble's members share one input, train/ensemble.py).
+    Under torchrun every rank calls this; rank 0 returns the bundle it wrote, the others None
+    (train/distributed.py)."""
     out, world = Path(out).expanduser(), torchrun_world()
     _check(cfg, out)
     check_world(cfg.mode, cfg.train.batch_size, world.size)
@@ -125,6 +127,9 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     # baseline's features (a from-scratch model is measured against the default backbone's).
     pretrained = create_backbone(DEFAULT_BACKBONE if scratch else x.backbone, weights=None if scratch else x.weights,
                                  pretrained=x.pretrained)
+    if input_like is not None:
+        pretrained.preprocessing = replace(pretrained.preprocessing, size=input_like.size,
+                                           interpolation=input_like.interpolation, resize=input_like.resize)
     data = data or _prepare(cfg, pretrained.preprocessing)  # screened through the model input it will see
     k = cv_folds(cfg, len(data.splits.train) + len(data.splits.val))
     if k:

@@ -47,6 +47,9 @@ def retrain(bundle_path: str | Path, feedback: str | Path, out: str | Path, *, i
     out = Path(out).expanduser()
     check_output_folder(out)
     parent = load_bundle(bundle_path)
+    if parent.is_ensemble:  # its members would each need the feedback, and the ensemble refitting on it
+        raise RetinaLensError(f"{bundle_path}: retraining an ensemble bundle is not supported; train it again "
+                              "with the feedback images added to the data")
     cfg = _parent_config(parent, cache)
     base = _prepare(cfg)
     with FeedbackStore(feedback, images_dir) as store:

@@ -1,0 +1,94 @@
+"""Ensembles and test-time augmentation: what they gain in accuracy and what they cost in latency.
+
+On ../shared/data/oct-kermany (train -> test, the same patient split for every row: the default
+split seed), four bundles trained the way a user would (`retinalens.train`):
+
+- single:       the default (EfficientNet-Lite0, bottleneck head chosen on validation);
+- single+flip:  the same with `--tta flip`;
+- ensemble:     `--ensemble efficientnet_lite0,efficientnet_lite1,mobilenet_v2` (one input, 224 px);
+- ensemble+flip: the same with `--tta flip`.
+
+Each is evaluated on oct-kermany/test (`retinalens.evaluate`: accuracy with its patient-bootstrap CI,
+urgent-referral sensitivity / specificity at the threshold fitted on validation, DRUSEN recall), and
+timed on one scan at a time (`Model.predict`, median of 10 after a warm-up). Features are cached per
+backbone, so a second run costs only the heads and the test-time passes.
+
+`python benchmarks/bench_ensemble.py [--out FILE]` prints the JSON (and writes it); `run(shared_data)`
+returns it (`make bench`, section "ensemble").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import retinalens
+
+ROOT = Path(__file__).resolve().parents[1]
+ENSEMBLE = "efficientnet_lite0,efficientnet_lite1,mobilenet_v2"
+ROWS: dict[str, dict[str, Any]] = {
+    "single": {},
+    "single+flip": {"tta": "flip"},
+    "ensemble": {"ensemble": ENSEMBLE},
+    "ensemble+flip": {"ensemble": ENSEMBLE, "tta": "flip"},
+}
+LATENCY_RUNS = 10
+
+
+def _latency_ms(bundle: Path, scan: Path) -> float:
+    model = retinalens.load(bundle)
+    model.predict(scan)  # warm-up: traces the backbones, opens the ONNX runtime where auto picks it
+    times = []
+    for _ in range(LATENCY_RUNS):
+        t = time.perf_counter()
+        model.predict(scan)
+        times.append(time.perf_counter() - t)
+    return round(1000 * statistics.median(times), 1)
+
+
+def run(shared_data: Path, rows: list[str] | None = None) -> dict[str, Any]:
+    data = Path(shared_data) / "oct-kermany"
+    scan = min((data / "test" / "DME").glob("*.jpeg"))
+    out: dict[str, Any] = {"data": str(data), "machine": f"{os.cpu_count()} cores", "rows": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in rows or list(ROWS):
+            t = time.perf_counter()
+            bundle = retinalens.train(data, Path(tmp) / name.replace("+", "-"), **ROWS[name])
+            train_s = time.perf_counter() - t
+            m = retinalens.evaluate(bundle.path, data, n_boot=1000)
+            op = m.get("operating_point") or {}
+            out["rows"][name] = {
+                "options": ROWS[name], "members": m["model"]["members"], "views": m["model"]["tta"],
+                "val_accuracy": bundle.manifest.validation.get("accuracy"),
+                "test_accuracy": m["accuracy"], "test_accuracy_ci": m["accuracy_ci"],
+                "urgent_sensitivity": op.get("sensitivity"), "urgent_sensitivity_ci": op.get("sensitivity_ci"),
+                "urgent_specificity": op.get("specificity"),
+                "drusen_recall": m["per_class"]["DRUSEN"]["recall"], "n_test": m["n_images"],
+                "train_s": round(train_s, 1), "latency_ms": _latency_ms(bundle.path, scan),
+            }
+            print(json.dumps({name: out["rows"][name]}), file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=os.environ.get("RETINALENS_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    result = run(Path(args.data), args.rows.split(","))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
