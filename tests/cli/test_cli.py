@@ -125,8 +125,11 @@ def test_ctrl_c_says_so_and_keeps_the_work(tmp_path, oct_root):
 
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     # 748 scans are three cache chunks: interrupted after the first is committed, mid-way through the rest
+    # SIGINT at its default in the child: a suite started in the background (`pytest &`) ignores it, and
+    # Python keeps an ignored SIGINT ignored, so Ctrl-C would never reach the command.
     proc = subprocess.Popen([sys.executable, "-m", "retinalens.cli.main", "extract", str(oct_root),
-                             "--cache", str(tmp_path / "c")], stderr=subprocess.PIPE, text=True, env=env)
+                             "--cache", str(tmp_path / "c")], stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((tmp_path / "c").glob("*/chunk-*.json")):
         time.sleep(0.2)  # wait for the first committed chunk
