@@ -16,11 +16,12 @@ if TYPE_CHECKING:
 
 
 def has_multi_frame(inputs: list[str]) -> bool:
-    """Whether a file named on the command line is a multi-frame file (a volume by itself)."""
-    from ..data.volumes import multi_frame_volume
+    """Whether a file named on the command line is a multi-frame file (a volume by itself), from the
+    headers alone: the volume path decodes its frames once, afterwards."""
+    from ..data.volumes import frame_count
 
     try:
-        return any(Path(i).is_file() and multi_frame_volume(Path(i)) is not None for i in inputs)
+        return any(Path(i).is_file() and frame_count(Path(i)) > 1 for i in inputs)
     except RetinaLensError:
         return True  # an unreadable multi-frame file: the volume path reports it with the other inputs
 

@@ -56,28 +56,41 @@ FrameReader = Callable[[Path], Sequence[Image.Image]]
 @dataclass(frozen=True)
 class FrameFormat:
     """A multi-frame file format: `sniff` looks at the file's first bytes (content, never the name:
-    DICOM files often have none), `read` returns its frames in order."""
+    DICOM files often have none), `count` reads how many frames its header holds (nothing decoded),
+    `read` returns its frames in order."""
 
     name: str
     sniff: Callable[[bytes], bool]
+    count: Callable[[Path], int]
     read: FrameReader
 
 
 def frame_formats() -> tuple[FrameFormat, ...]:
     """The multi-frame formats, tried in order."""
-    return (FrameFormat("DICOM", is_dicom, dicom_frames),
-            FrameFormat("TIFF", lambda head: head[:4] in (b"II*\x00", b"MM\x00*"), tiff_frames))
+    return (FrameFormat("DICOM", is_dicom, dicom_frame_count, dicom_frames),
+            FrameFormat("TIFF", lambda head: head[:4] in (b"II*\x00", b"MM\x00*"), tiff_frame_count, tiff_frames))
+
+
+def dicom_frame_count(path: Path) -> int:
+    try:
+        return read_tags(path).frames  # the header alone
+    except ImageDecodeError:
+        return 0  # not readable as DICOM: the decoder says why, with the other inputs
 
 
 def dicom_frames(path: Path) -> list[Image.Image]:
     """The B-scans of a multi-frame DICOM file (data/dicom.py, through the one decoder's decode_frames,
     which checks the frame count and sizes before decoding any). All of them or an error: a volume with
     frames missing must not be answered as if it were whole."""
+    return list(decode_frames(path, keep_grey=True))
+
+
+def tiff_frame_count(path: Path) -> int:
     try:
-        frames = read_tags(path).frames  # the header alone: a one-frame file is an ordinary image
-    except ImageDecodeError:
-        return []  # not readable as DICOM: the decoder says why, with the other inputs
-    return list(decode_frames(path, keep_grey=True)) if frames > 1 else []
+        with Image.open(path, formats=["TIFF"]) as img:
+            return getattr(img, "n_frames", 1)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise RetinaLensError(f"{path}: unreadable multi-frame file ({exc})") from None
 
 
 def tiff_frames(path: Path) -> list[Image.Image]:
@@ -98,8 +111,26 @@ def tiff_frames(path: Path) -> list[Image.Image]:
         raise RetinaLensError(f"{path}: unreadable multi-frame file ({exc})") from None
 
 
+def frame_count(path: Path) -> int:
+    """How many frames a file's header says it holds: 1 for any file that is not a multi-frame format
+    (the decoder judges it), read without decoding a frame."""
+    fmt = _multi_frame_format(path)
+    return fmt.count(path) if fmt else 1
+
+
 def multi_frame_volume(path: Path) -> Volume | None:
     """The volume a multi-frame file holds, or None for a file of one frame (an ordinary image)."""
+    fmt = _multi_frame_format(path)
+    if fmt is None or fmt.count(path) < 2:
+        return None
+    frames = fmt.read(path)
+    if len(frames) < 2:
+        return None
+    return Volume(str(path), "file", tuple(Slice(f"{path}#frame {i + 1}", png_bytes(frame))
+                                           for i, frame in enumerate(frames)))
+
+
+def _multi_frame_format(path: Path) -> FrameFormat | None:
     try:
         if not stat.S_ISREG(path.stat().st_mode):
             return None  # a FIFO is never opened (it would wait for a writer): the walk reports it
@@ -107,14 +138,7 @@ def multi_frame_volume(path: Path) -> Volume | None:
             head = f.read(_HEADER_BYTES)
     except OSError:
         return None  # the decoder reports an unreadable file with the rest
-    fmt = next((f for f in frame_formats() if f.sniff(head)), None)
-    if fmt is None:
-        return None
-    frames = fmt.read(path)
-    if len(frames) < 2:
-        return None
-    return Volume(str(path), "file", tuple(Slice(f"{path}#frame {i + 1}", png_bytes(frame))
-                                           for i, frame in enumerate(frames)))
+    return next((f for f in frame_formats() if f.sniff(head)), None)
 
 
 def png_bytes(image: Image.Image) -> bytes:
