@@ -195,5 +195,5 @@ def test_a_machine_that_never_comes_ends_the_run_at_the_rendezvous_timeout(setup
     took = time.monotonic() - start
     r = subprocess.CompletedProcess(node.args, node.returncode, "", stderr)
     assert_clean_error(r, "did not gather the 2 machines of the run within 8 s", "--rdzv-endpoint")
-    assert 8 <= took < 60, took
+    assert 8 <= took < 90, took  # the timeout, plus starting Python and torch on a loaded machine
     assert not (tmp_path / "alone").exists() and not (tmp_path / "alone.checkpoints").exists()
