@@ -209,6 +209,12 @@ def predict(
                                 csv_out=csv_out, heatmaps=heatmaps, batch_size=batch_size, workers=workers,
                                 progress=not quiet)
         return
+    if engine == "ray" and out is not None and not (json_out or csv_out or sr_out):  # millions of rows: streamed
+        from .predict_stream import predict_streamed
+
+        return predict_streamed(model, inputs, out, gated=model.gate is not None, batch_size=batch_size,
+                                runtime=runtime, engine=engine, address=address, ray_workers=ray_workers,
+                                progress=not quiet)
     results = run_predict(model, inputs, json_path=json_out, csv_path=csv_out, out=out, batch_size=batch_size,
                           workers=workers, runtime=runtime, engine=engine, address=address, ray_workers=ray_workers,
                           progress=not quiet, keep_identifiers=keep_identifiers)
