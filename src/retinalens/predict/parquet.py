@@ -27,9 +27,9 @@ from .._io import atomic_write_with
 from .table import prediction_columns, prediction_records
 
 CLASSES_KEY = b"retinalens.classes"
-# Rows held in memory before they are written as one row group: about 100 MB of Python rows at most
-# (a row is about 200 bytes in the file, a few times that as Python objects), and groups large
-# enough that readers scan them at full speed.
+# Rows held in memory before they are written as one row group: a peak of about 70 MB of Python
+# memory however many groups follow (README, Parquet predictions), and groups large enough that
+# readers scan them at full speed.
 ROWS_PER_GROUP = 100_000
 
 
