@@ -130,6 +130,12 @@ def canonical_json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
+def atomic_write_with(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """`write(handle)` into a temp file beside `path`, renamed into place once it returned: a writer
+    that streams (a Parquet file in row groups) is atomic too; an exception inside leaves no file."""
+    _atomic_write(path, write)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     _atomic_write(path, lambda f: f.write(data))
 

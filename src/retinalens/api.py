@@ -137,6 +137,33 @@ def predict(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[s
     return results
 
 
+def predict_parquet(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[str | Path], out: str | Path, *,
+                    batch_size: int | None = None, runtime: str | None = None, engine: str | None = None,
+                    address: str | None = None, ray_workers: int | None = None, progress: bool = False,
+                    on_result: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """`retinalens predict --engine ray --out FILE` (no --json, --csv): `predict`'s Parquet file, its
+    results streamed into it in the inputs' order as the batches finish, never all held
+    (predict/parquet.py: at most one row group of rows). `on_result` sees each result as it is written.
+    Returns the number of rows. engine "local" computes every result first, as `predict` does."""
+    run_on = engine_config(engine, address, ray_workers)
+    model = _model(bundle, "torch" if run_on.engine == "ray" else runtime, None)
+    sources = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    if run_on.engine == "ray":
+        from .engines.ray_predict import ordered_predictions_ray
+
+        results: Any = ordered_predictions_ray(model.bundle.path, sources, engine=run_on, progress=progress,
+                                               **given(batch_size=batch_size, runtime=runtime))
+    else:
+        results = model.predict_many(sources, progress=progress, **given(batch_size=batch_size))
+    def shown(results: Any) -> Any:
+        for r in results:
+            if on_result is not None:
+                on_result(r)
+            yield r
+
+    return write_predictions_parquet(shown(results), model.classes, out)
+
+
 def predict_volumes(bundle: str | Path | Bundle | Model, inputs: str | Path | Sequence[str | Path], *,
                     group_by: str | None = None, patient_regex: str | None = None, json_path: str | Path | None = None,
                     csv_path: str | Path | None = None, heatmaps_dir: str | Path | None = None,

@@ -183,6 +183,9 @@ def test_ray_predictions_are_predicts_in_parquet(cluster, small_bundle, images, 
     r = run_cli("predict", small_bundle.path, *inputs, "--engine", "ray", "--address", cluster, "--out",
                 tmp_path / "ray.parquet", "--batch-size", "4", "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
+    # Streamed: the rows are in the file; the terminal gets the failure and the count.
+    assert "9 prediction(s) (1 failed)" in r.stderr and "missing.jpeg" in r.stderr, r.stderr[-3000:]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
     pd = pytest.importorskip("pandas")
     a, b = (pd.read_parquet(tmp_path / f"{n}.parquet") for n in ("local", "ray"))
     assert len(a) == len(local) == 9 and list(a.columns) == list(b.columns)

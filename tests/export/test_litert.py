@@ -1,5 +1,6 @@
-"""LiteRT (TensorFlow Lite) export: parity with the eager network on real scans, the quantised variants'
-size and agreement, and clear errors where the converter is missing or the option does not apply."""
+"""LiteRT (TensorFlow Lite) export: parity with the eager network on real scans (a single network, and a
+2-member ensemble as one graph), the quantised variants' size and agreement, and clear errors where the
+converter is missing or the option does not apply."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from retinalens.errors import RetinaLensError
 from retinalens.export import export_bundle
 from retinalens.export.formats import sidecar_path
 from retinalens.export.litert import QUANTIZATIONS
+from retinalens.trust.calibration import calibrated
 
 from helpers import run_cli
 
@@ -34,6 +37,34 @@ def test_litert_matches_the_eager_network_on_real_scans(litert_exports, small_bu
     assert (got_p.argmax(1) == want_p.argmax(1)).all()  # the same class for every scan
     assert np.abs(got_p - want_p).max() < 1e-4  # the same probabilities, to float32 rounding
     assert np.allclose(got_p.sum(1), 1, atol=1e-5)
+
+
+def test_a_two_member_ensemble_is_one_litert_graph_that_averages_its_members(small_dataset, feature_cache,
+                                                                              oct_images, tmp_path):
+    """Two seeds of the default network in one bundle: the .tflite file against each member's own fp32
+    eager network (bundle/network.py), softmax(logits / T_m) averaged, then the bundle's temperature."""
+    pytest.importorskip("litert_torch", reason="LiteRT export needs the 'tflite' extra")
+    pytest.importorskip("ai_edge_litert", reason="the LiteRT runtime needs the 'tflite' extra")
+    import retinalens
+    from retinalens.bundle.network import Network
+    from retinalens.export.litert import LiteRTModel
+
+    ens = retinalens.train(small_dataset, tmp_path / "ens", seeds="0,1", head="conv", epochs=6, cv=0, workers=0,
+                           cache=str(feature_cache))
+    assert len(ens.members) == 2
+    x = torch.stack([ens.preprocessing.load(p) for p in oct_images])
+    members, first_pooled = [], None
+    with torch.inference_mode():
+        for m in ens.members:
+            logits, pooled = Network.from_member(m, private=True)(x)
+            first_pooled = pooled.numpy() if first_pooled is None else first_pooled
+            members.append(calibrated(torch.softmax(logits.float(), dim=1).numpy(), m.temperature))
+    want = calibrated(np.mean(members, axis=0), ens.temperature)
+    path = export_bundle(ens, "tflite", tmp_path / "ens.tflite")
+    got, pooled = LiteRTModel(path).run(x.numpy())
+    assert (got.argmax(1) == want.argmax(1)).all() and np.abs(got - want).max() < 1e-4
+    assert np.abs(pooled - first_pooled).max() < 1e-3 * np.abs(first_pooled).max()  # the first member's features
+    assert len(json.loads(sidecar_path(path).read_text())["ensemble"]["members"]) == 2
 
 
 def test_int8_is_smaller_and_runs(litert_exports, small_bundle, pixels):

@@ -1,7 +1,9 @@
 """Training on several processes: torchrun workers (gloo on loopback) on real scans, against one process.
 
 Fine-tuning on 2 processes against 1 (the warm-up epoch, then the backbone's last group); the frozen
-mode killed on 2 processes and resumed on 1, against 1 throughout.
+mode killed on 2 processes and resumed on 1, against 1 throughout; the frozen mode on two "machines"
+(two torchrun agents started independently, meeting at a c10d rendezvous on loopback), against 1, and
+one whose second machine never comes.
 
 Tolerance of "the same model": the models train under bf16 autocast where the CPU has bf16 (this one
 does), and the two ranks' half-batch matrix products round differently from one process's whole-batch
@@ -19,6 +21,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -145,12 +148,52 @@ def test_what_several_processes_cannot_do_is_refused_before_any_work(tmp_path, s
     for extra, needle in ((["--batch-size", 7], "must divide by the 2 processes"),
                           (["--mode", "bottleneck"], "--mode bottleneck trains in one process"),
                           (["--mode", "scratch", "--backbone", "eyenet"], "--mode scratch trains in one process"),
-                          (["--nnodes", 2], "--rdzv-endpoint")):
+                          (["--nnodes", 2], "--rdzv-endpoint"),
+                          (["--rdzv-timeout", 5], "--rdzv-timeout SECONDS")):
         r = run_cli("train", *common, "--out", tmp_path / "never", "--nproc", 2, *extra)
         assert_clean_error(r, needle)
     r = run_cli("train", *common, "--out", tmp_path / "never", "--nproc", 2, WORLD_SIZE="2")
     assert_clean_error(r, "under torchrun already")
     assert not (tmp_path / "never").exists() and not (tmp_path / "never.checkpoints").exists()
     # What the workers are given: the command, less the options that launch them.
-    assert worker_args(["train", "d", "--nproc", "2", "--nnodes=2", "--rdzv-endpoint", "h:1", "--lr", "1"]) == [
-        "train", "d", "--lr", "1"]
+    assert worker_args(["train", "d", "--nproc", "2", "--nnodes=2", "--rdzv-endpoint", "h:1", "--lr", "1",
+                        "--rdzv-timeout", "9"]) == ["train", "d", "--lr", "1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _nodes(common: list, out: Path, port: int, count: int) -> list[subprocess.Popen]:
+    """`count` machines' launches of a 2-machine run: each its own torchrun agent, started on its own
+    (one thread each: two of them share this machine's cores)."""
+    args = [*common, "--out", out, "--nproc", 1, "--nnodes", 2, "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-timeout", 8]
+    return [subprocess.Popen(cli_command("train", *args), env=cli_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(count)]
+
+
+def test_two_machines_meet_at_the_rendezvous_and_train_the_model_one_process_trains(setup, one_process):
+    root, common = setup
+    out = root / "nodes"
+    nodes = _nodes(common, out, _free_port(), 2)
+    stderrs = [p.communicate(timeout=600)[1] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], stderrs
+    # The bundle is written once, by global rank 0 (each machine's local rank 0 prints; only one says it).
+    assert sum(e.count("bundle written") for e in stderrs) == 1, stderrs
+    assert not out.with_name("nodes.checkpoints").exists()
+    _assert_same_model(one_process, out)
+
+
+def test_a_machine_that_never_comes_ends_the_run_at_the_rendezvous_timeout(setup, tmp_path):
+    _, common = setup
+    start = time.monotonic()
+    (node,) = _nodes(common, tmp_path / "alone", _free_port(), 1)
+    _, stderr = node.communicate(timeout=120)
+    took = time.monotonic() - start
+    r = subprocess.CompletedProcess(node.args, node.returncode, "", stderr)
+    assert_clean_error(r, "did not gather the 2 machines of the run within 8 s", "--rdzv-endpoint")
+    assert 8 <= took < 90, took  # the timeout, plus starting Python and torch on a loaded machine
+    assert not (tmp_path / "alone").exists() and not (tmp_path / "alone.checkpoints").exists()

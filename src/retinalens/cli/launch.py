@@ -1,4 +1,4 @@
-"""`retinalens train --nproc N [--nnodes M --rdzv-endpoint HOST:PORT]`: the same command on N processes
+"""`retinalens train --nproc N [--nnodes M --rdzv-endpoint HOST:PORT [--rdzv-timeout S]]`: the same command on N processes
 per machine, started through torchrun's own launcher (train/distributed.py)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from ..errors import RetinaLensError
 
 # The options that start the processes: the processes themselves are not given them.
-LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint")
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-timeout")
 
 
 def worker_args(argv: Sequence[str]) -> list[str]:
@@ -27,7 +27,7 @@ def worker_args(argv: Sequence[str]) -> list[str]:
 
 
 def launch_train(argv: Sequence[str], *, mode: str, batch_size: int, nproc: int, nnodes: int,
-                 rdzv_endpoint: str | None) -> None:
+                 rdzv_endpoint: str | None, rdzv_timeout: int | None = None) -> None:
     """Check what several processes cannot do, then run `retinalens train` (argv) under torchrun."""
     if "WORLD_SIZE" in os.environ:
         raise RetinaLensError("--nproc starts torchrun: under torchrun already, leave it out (torchrun's "
@@ -35,7 +35,10 @@ def launch_train(argv: Sequence[str], *, mode: str, batch_size: int, nproc: int,
     if nnodes < 1 or (nnodes > 1) != bool(rdzv_endpoint):
         raise RetinaLensError("--nnodes N (N > 1) and --rdzv-endpoint HOST:PORT go together: every machine runs the "
                               "same command with the same endpoint")
+    if rdzv_timeout is not None and (not rdzv_endpoint or rdzv_timeout < 1):
+        raise RetinaLensError(f"--rdzv-timeout SECONDS (at least 1, got {rdzv_timeout}) is for a run on several machines: "
+                              "with --nnodes and --rdzv-endpoint")
     from ..train.distributed import check_world, launch
 
     check_world(mode, batch_size, nproc * nnodes)
-    launch(worker_args(argv), nproc=nproc, nnodes=str(nnodes), rdzv_endpoint=rdzv_endpoint)
+    launch(worker_args(argv), nproc=nproc, nnodes=str(nnodes), rdzv_endpoint=rdzv_endpoint, rdzv_timeout=rdzv_timeout)

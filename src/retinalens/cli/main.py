@@ -113,13 +113,15 @@ def train(
     nnodes: int = typer.Option(1, "--nnodes", help="With --nproc: machines taking part (each runs this command)."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="With --nnodes: HOST:PORT of "
                                                 "torchrun's rendezvous (the same on every machine)."),
+    rdzv_timeout: Optional[int] = typer.Option(None, "--rdzv-timeout", help="With --rdzv-endpoint: seconds to wait "
+                                               "for every machine to join (default: torchrun's, 600)."),
 ) -> None:
     """Train a model and write a bundle: a head on cached features, or a network on images."""
-    if nproc != 1 or nnodes != 1 or rdzv_endpoint:
+    if nproc != 1 or nnodes != 1 or rdzv_endpoint or rdzv_timeout is not None:
         from .launch import launch_train
 
         return launch_train(sys.argv[1:], mode=mode, batch_size=batch_size, nproc=nproc, nnodes=nnodes,
-                            rdzv_endpoint=rdzv_endpoint)
+                            rdzv_endpoint=rdzv_endpoint, rdzv_timeout=rdzv_timeout)
     from ..api import train as run_train
 
     bundle = run_train(data, out, mode=mode, backbone=backbone, weights=weights, pretrained=not random_weights,
@@ -207,6 +209,12 @@ def predict(
                                 csv_out=csv_out, heatmaps=heatmaps, batch_size=batch_size, workers=workers,
                                 progress=not quiet)
         return
+    if engine == "ray" and out is not None and not (json_out or csv_out or sr_out):  # millions of rows: streamed
+        from .predict_stream import predict_streamed
+
+        return predict_streamed(model, inputs, out, gated=model.gate is not None, batch_size=batch_size,
+                                runtime=runtime, engine=engine, address=address, ray_workers=ray_workers,
+                                progress=not quiet)
     results = run_predict(model, inputs, json_path=json_out, csv_path=csv_out, out=out, batch_size=batch_size,
                           workers=workers, runtime=runtime, engine=engine, address=address, ray_workers=ray_workers,
                           progress=not quiet, keep_identifiers=keep_identifiers)

@@ -129,9 +129,13 @@ def print_gate_summary(results: list[dict[str, Any]], gated: bool) -> None:
     from ..trust import summarize
 
     checked = [r["gate"] for r in results if "gate" in r]
+    print_gate_counts(summarize(checked) if checked else None, gated)
+
+
+def print_gate_counts(s: dict[str, Any] | None, gated: bool) -> None:
+    """print_gate_summary from the gate's summary (trust.gate.summarize; None: nothing was checked)."""
     if not gated:
         console().print("note: this bundle has no quality gate (it predates it): every readable image is graded")
-    elif checked:
-        s = summarize(checked)
+    elif s:
         console().print(f"{s['n_rejected']} of {s['n_checked']} ungradable"
                         + (" (" + ", ".join(f"{k} {v}" for k, v in s["reasons"].items()) + ")" if s["reasons"] else ""))

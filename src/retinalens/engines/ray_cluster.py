@@ -98,11 +98,13 @@ def one_row(batch: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def run_pipeline(ray: ModuleType, rows: list[dict[str, Any]], worker: type, worker_kwargs: dict[str, Any],
-                 cfg: EngineConfig, decode_kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """rows -> decode (Ray tasks) -> `worker` (an actor pool) -> its output rows, as they finish."""
+                 cfg: EngineConfig, decode_kwargs: dict[str, Any], *, ordered: bool = False) -> Iterator[dict[str, Any]]:
+    """rows -> decode (Ray tasks) -> `worker` (an actor pool) -> its output rows, as they finish, or
+    in the rows' order (`ordered`: Ray Data holds what finished early, within its own memory budget)."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the caller draws its own bar, in images
     ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = ordered  # set on every run: the context outlives it
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
     ds = ds.map(decode_row, fn_kwargs=decode_kwargs)
     ds = ds.map_batches(worker, batch_size=1, fn_constructor_kwargs=worker_kwargs, **actor_options(ray, cfg))

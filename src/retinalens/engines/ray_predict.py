@@ -47,10 +47,11 @@ class Predictor:
 
 
 def iter_predictions_ray(bundle: str | Path, sources: Sequence[str | Path | bytes], *, engine: EngineConfig,
-                         batch_size: int = BATCH_SIZE, runtime: str = "auto",
-                         progress: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+                         batch_size: int = BATCH_SIZE, runtime: str = "auto", progress: bool = False,
+                         ordered: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     """(position among the expanded inputs, result) for every input, each once, as batches finish
-    (in no particular order); inputs that could not be obtained come first."""
+    (in no particular order; `ordered`: the batches in the inputs' order); inputs that could not be
+    obtained come first."""
     check_batching(batch_size, 0)
     require_ray()  # a missing extra is said before any work
     bundle = str(Path(bundle).expanduser().resolve())
@@ -67,7 +68,7 @@ def iter_predictions_ray(bundle: str | Path, sources: Sequence[str | Path | byte
     seen: set[int] = set()
     with ray_session(engine) as ray, progress_bar(len(good), "predict (ray)", progress) as advance:
         for out in run_pipeline(ray, rows, Predictor, {"bundle": bundle, "runtime": runtime, "threads": engine.threads},
-                                engine, decoding):
+                                engine, decoding, ordered=ordered):
             b = int(out["batch"])
             if b in seen:  # a retried batch that had finished once already
                 continue
@@ -76,9 +77,24 @@ def iter_predictions_ray(bundle: str | Path, sources: Sequence[str | Path | byte
             advance(len(batches[b]))
 
 
+def ordered_predictions_ray(bundle: str | Path, sources: Sequence[str | Path | bytes], *, engine: EngineConfig,
+                            batch_size: int = BATCH_SIZE, runtime: str = "auto",
+                            progress: bool = False) -> Iterator[dict[str, Any]]:
+    """Model.predict_many's results on Ray, in the inputs' order, as the batches finish. Ray Data hands
+    the batches back in order, so this holds at most one batch beyond the inputs that could not be
+    obtained (known, like every input's name, before any work)."""
+    waiting: dict[int, dict[str, Any]] = {}
+    after = 0  # the position of the next result to give
+    for k, result in iter_predictions_ray(bundle, sources, engine=engine, batch_size=batch_size, runtime=runtime,
+                                          progress=progress, ordered=True):
+        waiting[k] = result
+        while after in waiting:
+            yield waiting.pop(after)
+            after += 1
+
+
 def predict_ray(bundle: str | Path, sources: Sequence[str | Path | bytes], *, engine: EngineConfig,
                 batch_size: int = BATCH_SIZE, runtime: str = "auto", progress: bool = False) -> list[dict[str, Any]]:
     """Model.predict_many on Ray: the same results, in the order of the inputs."""
-    done = dict(iter_predictions_ray(bundle, sources, engine=engine, batch_size=batch_size, runtime=runtime,
-                                     progress=progress))
-    return [done[k] for k in sorted(done)]
+    return list(ordered_predictions_ray(bundle, sources, engine=engine, batch_size=batch_size, runtime=runtime,
+                                        progress=progress))

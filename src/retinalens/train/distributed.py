@@ -162,15 +162,20 @@ def data_parallel(module: nn.Module, world: World, device: torch.device) -> nn.M
 
 
 def launch(command: Sequence[str], *, nproc: int, nnodes: str = "1", rdzv_endpoint: str | None = None,
-           rdzv_id: str = "retinalens") -> None:
+           rdzv_id: str = "retinalens", rdzv_timeout: int | None = None) -> None:
     """Run `python -m retinalens COMMAND` as torchrun would with these options (torch.distributed.run's
     own parser and launcher). A failed rank ends the run: one RetinaLensError saying which and how, or,
-    when the rank refused its input (exit 2, its message printed), exit 2 with nothing more to say."""
+    when the rank refused its input (exit 2, its message printed), exit 2 with nothing more to say.
+    `rdzv_timeout`: seconds the rendezvous waits for every machine to join (None: torchrun's default,
+    its c10d handler's join_timeout); a machine that never comes is one RetinaLensError after it."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
     rdzv = (["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id] if rdzv_endpoint
             else ["--standalone"])
+    if rdzv_timeout is not None:
+        rdzv += ["--rdzv-conf", f"join_timeout={rdzv_timeout}"]
     # Only local rank 0 prints: every rank would print the same lines. The others' output goes to
     # torchrun's log folder.
     args = parse_args(["--nnodes", nnodes, "--nproc-per-node", str(nproc), *rdzv, "--local-ranks-filter", "0",
@@ -183,6 +188,12 @@ def launch(command: Sequence[str], *, nproc: int, nnodes: str = "1", rdzv_endpoi
     agent.setLevel(logging.CRITICAL)
     try:
         run(args)
+    except RendezvousError as exc:  # RendezvousTimeoutError among them: the machines did not all come
+        waited = f"{rdzv_timeout} s" if rdzv_timeout is not None else "torchrun's join timeout"
+        said = "".join(f": {line[:200]}" for line in str(exc).strip().splitlines()[:1])  # often empty
+        raise RetinaLensError(f"the rendezvous at {rdzv_endpoint} did not gather the {nnodes} machines of the run "
+                              f"within {waited} (--rdzv-timeout; {type(exc).__name__}{said}): start the same command "
+                              "on every machine, with the same --rdzv-endpoint") from None
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         if failure.exitcode == 2:

@@ -157,8 +157,13 @@ def summarize(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
     for v in verdicts:
         if not v["ok"]:
             reasons[v["reason"]] = reasons.get(v["reason"], 0) + 1
-    n, rejected = len(verdicts), sum(reasons.values())
-    return {"n_checked": n, "n_rejected": rejected, "rejection_rate": rejected / n if n else None,
+    return summary_of(len(verdicts), reasons)
+
+
+def summary_of(n_checked: int, reasons: dict[str, int]) -> dict[str, Any]:
+    """summarize's answer from counts (a stream of verdicts counted as it passes)."""
+    rejected = sum(reasons.values())
+    return {"n_checked": n_checked, "n_rejected": rejected, "rejection_rate": rejected / n_checked if n_checked else None,
             "reasons": dict(sorted(reasons.items()))}
 
 
