@@ -31,7 +31,8 @@ from ..data.discover import Sample
 from ..data.images import ImageItem
 from ..data.volumes import frame_count, multi_frame_volume
 from ..errors import RetinaLensError
-from ..features.extract import extract_features, head_inputs, open_cache
+from ..features.cache import FeatureCache
+from ..features.extract import ExtractReport, extract_features, head_inputs, open_cache
 from ..models.heads import head_probabilities
 from ..predict.ensemble import ensemble_outputs
 from .trust import gate_verdicts
@@ -140,14 +141,12 @@ def score_bscans(bundle: Bundle, samples: Sequence[Sample], hashes: Sequence[str
             keep, raw, pooled, failed = ensemble_outputs(bundle.members, bundle.views, items, names=names,
                                                          workers=workers, progress=progress and not frames)
         else:
-            report = extract_features(items, [b.sha256 for b in bscans], bundle.backbone, store,
-                                      precision=bundle.precision, workers=workers, progress=progress and not frames)
-            keep = [k for k, b in enumerate(bscans) if b.sha256 in store]
+            report, keep, raw = cached_probabilities(bundle, store, items, [b.sha256 for b in bscans],
+                                                     workers=workers, progress=progress and not frames)
+            # A frame's failure is named as the frame, not by the bytes it was read from.
             failed = [(names[k], store.failure(b.sha256) or "not extracted") for k, b in enumerate(bscans)
                       if b.sha256 not in store] if frames else report.failures
             pooled = store.pooled([bscans[k].sha256 for k in keep])
-            raw = head_probabilities(bundle.head, head_inputs(store, [bscans[k].sha256 for k in keep],
-                                                              bundle.head_config.input_kind))
         scored.failures += failed
         scored.n_files += frames
         if not keep:
@@ -159,3 +158,14 @@ def score_bscans(bundle: Bundle, samples: Sequence[Sample], hashes: Sequence[str
         if scored.verdicts is not None and verdicts is not None:
             scored.verdicts += verdicts
     return scored
+
+
+def cached_probabilities(bundle: Bundle, store: FeatureCache, items: Sequence[ImageItem], hashes: Sequence[str], *,
+                         workers: int = 0, progress: bool = True) -> tuple[ExtractReport, list[int], np.ndarray]:
+    """The bundle's head probabilities (before calibration) on images through its feature cache `store`,
+    extracting what it lacks: (the extraction report, the indices of the images read, probabilities)."""
+    report = extract_features(list(items), list(hashes), bundle.backbone, store, precision=bundle.precision,
+                              workers=workers, progress=progress)
+    keep = [i for i, h in enumerate(hashes) if h in store]
+    return report, keep, head_probabilities(bundle.head, head_inputs(store, [hashes[i] for i in keep],
+                                                                     bundle.head_config.input_kind))

@@ -16,13 +16,12 @@ from ..data.hashing import sha256_files
 from ..data.tasks import apply_task, get_task
 from ..errors import RetinaLensError
 from ..features.cache import FeatureCache
-from ..features.extract import ExtractReport, extract_features, head_inputs, open_cache
-from .frames import score_bscans
+from ..features.extract import ExtractReport, open_cache
+from .frames import cached_probabilities, score_bscans
 from .trust import trust_metrics
 from .volumes import volume_metrics
 from ..bundle.card import write_model_card
 from ..bundle.store import Bundle
-from ..models.heads import head_probabilities
 from ..trust.calibration import calibrated
 from .metrics import classification_metrics
 from .report import write_html_report
@@ -136,10 +135,7 @@ def bundle_probabilities(bundle: Bundle, paths: list[Path], hashes: list[str], c
     (the cache, the extraction report, the indices of the images that could be read, probabilities)."""
     store = open_cache(cache, bundle.backbone, bundle.precision, spatial=bundle.head_config.input_kind == "spatial",
                        on_mismatch=on_mismatch)
-    report = extract_features(paths, hashes, bundle.backbone, store, precision=bundle.precision, workers=workers,
-                              progress=progress)
-    keep = [i for i, h in enumerate(hashes) if h in store]
-    probs = head_probabilities(bundle.head, head_inputs(store, [hashes[i] for i in keep], bundle.head_config.input_kind))
+    report, keep, probs = cached_probabilities(bundle, store, paths, hashes, workers=workers, progress=progress)
     return store, report, keep, probs
 
 
