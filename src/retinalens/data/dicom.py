@@ -86,8 +86,9 @@ def pydicom() -> ModuleType:
 
 
 def _read_errors(dcm: ModuleType) -> tuple[type[BaseException], ...]:
-    """What pydicom raises on a damaged file (its parser has no single error type)."""
-    return (dcm.errors.InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+    """What pydicom raises on a damaged file (its parser has no single error type; BytesLengthException,
+    a value whose length does not fit its VR, derives from Exception alone)."""
+    return (dcm.errors.InvalidDicomError, dcm.errors.BytesLengthException, EOFError, ValueError, KeyError, TypeError, AttributeError,
             NotImplementedError, OverflowError, IndexError)
 
 
