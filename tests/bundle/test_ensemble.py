@@ -213,3 +213,24 @@ def test_cli_refuses_bad_ensemble_options(data: Path, tmp_path: Path) -> None:
     assert_clean_error(r, "--tta takes distinct views among flip, crop")
     r = run_cli("train", data, "--out", tmp_path / "m", "--seeds", "0,1", "--mode", "finetune")
     assert_clean_error(r, "ensembles train in --mode bottleneck")
+
+
+def test_evaluate_scores_the_frames_of_dicom_volumes_through_the_ensemble(ens, scans: list[Path], tmp_path) -> None:
+    """An ensemble evaluates a multi-frame DICOM file's frames through the prediction path: each frame a
+    B-scan with Model's probabilities, each file one volume with predict --volumes' answer."""
+    pytest.importorskip("pydicom", reason="DICOM needs the 'dicom' extra")
+    import dicom_files as F
+    from retinalens.config import VolumeConfig
+    from retinalens.evaluate.run import evaluate_bundle
+    from retinalens.predict.volume import predict_volumes, volume_inputs
+
+    files = [F.save(F.build(F.volume([s for s in scans if s.parent.name == cls]), sop_class=F.OPT, patient=cls),
+                    tmp_path / "data" / cls / "IM0001") for cls in ("CNV", "NORMAL")]
+    m = evaluate_bundle(ens, tmp_path / "data", n_boot=50, progress=False, volumes=VolumeConfig())
+    assert m["n_images"] == 4 and m["volumes"]["grouping"] == "file" and not m["failures"]
+    volumes, _ = volume_inputs(files, "patient")
+    predicted = {p["volume"]: p for p in predict_volumes(Model(ens), volumes)}
+    for row in m["volumes"]["volumes"]:
+        p = predicted[row["volume"]]
+        assert (row["label"], row["index_slice"], row["n_slices"]) == (p["label"], p["index_slice"], 2)
+        assert row["p_referral"] == pytest.approx(p["p_referral"], abs=1e-4)

@@ -312,3 +312,33 @@ def test_a_volume_of_b_scans_is_answered_and_scrolled_by_keyboard(browser, live_
     assert image.get_attribute("src").endswith("/heatmap.png")
     blocked = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
     assert not blocked, blocked
+
+
+def test_a_multi_frame_dicom_is_shown_as_a_volume_without_the_box(browser, live_url, oct_images, tmp_path):
+    """A multi-frame DICOM file (real B-scans as frames) and a JPEG, the "one OCT volume" box left unticked:
+    the JPEG gets its result card, the DICOM file a volume card whose viewer steps through its frames."""
+    pytest.importorskip("pydicom", reason="DICOM needs the 'dicom' extra")
+    import dicom_files as F
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opt = F.save(F.build(F.volume(oct_images[:3])[:, :320, :320], sop_class=F.OPT), tmp_path / "IM0001.dcm")
+    browser.get(live_url + "/")
+    browser.find_element(By.ID, "file-input").send_keys(f"{opt}\n{oct_images[3]}")
+    assert not browser.find_element(By.ID, "as-volume").is_selected()
+    browser.find_element(By.ID, "analyse").click()
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.card")) == 2)
+    card = browser.find_element(By.CSS_SELECTOR, "article.volume")
+    assert card.find_element(By.TAG_NAME, "h2").text == "OCT volume of 3 B-scans (IM0001.dcm)"
+    assert "3 of 3 B-scans gradable" in card.text or "Ungradable volume" in card.text
+    assert browser.find_element(By.ID, "status").text == "1 image analysed, and 1 OCT volume."
+    slider = card.find_element(By.CSS_SELECTOR, "input[type=range]")
+    slider.send_keys(Keys.END)
+    assert card.find_element(By.CSS_SELECTOR, ".slice-caption").text.startswith("B-scan 3 of 3")
+    assert "IM0001.dcm#frame 3" in card.find_element(By.CSS_SELECTOR, ".slice-caption").text
+    image = card.find_element(By.CSS_SELECTOR, "img.slice")
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth === 320", image))
+    other = [c for c in browser.find_elements(By.CSS_SELECTOR, "article.card") if c != card]
+    assert other[0].find_element(By.TAG_NAME, "h2").text == oct_images[3].name

@@ -120,12 +120,15 @@ def test_web_app_keeps_identifiers_out(client, live_app, serve_dir: Path, demo_s
     dicom = F.save(F.build(grey), serve_dir.parent / "phi-upload").read_bytes()
     cut = dicom[:len(dicom) // 2]
     bomb = F.save(F.build(np.stack([grey[:8, :8]] * 2), sop_class=F.OPT, frames=10**9), serve_dir.parent / "bomb")
+    opt = F.save(F.build(np.stack([grey] * 2), sop_class=F.OPT), serve_dir.parent / "phi-volume").read_bytes()
     responses = []
     r = client.post("/api/predict", files=[("files", ("a", dicom, "application/dicom")),
-                                           ("files", ("b", cut, "application/octet-stream"))])
+                                           ("files", ("b", cut, "application/octet-stream")),
+                                           ("files", ("v", opt, "application/dicom"))])  # a volume by itself
     assert r.status_code == 200, r.text
     responses.append(r.text)
     good, bad = r.json()["results"]
+    assert [len(v["results"]) for v in r.json()["volumes"]] == [2]
     assert "id" in good and "pixel data ends after" in bad["error"] and "id" not in bad
     for path in (f"/api/analyses/{good['id']}", f"/api/analyses/{good['id']}/heatmap.png"):
         got = client.get(path)

@@ -86,8 +86,9 @@ def pydicom() -> ModuleType:
 
 
 def _read_errors(dcm: ModuleType) -> tuple[type[BaseException], ...]:
-    """What pydicom raises on a damaged file (its parser has no single error type)."""
-    return (dcm.errors.InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+    """What pydicom raises on a damaged file (its parser has no single error type; BytesLengthException,
+    a value whose length does not fit its VR, derives from Exception alone)."""
+    return (dcm.errors.InvalidDicomError, dcm.errors.BytesLengthException, EOFError, ValueError, KeyError, TypeError, AttributeError,
             NotImplementedError, OverflowError, IndexError)
 
 
@@ -247,15 +248,18 @@ class DicomTags:
     frames: int
 
 
-def read_tags(path: Path) -> DicomTags:
-    """The organising tags of a DICOM file, read without its pixel data (nor the bytes that hold it)."""
+def read_tags(source: Path | bytes, name: str = "upload") -> DicomTags:
+    """The organising tags of a DICOM file (a path, or its bytes: an upload, labelled `name` in errors),
+    read without its pixel data (from a path, nor the bytes that hold it): `frames` is the header's count,
+    no frame decoded."""
     dcm = pydicom()
+    label = name if isinstance(source, bytes) else source
     try:
-        ds = dcm.dcmread(path, stop_before_pixels=True)
+        ds = dcm.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source, stop_before_pixels=True)
     except OSError:
-        raise ImageDecodeError(f"{path}: cannot be read") from None
+        raise ImageDecodeError(f"{label}: cannot be read") from None
     except _read_errors(dcm) as exc:
-        raise ImageDecodeError(f"{path}: damaged DICOM file ({type(exc).__name__} while reading its elements)") from None
+        raise ImageDecodeError(f"{label}: damaged DICOM file ({type(exc).__name__} while reading its elements)") from None
     side = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
     frames = ds.get("NumberOfFrames", 1)
     return DicomTags(str(ds.get("PatientID", "") or "").strip(), side if side in ("R", "L") else "",

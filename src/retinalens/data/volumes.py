@@ -20,7 +20,7 @@ import io
 import os
 import re
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,14 +50,14 @@ class Volume:
     slices: tuple[Slice, ...]
 
 
-FrameReader = Callable[[Path], Sequence[Image.Image]]
+FrameReader = Callable[[Path], Iterable[Image.Image]]
 
 
 @dataclass(frozen=True)
 class FrameFormat:
     """A multi-frame file format: `sniff` looks at the file's first bytes (content, never the name:
     DICOM files often have none), `count` reads how many frames its header holds (nothing decoded),
-    `read` returns its frames in order."""
+    `read` gives its frames in order (an iterator may decode them one at a time)."""
 
     name: str
     sniff: Callable[[bytes], bool]
@@ -78,11 +78,12 @@ def dicom_frame_count(path: Path) -> int:
         return 0  # not readable as DICOM: the decoder says why, with the other inputs
 
 
-def dicom_frames(path: Path) -> list[Image.Image]:
+def dicom_frames(path: Path) -> Iterable[Image.Image]:
     """The B-scans of a multi-frame DICOM file (data/dicom.py, through the one decoder's decode_frames,
-    which checks the frame count and sizes before decoding any). All of them or an error: a volume with
-    frames missing must not be answered as if it were whole."""
-    return list(decode_frames(path, keep_grey=True))
+    which checks the frame count and sizes before decoding any), decoded one at a time. A frame count
+    that the pixel data does not hold raises once the frames run out, so a caller collecting them all
+    (multi_frame_volume) gets all of them or an error: a part volume is never answered as if whole."""
+    return decode_frames(path, keep_grey=True)
 
 
 def tiff_frame_count(path: Path) -> int:
@@ -119,15 +120,13 @@ def frame_count(path: Path) -> int:
 
 
 def multi_frame_volume(path: Path) -> Volume | None:
-    """The volume a multi-frame file holds, or None for a file of one frame (an ordinary image)."""
+    """The volume a multi-frame file holds, or None for a file of one frame (an ordinary image). Each
+    frame is re-encoded as it is read, so memory is the file, one decoded frame and the frames' PNGs."""
     fmt = _multi_frame_format(path)
     if fmt is None or fmt.count(path) < 2:
         return None
-    frames = fmt.read(path)
-    if len(frames) < 2:
-        return None
-    return Volume(str(path), "file", tuple(Slice(f"{path}#frame {i + 1}", png_bytes(frame))
-                                           for i, frame in enumerate(frames)))
+    slices = tuple(Slice(f"{path}#frame {i + 1}", png_bytes(frame)) for i, frame in enumerate(fmt.read(path)))
+    return Volume(str(path), "file", slices) if len(slices) >= 2 else None
 
 
 def _multi_frame_format(path: Path) -> FrameFormat | None:

@@ -15,9 +15,9 @@ model card. A section whose numbers the evaluation did not produce says so inste
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -87,6 +87,7 @@ def write_html_report(
     gallery_limit: int = 48,
     best_epoch: int | None = None,
     volumes: Sequence[EvaluatedVolume] | None = None,
+    load_images: Callable[[Sequence[int]], list[Any]] | None = None,
 ) -> Path:
     """Write the report for `metrics` (from classification_metrics on the same y_true/probs).
 
@@ -96,6 +97,8 @@ def write_html_report(
     `extra_sections` are (plain-text heading, already-safe HTML body) pairs appended at the end.
     `title` defaults to the model, data set and split; `best_epoch` (marked on the curves) to the bundle's.
     `volumes` (an evaluation per OCT volume, metrics["volumes"]): their metrics and strips of B-scans.
+    `load_images`: what the decoder reads for the images of these indices, where `images` are names
+    (the frames of a multi-frame file, evaluate/frames.py); default: the files `images` names.
     """
     try:
         names = list(metrics["classes"])
@@ -130,7 +133,7 @@ def write_html_report(
         ("Calibration", _calibration_section(metrics.get("calibration"))),
         ("Operating point", _operating_point_section(metrics.get("operating_point"), card["referral"])),
         ("Quality gate", _gate_section(metrics.get("gate"))),
-        ("Misclassified images", _gallery_section(bundle, images, y_true, probs, names, gallery_limit)),
+        ("Misclassified images", _gallery_section(bundle, images, y_true, probs, names, gallery_limit, load_images)),
         *([("OCT volumes", volumes_section(metrics.get("volumes"), volumes, bundle))] if volumes is not None else []),
         ("Data", _data_section(metrics, model)),
         ("Training curves", _curves_section(curves_csv, best_epoch) if curves_csv is not None else _NOT_AVAILABLE),
@@ -248,12 +251,13 @@ def _gate_section(gate: dict | None) -> str:
 
 
 def _gallery_section(bundle: Bundle | Model | None, images: Sequence[str | Path] | None, y_true: np.ndarray,
-                     probs: np.ndarray, names: list[str], limit: int) -> str:
+                     probs: np.ndarray, names: list[str], limit: int,
+                     load: Callable[[Sequence[int]], list[Any]] | None = None) -> str:
     if bundle is None or images is None:
         return _NOT_AVAILABLE
     from retinalens.explain.gallery import misclassified_gallery
 
-    items, n_wrong, failures = misclassified_gallery(bundle, images, y_true, probs, names, limit=limit)
+    items, n_wrong, failures = misclassified_gallery(bundle, images, y_true, probs, names, limit=limit, load=load)
     if not n_wrong:
         return '<p class="note">No misclassified images.</p>'
     shown = f"the {len(items)} most confident" if len(items) < n_wrong else f"all {len(items)}"

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 from retinalens.data.decode import decode_image
-from retinalens.data.volumes import Slice, Volume
-from retinalens.errors import ImageDecodeError
+from retinalens.data.volumes import Slice, Volume, multi_frame_volume
+from retinalens.errors import ImageDecodeError, RetinaLensError
 from retinalens.evaluate.markup import data_uri, fmt, table
 from retinalens.explain.gallery import jpeg_bytes
 
@@ -51,40 +52,55 @@ def _wrong(v: EvaluatedVolume) -> bool:
 def _strips(volumes: Sequence[EvaluatedVolume], bundle: Bundle | Model | None) -> str:
     shown = sorted((v for v in volumes if v.result["gate"]["ok"]),
                    key=lambda v: (not _wrong(v), -(v.result["p_referral"] or 0), v.id))[:STRIP_VOLUMES]
-    maps: dict[str, dict[int, Any]] = {}
-    if bundle is not None and shown:
-        from retinalens.explain import Explainer
-        from retinalens.explain.volume import suspicious_heatmaps
-
-        with Explainer(bundle) as ex:
-            for v in shown:
-                volume = Volume(v.id, v.result["grouping"], tuple(Slice(str(p), p) for p in v.paths))
-                maps[v.id] = suspicious_heatmaps(ex, volume, v.result, max_side=STRIP_SIDE * 2)
     parts = [f'<p class="note">{len(shown)} volume(s), misclassified first: each B-scan in order, the one whose '
              "answer the volume took outlined in red; below, Grad-CAM heat maps of the most suspicious B-scans "
              "for the volume's class.</p>"]
-    for v in shown:
-        r = v.result
-        head = (f"{v.id}: true {v.true_class}, answered {r['label']} ({r['referral'] or 'no level'}), "
-                f"B-scan {r['index_slice'] + 1} of {r['n_slices']} decided; {r['n_ungradable']} ungradable")
-        cells = []
-        for i, path in enumerate(v.paths[:STRIP_SLICES]):
-            worst = i == r["index_slice"]
-            mark, caption = (' class="worst"', f"{i + 1} worst") if worst else ("", str(i + 1))
-            cells.append(f'<figure{mark}>{_thumb(path, f"B-scan {i + 1}")}<figcaption>{caption}</figcaption></figure>')
-        extra = len(v.paths) - STRIP_SLICES
-        more = f'<p class="note">{extra} more B-scans not drawn.</p>' if extra > 0 else ""
-        heat = "".join(f'<figure><img alt="Heat map, B-scan {i + 1}" '
-                       f'src="{data_uri(jpeg_bytes(e.overlay), "image/jpeg")}"><figcaption>{i + 1}</figcaption></figure>'
-                       for i, e in (maps.get(v.id) or {}).items() if not isinstance(e, dict))
-        parts.append(f"<h3>{html.escape(head)}</h3><div class=\"strip\">{''.join(cells)}</div>{more}"
-                     + (f'<div class="strip">{heat}</div>' if heat else ""))
+    with ExitStack() as stack:
+        if bundle is not None and shown:
+            from retinalens.explain import Explainer
+            from retinalens.explain.volume import suspicious_heatmaps
+
+            ex = stack.enter_context(Explainer(bundle))
+        for v in shown:  # one volume's B-scans at a time: a multi-frame file's frames are decoded again here
+            volume = _volume(v)
+            maps = suspicious_heatmaps(ex, volume, v.result, max_side=STRIP_SIDE * 2) \
+                if bundle is not None and volume.slices else {}
+            parts.append(_strip(v, volume, maps))
     return "".join(parts)
 
 
-def _thumb(path: Any, alt: str) -> str:
+def _volume(v: EvaluatedVolume) -> Volume:
+    """The B-scans of an evaluated volume: its files, or the frames of its multi-frame file (none, when
+    the file can no longer be read: the strip says so)."""
+    if v.result["grouping"] != "file":
+        return Volume(v.id, v.result["grouping"], tuple(Slice(str(p), p) for p in v.paths))
     try:
-        image = decode_image(path)
+        return multi_frame_volume(v.paths[0]) or Volume(v.id, "file", ())
+    except RetinaLensError:
+        return Volume(v.id, "file", ())
+
+
+def _strip(v: EvaluatedVolume, volume: Volume, maps: dict[int, Any]) -> str:
+    r = v.result
+    head = (f"{v.id}: true {v.true_class}, answered {r['label']} ({r['referral'] or 'no level'}), "
+            f"B-scan {r['index_slice'] + 1} of {r['n_slices']} decided; {r['n_ungradable']} ungradable")
+    cells = []
+    for i, s in enumerate(volume.slices[:STRIP_SLICES]):
+        worst = i == r["index_slice"]
+        mark, caption = (' class="worst"', f"{i + 1} worst") if worst else ("", str(i + 1))
+        cells.append(f'<figure{mark}>{_thumb(s.item, f"B-scan {i + 1}")}<figcaption>{caption}</figcaption></figure>')
+    extra = r["n_slices"] - min(len(volume.slices), STRIP_SLICES)
+    more = f'<p class="note">{extra} more B-scans not drawn.</p>' if extra > 0 else ""
+    heat = "".join(f'<figure><img alt="Heat map, B-scan {i + 1}" '
+                   f'src="{data_uri(jpeg_bytes(e.overlay), "image/jpeg")}"><figcaption>{i + 1}</figcaption></figure>'
+                   for i, e in maps.items() if not isinstance(e, dict))
+    return (f"<h3>{html.escape(head)}</h3><div class=\"strip\">{''.join(cells)}</div>{more}"
+            + (f'<div class="strip">{heat}</div>' if heat else ""))
+
+
+def _thumb(item: Any, alt: str) -> str:
+    try:
+        image = decode_image(item)
     except ImageDecodeError:
         return f"<span>{html.escape(alt)}: unreadable</span>"
     image.thumbnail((STRIP_SIDE * 2, STRIP_SIDE * 2))  # twice the drawn size: sharp on dense screens

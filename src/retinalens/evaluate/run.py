@@ -11,18 +11,17 @@ import numpy as np
 from .._console import console
 from .._io import atomic_write_json
 from ..config import VolumeConfig
-from ..data.discover import Dataset, discover
+from ..data.discover import Dataset, Sample, discover
 from ..data.hashing import sha256_files
 from ..data.tasks import apply_task, get_task
 from ..errors import RetinaLensError
 from ..features.cache import FeatureCache
-from ..features.extract import ExtractReport, extract_features, head_inputs, open_cache
-from .trust import gate_verdicts, trust_metrics
+from ..features.extract import ExtractReport, open_cache
+from .frames import cached_probabilities, score_bscans
+from .trust import trust_metrics
 from .volumes import volume_metrics
 from ..bundle.card import write_model_card
 from ..bundle.store import Bundle
-from ..models.heads import head_probabilities
-from ..predict.ensemble import ensemble_outputs
 from ..trust.calibration import calibrated
 from .metrics import classification_metrics
 from .report import write_html_report
@@ -49,41 +48,37 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
     if unknown:
         raise RetinaLensError(f"{ds.root}: classes {', '.join(unknown)} are not among the model's ({', '.join(bundle.classes)})")
     hashes = sha256_files(s.path for s in ds.samples)
+    # Training images are left out by file, before a multi-frame file is expanded to its frames.
     ds, hashes, scored = scored_images(bundle, ds, hashes, whole=whole, include_training=include_training)
-    # An explicit --cache that holds other features is an error; the default root keys folders by backbone.
-    if bundle.is_ensemble:  # several backbones and views: through the prediction path (predict/ensemble.py)
-        keep, raw_probs, pooled, failures = ensemble_outputs(bundle.members, bundle.views, [s.path for s in ds.samples],
-                                                             workers=workers, progress=progress)
-    else:
-        store, report, keep, raw_probs = bundle_probabilities(bundle, [s.path for s in ds.samples], hashes, cache,
-                                                              on_mismatch="error" if cache is not None else "rebuild",
-                                                              workers=workers, progress=progress)
-        pooled, failures = store.pooled([hashes[i] for i in keep]), report.failures
-    if not keep:
+    # Every B-scan: the images, and the frames of each multi-frame file (evaluate/frames.py), one file at a time.
+    out = score_bscans(bundle, ds.samples, hashes, cache, workers=workers, progress=progress)
+    if not out.bscans:
         raise RetinaLensError(f"{ds.root}: none of the {len(ds)} images could be read")
+    if out.n_files:
+        scored["n_multi_frame_files"], scored["n_bscans"] = out.n_files, len(out.bscans)
+    raw_probs, bscans, verdicts = out.probabilities, out.bscans, out.verdicts
     probs = calibrated(raw_probs, bundle.temperature)  # what prediction gives
     index = {c: k for k, c in enumerate(bundle.classes)}
-    y = np.array([index[ds.samples[i].label] for i in keep], dtype=np.int64)
-    metrics = classification_metrics(y, probs, bundle.classes, [ds.samples[i].patient for i in keep],
+    y = np.array([index[b.sample.label] for b in bscans], dtype=np.int64)
+    patients = [b.sample.patient for b in bscans]
+    metrics = classification_metrics(y, probs, bundle.classes, patients,
                                      positive_classes=bundle.positive_classes or None, n_boot=n_boot, seed=seed,
                                      ordinal=bool(task and task.ordinal))
     if task and metrics["urgent_referral"]:  # DR tasks: the referable decision, at the top level too
         for key in ("auc", "sensitivity", "specificity"):
             metrics[key], metrics[f"{key}_ci"] = metrics["urgent_referral"][key], metrics["urgent_referral"][f"{key}_ci"]
     # Calibration before/after, the referral operating point and the quality gate (None where the bundle lacks one).
-    verdicts = gate_verdicts(bundle, [ds.samples[i].path for i in keep], pooled, workers=workers)
-    metrics |= trust_metrics(bundle, raw_probs, y, [ds.samples[i].patient for i in keep], verdicts,
-                             n_boot=n_boot, seed=seed)
+    metrics |= trust_metrics(bundle, raw_probs, y, patients, verdicts, n_boot=n_boot, seed=seed)
     evaluated_volumes = None
     if volumes is not None:
-        metrics["volumes"], evaluated_volumes = volume_metrics(bundle, [ds.samples[i] for i in keep], probs, verdicts,
-                                                               volumes, n_boot=n_boot, seed=seed)
+        metrics["volumes"], evaluated_volumes = volume_metrics(bundle, bscans, probs, verdicts, volumes,
+                                                               n_boot=n_boot, seed=seed)
     metrics["data"] = {"path": str(ds.root), "split": split if ds.layout == "split-folders" or split in ds.splits else None,
                        "per_class": ds.class_counts(), "scored": scored}
-    metrics["failures"] = [{"input": p, "error": r} for p, r in failures] + [
+    metrics["failures"] = [{"input": p, "error": r} for p, r in out.failures] + [
         {"input": d["path"], "error": d["reason"]} for d in dropped] + [
         {"input": d["path"], "error": f"{d['path']}: {d['reason']}"} for d in ds.skipped]  # FIFOs, folders, ...
-    metrics["overlap_with_training"] = _overlap(bundle, {hashes[i] for i in keep})
+    metrics["overlap_with_training"] = _overlap(bundle, {b.sample.path for b in bscans}, ds.samples, hashes)
     metrics["model"] = {"path": str(bundle.path), "backbone": bundle.manifest.backbone.name,
                         "head": bundle.head_config.kind,
                         "members": [m.backbone.name for m in bundle.manifest.ensemble()], "tta": list(bundle.views)}
@@ -96,7 +91,7 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
     if report_path:  # titled with the model, the data set and the split
         write_html_report(report_path, metrics, y_true=y, probs=probs, model=bundle.manifest.to_dict(),
                           curves_csv=bundle.curves_file(),
-                          bundle=bundle, images=[ds.samples[i].path for i in keep],  # gallery of mistakes
+                          bundle=bundle, images=[b.name for b in bscans], load_images=out.load,  # gallery
                           volumes=evaluated_volumes)
     return metrics
 
@@ -140,10 +135,7 @@ def bundle_probabilities(bundle: Bundle, paths: list[Path], hashes: list[str], c
     (the cache, the extraction report, the indices of the images that could be read, probabilities)."""
     store = open_cache(cache, bundle.backbone, bundle.precision, spatial=bundle.head_config.input_kind == "spatial",
                        on_mismatch=on_mismatch)
-    report = extract_features(paths, hashes, bundle.backbone, store, precision=bundle.precision, workers=workers,
-                              progress=progress)
-    keep = [i for i, h in enumerate(hashes) if h in store]
-    probs = head_probabilities(bundle.head, head_inputs(store, [hashes[i] for i in keep], bundle.head_config.input_kind))
+    report, keep, probs = cached_probabilities(bundle, store, paths, hashes, workers=workers, progress=progress)
     return store, report, keep, probs
 
 
@@ -156,7 +148,9 @@ def _rewrite_card(bundle: Bundle, metrics: dict[str, Any]) -> None:
         console().print(f"[yellow]warning: the model card was not updated: {exc}[/]")
 
 
-def _overlap(bundle: Bundle, hashes: set[str]) -> int:
-    """How many evaluated images the model trained or selected its checkpoint on."""
+def _overlap(bundle: Bundle, scored: set[Path], samples: list[Sample], hashes: list[str]) -> int:
+    """How many evaluated files (of `samples`, with their `hashes`; those in `scored`) the model trained
+    or selected its checkpoint on."""
     seen = bundle.split_hashes()
-    return len(hashes & (seen.get("train", set()) | seen.get("val", set())))
+    evaluated = {h for s, h in zip(samples, hashes) if s.path in scored}
+    return len(evaluated & (seen.get("train", set()) | seen.get("val", set())))

@@ -7,10 +7,10 @@ teach the most), batched per predicted class so each map explains the class the 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -35,8 +35,11 @@ class GalleryItem:
 
 def misclassified_gallery(model: Model | Bundle, images: Sequence[str | Path], y_true: np.ndarray, probs: np.ndarray,
                           classes: Sequence[str], *, limit: int = GALLERY_LIMIT, batch_size: int = 16,
-                          side: int = THUMBNAIL_SIDE) -> tuple[list[GalleryItem], int, list[dict]]:
-    """(items, number misclassified, failures): at most `limit` misclassified images, most confident first."""
+                          side: int = THUMBNAIL_SIDE, load: Callable[[Sequence[int]], list[Any]] | None = None,
+                          ) -> tuple[list[GalleryItem], int, list[dict]]:
+    """(items, number misclassified, failures): at most `limit` misclassified images, most confident first.
+    `images` name them; `load(indices)` gives what the decoder reads for those (default: the files named),
+    called for the chosen ones only (a frame of a multi-frame file is decoded again when shown)."""
     from .explainer import Explainer
 
     predicted = np.argmax(probs, axis=1)
@@ -47,7 +50,8 @@ def misclassified_gallery(model: Model | Bundle, images: Sequence[str | Path], y
     with Explainer(model) as ex:
         for k in sorted({int(predicted[i]) for i in chosen}):
             group = [i for i in chosen if predicted[i] == k]
-            results = ex.explain_many([Path(images[i]) for i in group], classes[k], batch_size=batch_size, max_side=side)
+            sources = load(group) if load is not None else [Path(images[i]) for i in group]
+            results = ex.explain_many(sources, classes[k], batch_size=batch_size, max_side=side)
             for i, result in zip(group, results):
                 if isinstance(result, dict):
                     failures.append(result)

@@ -37,7 +37,7 @@ from .pages import docs_page, index_page, model_card_page
 from .security import COOKIE, Guard, csp_for_page, session_value
 from .service import ServeConfig, Service
 from .uploads import ImageTooLarge
-from .volume import VOLUME_DESCRIPTION, in_slice_order, volume_answer
+from .volume import VOLUME_DESCRIPTION, in_slice_order, per_file, volume_answer, with_frames
 
 LOG = logging.getLogger("uvicorn.error")
 IMAGE_TYPES = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png", "tiff": "image/tiff", "bmp": "image/bmp",
@@ -58,7 +58,10 @@ _PREDICT_DESCRIPTION = (
     "heatmap}`, or `{index, name, error}` for a file that is not an image. When the quality gate refuses an image "
     "(`gate.ok` false: ungradable), it has no result: `label`, `referral`, `refer`, `probabilities` and `p_referral` "
     "are null, and the model's raw output is only in `probabilities_unvalidated`, which must not be shown as a "
-    "class probability.")
+    "class probability. A multi-frame DICOM file (an OCT volume) is answered as a volume, as `POST /api/volume` "
+    "answers one: it is not in `results` but in `volumes`, one `{index, name, volume, results}` per such file "
+    "(`index` its position in the request, `results` its frames in file order, `volume` the eye-level answer "
+    "with `grouping` \"file\"); `volumes` is empty when no file is one.")
 
 
 def create_app(cfg: ServeConfig, service: Service | None = None) -> Any:
@@ -149,23 +152,24 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> Any:
     @app.post("/api/predict", summary="Analyse one or many images", openapi_extra=_PREDICT_BODY,
               description=_PREDICT_DESCRIPTION,
               responses={400: {"description": "no files, or too many"},
-                         413: {"description": "over the upload limit, or an image of too many pixels"},
+                         413: {"description": "over the upload limit, an image of too many pixels, or a DICOM file of too many frames"},
                          503: {"description": "the feedback storage cannot be written"},
                          507: {"description": "the feedback storage is full"}})
     async def predict(request: fastapi.Request) -> dict[str, Any]:
-        _, _, results = await analyse(request)
-        return {"model": service.version.sha256, "results": results}
+        expanded, sniffed, predictions, results = await analyse(request, with_frames)
+        return {"model": service.version.sha256, **per_file(expanded, sniffed, predictions, results)}
 
     @app.post("/api/volume", summary="Analyse uploaded B-scans as one OCT volume", openapi_extra=_PREDICT_BODY,
               description=VOLUME_DESCRIPTION, responses={400: {"description": "no files, or too many"},
                                                           413: {"description": "over the upload limit"}})
     async def volume(request: fastapi.Request) -> dict[str, Any]:
-        sniffed, predictions, results = await analyse(request, in_slice_order)
+        _, sniffed, predictions, results = await analyse(request, in_slice_order)
         return {"model": service.version.sha256, "volume": volume_answer(sniffed, predictions), "results": results}
 
-    async def analyse(request: fastapi.Request, order: Any = list) -> tuple[list[Any], list[Any], list[Any]]:
-        """The uploaded files sniffed, predicted (through the batcher) and stored: (uploads, model results of
-        the readable ones, one response result per upload)."""
+    async def analyse(request: fastapi.Request, order: Any) -> tuple[Any, list[Any], list[Any], list[Any]]:
+        """The uploaded files, multi-frame ones expanded to their frames by `order` (serve/volume.py), sniffed,
+        predicted (through the batcher) and stored: (the expansion, uploads, model results of the readable
+        ones, one response result per upload)."""
         form = await request.form(max_files=cfg.max_files, max_fields=cfg.max_files)
         try:
             files = [(value.filename, await value.read()) for _, value in form.multi_items()
@@ -173,20 +177,22 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> Any:
         finally:
             await form.close()
         try:
-            uploads = await anyio.to_thread.run_sync(order, files)  # a DICOM volume's frames are decoded here
+            expanded = await anyio.to_thread.run_sync(order, files)  # a DICOM volume's frames are decoded here
         except DicomTooLarge as exc:
             raise http_error(413, str(exc)) from None
         except ImageDecodeError as exc:
             raise http_error(422, str(exc)) from None
-        if not uploads:
+        if not expanded.files:
             raise http_error(400, "no files: send images as multipart/form-data field 'files'")
         try:
-            sniffed = service.sniff(uploads)  # reads headers only: cheap enough for the event loop
+            sniffed = service.sniff(expanded.files)  # reads headers only: cheap enough for the event loop
         except ImageTooLarge as exc:
             raise http_error(413, str(exc)) from None
+        for k, error in expanded.errors.items():  # a multi-frame file that cannot be read whole
+            sniffed[k].error = error
         predictions = await batcher.predict([u.data for u in sniffed if not u.error])
         results = await anyio.to_thread.run_sync(service.record, sniffed, predictions)
-        return sniffed, predictions, results
+        return expanded, sniffed, predictions, results
 
     @app.get("/api/analyses/{analysis_id}", summary="A stored analysis with its latest feedback",
              responses={404: {"description": "no such analysis"}})

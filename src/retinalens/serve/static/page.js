@@ -56,17 +56,26 @@ async function analyse() {
     return;
   }
   choose([]);
-  setStatus(`${plural(body.results.length)} analysed${asVolume ? " as one volume" : ""}.`);
-  if (asVolume) { $("results").prepend(volumeCard(body.volume, body.results)); return; }
+  if (asVolume) {
+    setStatus(`${plural(body.results.length)} analysed as one volume.`);
+    $("results").prepend(volumeCard(body.volume, body.results));
+    return;
+  }
+  // A multi-frame DICOM file is an OCT volume by itself: the server answers it in `volumes`, box ticked or not.
+  const volumes = body.volumes || [];
+  setStatus(`${plural(body.results.length)} analysed` +
+            (volumes.length ? `, and ${volumes.length} OCT volume${volumes.length === 1 ? "" : "s"}` : "") + ".");
   for (const result of body.results.slice().reverse()) $("results").prepend(resultCard(result));
+  for (const v of volumes.slice().reverse()) $("results").prepend(volumeCard(v.volume, v.results, v.name));
 }
 
 // One OCT volume: the eye-level answer, then a viewer to go through its B-scans (a range input: arrow keys,
 // Home and End work on it natively), the one that decided and the most suspicious ones a button away.
-function volumeCard(v, slices) {
+// `file`: the multi-frame file the volume is, named in the heading.
+function volumeCard(v, slices, file) {
   const id = `result-${++cards}`;
-  const node = el("article", {class: "card volume", "aria-labelledby": id},
-                  el("h2", {id, text: `OCT volume of ${plural(slices.length).replace("image", "B-scan")}`}));
+  const title = `OCT volume of ${plural(slices.length).replace("image", "B-scan")}` + (file ? ` (${file})` : "");
+  const node = el("article", {class: "card volume", "aria-labelledby": id}, el("h2", {id, text: title}));
   const left = el("div", {class: "result"});
   const counts = `${v.n_gradable} of ${v.n_slices} B-scans gradable` +
     (v.n_unreadable ? `, ${v.n_unreadable} unreadable` : "");
