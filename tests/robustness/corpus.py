@@ -94,7 +94,7 @@ def _zeros_zlib(row_bytes: int, rows: int) -> bytes:
     return b"".join([c.compress(block) for _ in range(full)] + [c.compress(block[:rest]), c.flush()])
 
 
-def _entropy_span(jpeg: bytes) -> tuple[int, int]:
+def entropy_span(jpeg: bytes) -> tuple[int, int]:
     """(start, end) of the entropy-coded data after the first SOS marker (end: the EOI marker)."""
     sos = jpeg.index(b"\xff\xda")
     start = sos + 2 + struct.unpack(">H", jpeg[sos + 2:sos + 4])[0]
@@ -115,7 +115,7 @@ def _sof_offset(jpeg: bytes) -> int:
 def _damaged_jpegs(stem: str, jpeg: bytes, fractions: tuple[float, ...] = TRUNCATE_FRACTIONS) -> Iterable[Spec]:
     for cut in (*TRUNCATE_BYTES, *(int(f * len(jpeg)) for f in fractions), len(jpeg) - 16):
         yield Spec(f"trunc-{stem}-{cut}.jpeg", "jpeg-truncated", "error", data=jpeg[:cut])
-    start, end = _entropy_span(jpeg)
+    start, end = entropy_span(jpeg)
     half = start + (end - start) // 2  # damage in the first half: the rest of the picture decodes as garbage
     for flips in (4, 16, 64):
         name = f"bitflip-{stem}-{flips}.jpeg"
