@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 import time
 from collections import Counter
@@ -28,8 +29,14 @@ import numpy as np
 TESTS = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(TESTS), str(TESTS.parent / "src")]
 
-from robustness.checks import BENIGN_CHANGED, BENIGN_CHANGED_FRACTION, BENIGN_MEAN_DIFF  # noqa: E402
-from robustness.corpus import entropy_span  # noqa: E402
+from retinalens.data.decode import decode_image  # noqa: E402 - after the path above
+from retinalens.data.transforms import Preprocessing  # noqa: E402
+from retinalens.demo import DEMO_DATA  # noqa: E402
+from retinalens.errors import ImageDecodeError  # noqa: E402
+from retinalens.trust.gate import FLOORS, Gate  # noqa: E402
+from retinalens.trust.statistics import all_statistics, source_statistics  # noqa: E402
+from robustness.checks import BENIGN_CHANGED, benign_damage  # noqa: E402
+from robustness.corpus import Spec, entropy_span  # noqa: E402
 
 FLIPS = (1, 4, 16)
 REFUSED_DECODER, NEAR_COPY, DAMAGED_LABELLED = "refused: decoder", "near-copy", "damaged, passes the floors"
@@ -72,12 +79,6 @@ def held_out_scans(shared_oct: Path, n: int = 200) -> list[Path]:
 
 def classify(copy: Copy) -> tuple[str, np.ndarray | None, np.ndarray | None]:
     """(outcome, the copy's grey pixels, its source's) where both decode; the floors as the gate applies them."""
-    from retinalens.data.decode import decode_image
-    from retinalens.data.transforms import Preprocessing
-    from retinalens.errors import ImageDecodeError
-    from retinalens.trust.gate import FLOORS, Gate
-    from retinalens.trust.statistics import all_statistics, source_statistics
-
     try:
         img = decode_image(copy.data, keep_grey=True)
     except ImageDecodeError:
@@ -89,18 +90,17 @@ def classify(copy: Copy) -> tuple[str, np.ndarray | None, np.ndarray | None]:
     b = np.asarray(decode_image(copy.source, keep_grey=True), dtype=np.int16)
     if not verdict["ok"]:
         return f"refused: {verdict['reason']}", a, b
-    diff = np.abs(a - b)
-    near = diff.mean() <= BENIGN_MEAN_DIFF and (diff > BENIGN_CHANGED).mean() <= BENIGN_CHANGED_FRACTION
-    return (NEAR_COPY if near else DAMAGED_LABELLED), a, b
+    spec = Spec(copy.name, "jpeg-bitflip", "ungradable", data=copy.data, source_data=copy.source.read_bytes())
+    return (NEAR_COPY if benign_damage(spec) else DAMAGED_LABELLED), a, b
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", type=Path, default=TESTS.parents[1] / "shared" / "data" / "oct-kermany")
+    shared = Path(os.environ.get("RETINALENS_SHARED_DATA", TESTS.parents[1] / "shared" / "data"))  # as tests/conftest.py
+    parser.add_argument("--shared", type=Path, default=shared / "oct-kermany", help="the Kermany set (default: %(default)s)")
     parser.add_argument("--held-out", action="store_true", help="the held-out sample (oct-kermany/train)")
     parser.add_argument("--save", type=Path, help="write each damaged-but-passing copy beside its source (PNG)")
     args = parser.parse_args(argv)
-    from retinalens.demo import DEMO_DATA
 
     if args.held_out:
         sample = list(copies(held_out_scans(args.shared), 1, "held-out"))
