@@ -26,7 +26,7 @@ _BLACK = 2  # a block whose brightest pixel is this dark is clipped black
 
 
 def block_step(grey: np.ndarray, bad: np.ndarray) -> float:
-    """The largest step (grey levels, of _LEVELS; 0: none) that 80% of the boundaries along some
+    """The largest step (grey levels, of _LEVELS; 0: none) that _HELD (80%) of the boundaries along some
     staircase make, all in one direction: at a boundary on pixel row y = 8r, (row y - row y-1) less the
     mean of the steps just above and below it, averaged over each block's 8 columns. Boundaries beside
     a steep natural edge (the neighbouring row steps exceed _STEEP on average) or beside a `bad` block
