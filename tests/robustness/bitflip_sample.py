@@ -1,6 +1,6 @@
 """Random bit flips in real scans' entropy data, each copy classified as the toolkit treats it.
 
-`python tests/robustness/bitflip_sample.py [--held-out] [--save DIR]` regenerates a deterministic sample
+`python tests/robustness/bitflip_sample.py [--held-out] [--seed WORD] [--save DIR]` regenerates a deterministic sample
 (every flip drawn from a generator seeded by the copy's own name and the sample's seed) and prints how
 many copies are refused (by the strict decoder, or by which absolute floor of the quality gate), how
 many decode as near-copies of their source (within `checks.benign_damage`'s bound: harmless), and how
@@ -8,8 +8,9 @@ many are damaged yet pass every floor (the class a model would label).
 
 Two samples: the design sample (the demo's 44 test scans and every third of the 129 `oct-kermany/test`
 scans, 1 / 4 / 16 flips in the first half of the entropy data, 2 copies each: 522), and `--held-out`
-(200 `oct-kermany/train` scans, 1 / 4 / 16 flips, one copy each under another seed: 600), kept apart
-from the design. `--save DIR` writes each damaged-but-passing copy beside its source as a PNG.
+(200 `oct-kermany/train` scans, 1 / 4 / 16 flips, one copy each under another seed: 600), other scans
+than the design's; `--seed WORD` draws the flips of either anew. `--save DIR` writes each damaged-but-passing
+copy beside its source as a PNG.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from retinalens.data.decode import decode_image  # noqa: E402 - after the path a
 from retinalens.data.transforms import Preprocessing  # noqa: E402
 from retinalens.demo import DEMO_DATA  # noqa: E402
 from retinalens.errors import ImageDecodeError  # noqa: E402
-from retinalens.trust.gate import FLOORS, Gate  # noqa: E402
+from retinalens.trust.gate import FLOORS  # noqa: E402
 from retinalens.trust.statistics import all_statistics, source_statistics  # noqa: E402
 from robustness.checks import BENIGN_CHANGED, benign_damage  # noqa: E402
 from robustness.corpus import Spec, entropy_span  # noqa: E402
@@ -85,11 +86,11 @@ def classify(copy: Copy) -> tuple[str, np.ndarray | None, np.ndarray | None]:
         return REFUSED_DECODER, None, None
     pp = Preprocessing(size=224, mean=(0.5,) * 3, std=(0.5,) * 3)  # the default backbone's input size
     stats = all_statistics(pp.pixels(img)[None].numpy(), np.array([source_statistics(img)]))
-    verdict = Gate(list(FLOORS)).verdicts(stats)[0]
+    failed = next((c for c in FLOORS if c.fails(stats[c.score])[0]), None)  # the first, as the gate reports
     a = np.asarray(img, dtype=np.int16)
     b = np.asarray(decode_image(copy.source, keep_grey=True), dtype=np.int16)
-    if not verdict["ok"]:
-        return f"refused: {verdict['reason']}", a, b
+    if failed is not None:
+        return f"refused: {failed.reason} ({failed.score})", a, b
     spec = Spec(copy.name, "jpeg-bitflip", "ungradable", data=copy.data, source_data=copy.source.read_bytes())
     return (NEAR_COPY if benign_damage(spec) else DAMAGED_LABELLED), a, b
 
@@ -99,13 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     shared = Path(os.environ.get("RETINALENS_SHARED_DATA", TESTS.parents[1] / "shared" / "data"))  # as tests/conftest.py
     parser.add_argument("--shared", type=Path, default=shared / "oct-kermany", help="the Kermany set (default: %(default)s)")
     parser.add_argument("--held-out", action="store_true", help="the held-out sample (oct-kermany/train)")
+    parser.add_argument("--seed", help="another sample of the same scans: flips seeded by this word instead")
     parser.add_argument("--save", type=Path, help="write each damaged-but-passing copy beside its source (PNG)")
     args = parser.parse_args(argv)
 
     if args.held_out:
-        sample = list(copies(held_out_scans(args.shared), 1, "held-out"))
+        sample = list(copies(held_out_scans(args.shared), 1, args.seed or "held-out"))
     else:
-        sample = list(copies(design_scans(DEMO_DATA, args.shared), 2, "design"))
+        sample = list(copies(design_scans(DEMO_DATA, args.shared), 2, args.seed or "design"))
     counts: Counter[str] = Counter()
     start = time.perf_counter()
     for copy in sample:
