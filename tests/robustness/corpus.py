@@ -94,7 +94,7 @@ def _zeros_zlib(row_bytes: int, rows: int) -> bytes:
     return b"".join([c.compress(block) for _ in range(full)] + [c.compress(block[:rest]), c.flush()])
 
 
-def _entropy_span(jpeg: bytes) -> tuple[int, int]:
+def entropy_span(jpeg: bytes) -> tuple[int, int]:
     """(start, end) of the entropy-coded data after the first SOS marker (end: the EOI marker)."""
     sos = jpeg.index(b"\xff\xda")
     start = sos + 2 + struct.unpack(">H", jpeg[sos + 2:sos + 4])[0]
@@ -115,7 +115,7 @@ def _sof_offset(jpeg: bytes) -> int:
 def _damaged_jpegs(stem: str, jpeg: bytes, fractions: tuple[float, ...] = TRUNCATE_FRACTIONS) -> Iterable[Spec]:
     for cut in (*TRUNCATE_BYTES, *(int(f * len(jpeg)) for f in fractions), len(jpeg) - 16):
         yield Spec(f"trunc-{stem}-{cut}.jpeg", "jpeg-truncated", "error", data=jpeg[:cut])
-    start, end = _entropy_span(jpeg)
+    start, end = entropy_span(jpeg)
     half = start + (end - start) // 2  # damage in the first half: the rest of the picture decodes as garbage
     for flips in (4, 16, 64):
         name = f"bitflip-{stem}-{flips}.jpeg"
@@ -127,6 +127,27 @@ def _damaged_jpegs(stem: str, jpeg: bytes, fractions: tuple[float, ...] = TRUNCA
         name = f"zeroed-{stem}-{run}.jpeg"
         at = int(_rng(name).integers(start, max(start + 1, half - run)))
         yield Spec(name, "jpeg-zeroed-run", "ungradable", data=jpeg[:at] + bytes(run) + jpeg[at + run:])
+
+
+def dc_shifted(jpeg: bytes, at: tuple[float, float], shift: int) -> bytes:
+    """The scan of `jpeg` re-encoded (quality 90) with every 8x8 block from the one at (fraction of the
+    height, of the width) to the end, in the raster order a greyscale JPEG codes its blocks in, `shift`
+    grey levels brighter (clipped to 0..255): what a flipped bit that changed one DC difference decodes to.
+    shift=0: the same scan re-encoded alike."""
+    with Image.open(io.BytesIO(jpeg)) as im:
+        grey = np.asarray(im.convert("L"), dtype=np.int16)
+    row, col = int(at[0] * grey.shape[0]) // 8 * 8, int(at[1] * grey.shape[1]) // 8 * 8
+    grey = grey.copy()
+    grey[row:row + 8, col:] += shift
+    grey[row + 8:] += shift
+    return _encode(Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)), "JPEG", quality=90)
+
+
+def _dc_shifts(stem: str, jpeg: bytes) -> Iterable[Spec]:
+    """Brightness shifts from one block on, up (the dark background turns grey) and down (clipped black)."""
+    for at, shift in (((0.35, 0.45), 24), ((0.45, 0.6), -120)):
+        yield Spec(f"dcshift-{stem}-{shift}.jpeg", "jpeg-dc-shift", "ungradable", data=dc_shifted(jpeg, at, shift),
+                   source=f"orig-{stem}.jpeg", source_data=jpeg)
 
 
 def _damaged_pngs(stem: str, grey: Image.Image) -> Iterable[Spec]:
@@ -272,6 +293,7 @@ def corpus_specs(sources: list[Path]) -> list[Spec]:
         with Image.open(path) as im:
             scan = im.convert("RGB")
         grey = scan.convert("L")
+        specs += _dc_shifts(stem, jpeg)
         if k < 4:  # the first four (the demo's, one per class) in every variant
             specs += [*_damaged_jpegs(stem, jpeg), *_encodings(stem, scan, grey, jpeg), *_damaged_pngs(stem, grey)]
         else:  # full-size scans from the shared set: fewer cuts, the commonest encodings

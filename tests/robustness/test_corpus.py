@@ -39,7 +39,7 @@ def test_corpus_is_deterministic_and_covers_every_class(corpus: list[Spec], corp
     classes = {s.cls for s in corpus}
     assert {"jpeg-truncated", "jpeg-bitflip", "jpeg-zeroed-run", "png-truncated-zlib", "png-bad-crc", "bomb",
             "format-confusion", "tiny", "strip", "uniform", "noise", "odd-name", "symlink-loop", "dangling-symlink",
-            "fifo", "directory", "empty"} <= classes
+            "fifo", "directory", "empty", "jpeg-dc-shift"} <= classes
 
 
 def test_predict_cli_over_the_whole_corpus(small_bundle, corpus: list[Spec], corpus_dir: Path, tmp_path: Path) -> None:

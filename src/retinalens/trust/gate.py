@@ -86,6 +86,12 @@ FLOORS: tuple[Check, ...] = (
     # of them; fundus photos 90, every fourth of 535), the corpus's label-changing bit flips 332 and 335. After "noisy": pure
     # noise has such coefficients too, and is better called noise.
     Check("block_peak", "above", 270, "damaged"),
+    # A brightness shift from one block to the end of the image in block order (a flipped bit that
+    # changed one DC difference; trust/block_order.py): 80% of its staircase's boundaries stepping by
+    # 12 grey levels or more (the real scans reach 6 at most, 992 of them), or clipped-black blocks
+    # after it (0.6 of the rest of the image; the real scans reach 0.18). Measured: README, Quality gate.
+    Check("block_step", "above", 11, "damaged"),
+    Check("black_tail", "above", 0.6, "damaged"),
 )
 
 

@@ -15,10 +15,11 @@ from PIL import Image
 from ..data.decode import JPEG_GRID
 from ..data.images import ImageFiles, image_batches
 from ..data.transforms import Preprocessing
+from .block_order import black_tail, block_step
 
 STATISTICS = ("brightness", "clipped", "sharpness", "saturation")  # the fitted ones
 FLOOR_STATISTICS = ("flat_band", "black_band", "contrast", "correlation")  # model input, judged against absolute floors
-SOURCE_STATISTICS = ("min_side", "aspect", "block_run", "block_peak")  # the full-resolution decode
+SOURCE_STATISTICS = ("min_side", "aspect", "block_run", "block_peak", "block_step", "black_tail")  # full-resolution decode
 ALL_STATISTICS = STATISTICS + FLOOR_STATISTICS + SOURCE_STATISTICS
 _LIT = 20  # a pixel darker than this (max channel, of 255) is background: the black around a scan or a fundus
 _CLIPPED = 250
@@ -90,7 +91,8 @@ def floor_statistics(pixels: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]
 
 
 def source_statistics(img: Image.Image) -> list[float]:
-    """The full-resolution decode -> [min_side, aspect, block_run, block_peak] (SOURCE_STATISTICS):
+    """The full-resolution decode -> [min_side, aspect, block_run, block_peak, block_step, black_tail]
+    (SOURCE_STATISTICS):
     min_side: the shorter side in pixels (a 1x1 PNG resizes into a perfectly plain model input);
     aspect: longer / shorter side (a 4000x20 strip squashed to a square is not a scan);
     block_run: the longest run, along a row of 8x8 blocks on the JPEG grid, of identical blocks of one
@@ -101,11 +103,14 @@ def source_statistics(img: Image.Image) -> list[float]:
     block_peak: for a JPEG decoded at full size (img.info[JPEG_GRID]; else NaN, not measured), the
       largest high-frequency DCT coefficient (u + v >= 7, orthonormal, grey levels) of any 8x8 block on
       its grid: a block that a flipped bit made libjpeg decode from the wrong symbols shows a stripe or
-      checker pattern at full contrast, which no compressed scan holds (see trust/gate.py FLOORS)."""
+      checker pattern at full contrast, which no compressed scan holds (see trust/gate.py FLOORS);
+    block_step, black_tail: for a greyscale JPEG on its grid (else NaN), a brightness shift from one
+      block to the end of the image in block order (a flipped bit that changed one DC difference; see
+      trust/block_order.py). A colour JPEG interleaves its components by MCU, an order these do not follow."""
     w, h = img.size
     grey = np.asarray(img if img.mode == "L" else img.convert("L"))
     h8, w8 = h // _BLOCK, w // _BLOCK
-    run = 0
+    run, step, tail = 0, np.nan, np.nan
     if h8 and w8:
         rows = grey[:h8 * _BLOCK, :w8 * _BLOCK].reshape(h8 * _BLOCK, w8, _BLOCK)
         hi, lo = _block_reduce(rows, np.maximum), _block_reduce(rows, np.minimum)
@@ -118,9 +123,12 @@ def source_statistics(img: Image.Image) -> list[float]:
         flat &= np.maximum(above, below) >= _EDGE
         same = flat[:, 1:] & flat[:, :-1] & (value[:, 1:] == value[:, :-1])  # a block the copy of its left one
         run = int(longest_run(same).max()) + 1 if same.any() else int(flat.any())
+        if img.info.get(JPEG_GRID) and img.mode == "L":  # a colour JPEG codes its blocks by MCU, not in raster order
+            step = block_step(grey[:h8 * _BLOCK, :w8 * _BLOCK], (hi >= _CLIPPED) | (hi == lo))
+            tail = black_tail(hi, _LIT)
 
     peak = _block_peak(grey[:h8 * _BLOCK, :w8 * _BLOCK], h8, w8) if img.info.get(JPEG_GRID) and h8 and w8 else np.nan
-    return [float(min(w, h)), max(w, h) / max(min(w, h), 1), float(run), peak]
+    return [float(min(w, h)), max(w, h) / max(min(w, h), 1), float(run), peak, step, tail]
 
 
 def _block_peak(grey: np.ndarray, h8: int, w8: int) -> float:
@@ -156,7 +164,7 @@ def longest_run(mask: np.ndarray) -> np.ndarray:
 
 
 def source_array(source: torch.Tensor | np.ndarray | None, n: int) -> dict[str, np.ndarray]:
-    """(N, 3) rows of `source_statistics` (NaN: not measured) -> {name: (N,)}; None: all NaN."""
+    """(N, len(SOURCE_STATISTICS)) rows of `source_statistics` (NaN: not measured) -> {name: (N,)}; None: all NaN."""
     s = np.full((n, len(SOURCE_STATISTICS)), np.nan) if source is None else np.asarray(source, dtype=np.float64)
     return {k: s[:, j] for j, k in enumerate(SOURCE_STATISTICS)}
 
