@@ -10,7 +10,10 @@ Two samples: the design sample (the demo's 44 test scans and every third of the 
 scans, 1 / 4 / 16 flips in the first half of the entropy data, 2 copies each: 522), and `--held-out`
 (200 `oct-kermany/train` scans, 1 / 4 / 16 flips, one copy each under another seed: 600), other scans
 than the design's; `--seed WORD` draws the flips of either anew. `--save DIR` writes each damaged-but-passing
-copy beside its source as a PNG.
+copy beside its source as a PNG. `--bundle B` runs what a user gets on every damaged-but-passing copy
+(the model with its fitted gate) beside the same on its source: how many the gate refuses, how many
+keep the source's label, and how many move from a referred (urgent) label to a non-referred one, the
+dangerous case.
 """
 
 from __future__ import annotations
@@ -102,7 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", action="store_true", help="the held-out sample (oct-kermany/train)")
     parser.add_argument("--seed", help="another sample of the same scans: flips seeded by this word instead")
     parser.add_argument("--save", type=Path, help="write each damaged-but-passing copy beside its source (PNG)")
+    parser.add_argument("--bundle", type=Path, help="predict each damaged-but-passing copy and its source with it")
     args = parser.parse_args(argv)
+    model = None
+    if args.bundle:
+        from retinalens import load
+
+        model = load(args.bundle)
+    answers: Counter[str] = Counter()
 
     if args.held_out:
         sample = list(copies(held_out_scans(args.shared), 1, args.seed or "held-out"))
@@ -116,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         if outcome == DAMAGED_LABELLED:
             diff = np.abs(a - b)
             print(f"{copy.name}: mean |diff| {diff.mean():.1f}, {100 * (diff > BENIGN_CHANGED).mean():.1f}% changed")
+            if model is not None:
+                answers[compare(model, copy)] += 1
             if args.save:
                 from PIL import Image
 
@@ -124,7 +136,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(sample)} copies in {time.perf_counter() - start:.0f} s:")
     for outcome, n in sorted(counts.items()):
         print(f"  {outcome}: {n} ({100 * n / len(sample):.1f}%)")
+    if model is not None:
+        print(f"damaged but passing the floors, through {args.bundle} (its fitted gate included):")
+        for answer, n in sorted(answers.items()):
+            print(f"  {answer}: {n}")
     return 0
+
+
+def compare(model, copy: Copy) -> str:
+    """What the model answers on a copy, against its answer on the source."""
+    got, source = model.predict(copy.data), model.predict(copy.source)
+    if not got["gate"]["ok"]:
+        return f"refused by the fitted gate ({got['gate']['reason']})"
+    if got["label"] == source["label"]:
+        return "labelled, the source's label"
+    if source.get("refer") and not got.get("refer"):
+        return f"labelled, referred source not referred ({source['label']} -> {got['label']})"
+    return f"labelled, another label ({source['label']} -> {got['label']})"
 
 
 if __name__ == "__main__":
