@@ -126,11 +126,12 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
                     y_train: np.ndarray, val_paths: list[Path], y_val: np.ndarray, num_classes: int,
                     train: TrainConfig, images: ImageTrainConfig, augment: str, checkpoint_dir: Path,
                     fingerprint: dict[str, Any], resume: bool = False, progress: bool = True,
-                    world: World = World()) -> ImageTrainResult:
+                    world: World = World(), select: bool = True) -> ImageTrainResult:
     """Train on the images at `paths` (train split) choosing the best epoch on `val_paths`.
 
     `world`: this process's rank in a run on several (train/distributed.py); every rank passes the same
-    arguments and trains on its share of each batch, rank 0 alone writes the checkpoint."""
+    arguments and trains on its share of each batch, rank 0 alone writes the checkpoint. `select=False`:
+    exactly train.epochs epochs, the last kept, `val_paths` only recorded (a cross-validation fold's)."""
     check_image_config(mode, images, train)
     if len(y_train) < world.size or len(y_val) < world.size:
         raise RetinaLensError("training needs images in both the train and the validation split"
@@ -269,8 +270,8 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
         return loss_sum / len(yv), correct / len(yv)
 
     with torch.random.fork_rng(devices=[]):  # train_epoch reseeds the global RNG: the caller's is left as it was
-        run = run_epochs(looped, opt, train, schedule=schedule, train_epoch=train_epoch, validate=validate, description=f"train ({mode})",
-                         progress=progress and world.main, saved=saved,
+        run = run_epochs(looped, opt, train, train_epoch=train_epoch, validate=validate, description=f"train ({mode})",
+                         progress=progress and world.main, saved=saved, schedule=schedule, select=select,
                          # Temp file, then rename: a kill -9 leaves the previous checkpoint or the new one, never half.
                          checkpoint=(lambda state: atomic_torch_save(
                              ckpt, {**state, "scaler": scaler.state_dict(), "fingerprint": key})) if world.main else None)

@@ -14,6 +14,8 @@ an EMA of the weights is what gets validated and saved, and which OCT augmentati
              cosine decay per batch; label smoothing; an EMA of the weights (timm's ModelEmaV3), which is
              what is validated, kept as the best epoch and bundled; the `oct-scan` augmentation (crops
              along the scan, speckle, tilts).
+- adamw-ema-cpu: adamw-ema on the last `--unfreeze` groups only (the layer-wise decay over those):
+             what a 2-core CPU can fine-tune in minutes.
 
 The BatchNorm policy (`--batchnorm`, ImageTrainConfig) is independent of the recipe: `frozen` keeps the
 ImageNet statistics; `reestimate` measures them anew on the training images before the first epoch
@@ -41,7 +43,8 @@ class Recipe:
     name: str
     optimizer: str = "adam"  # adam (L2 = TrainConfig.weight_decay) | adamw (decoupled, `weight_decay` below)
     weight_decay: float = 0.0  # adamw: on weights of 2 or more dimensions only
-    layer_decay: float | None = None  # None: the last --unfreeze groups train; else every group, decayed per depth
+    unfreeze_all: bool = False  # every backbone group trains (else the last --unfreeze groups)
+    layer_decay: float | None = None  # each trained group's rate this times the next deeper one's (None: one rate)
     schedule: str = "plateau"  # plateau (the loop's, on the monitored score) | cosine (warm-up, then per batch)
     head_only_warmup: bool = True  # --warmup-epochs: head-only epochs (True) or the linear LR ramp (False)
     label_smoothing: float = 0.0
@@ -54,7 +57,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     # AdamW 0.05 and smoothing 0.1 are the usual fine-tuning values (timm, DeiT); 0.7 per group keeps the
     # stem of EfficientNet-Lite0 (9 timm groups) at ~6% of the deepest group's rate; an EMA of 0.998
     # averages over the last ~500 steps, a few epochs of a few hundred scans.
-    Recipe("adamw-ema", optimizer="adamw", weight_decay=0.05, layer_decay=0.7, schedule="cosine",
+    Recipe("adamw-ema", optimizer="adamw", weight_decay=0.05, unfreeze_all=True, layer_decay=0.7, schedule="cosine",
+           head_only_warmup=False, label_smoothing=0.1, ema_decay=0.998, oct_augment="oct-scan"),
+    # The same on the last --unfreeze groups only: the gradient stops there, which on a 2-core CPU makes an
+    # epoch ~3x cheaper than every group's (measured: benchmarks/bench_finetune.py, README).
+    Recipe("adamw-ema-cpu", optimizer="adamw", weight_decay=0.05, layer_decay=0.7, schedule="cosine",
            head_only_warmup=False, label_smoothing=0.1, ema_decay=0.998, oct_augment="oct-scan"),
 )}
 
@@ -73,11 +80,11 @@ def check_batchnorm(policy: str) -> None:
 def backbone_param_groups(recipe: Recipe, groups: list[list[nn.Parameter]], *, unfreeze: int,
                           lr: float) -> list[dict[str, Any]]:
     """The optimiser's groups for the backbone's timm groups (stem first), `lr` being the deepest's."""
+    trained = groups if recipe.unfreeze_all else groups[len(groups) - min(unfreeze, len(groups)):]
     if recipe.layer_decay is None:
-        trainable = [p for g in groups[len(groups) - min(unfreeze, len(groups)):] for p in g]
-        return [{"params": trainable, "lr": lr}]
+        return decay_groups([p for g in trained for p in g], lr, recipe)
     out: list[dict[str, Any]] = []
-    for depth, g in enumerate(reversed(groups)):
+    for depth, g in enumerate(reversed(trained)):
         out += decay_groups(g, lr * recipe.layer_decay ** depth, recipe)
     return out
 
