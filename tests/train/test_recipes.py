@@ -5,10 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import cli_command, run_cli
+from helpers import cli_command, kill_after_epoch, run_cli
 from retinalens.data.augment import get_augmentation, sample_rng
 from retinalens.data.discover import discover
 from retinalens.errors import RetinaLensError
@@ -106,13 +104,6 @@ def test_oct_scan_augmentation_is_a_function_of_seed_epoch_and_position(oct_imag
     assert not torch.equal(a, plain(img, sample_rng(0, 1, 3)))
 
 
-def _checkpoint_epoch(path: Path) -> int:
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
-    except (OSError, RuntimeError, EOFError, KeyError):
-        return 0
-
-
 def test_adamw_ema_resumed_after_kill_gives_the_uninterrupted_weights(tmp_path, small_dataset, feature_cache):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     common = [str(small_dataset), "--mode", "finetune", "--recipe", "adamw-ema", "--batchnorm", "reestimate",
@@ -125,15 +116,7 @@ def test_adamw_ema_resumed_after_kill_gives_the_uninterrupted_weights(tmp_path, 
 
     out = tmp_path / "killed"
     ckpt = out.with_name("killed.checkpoints") / CHECKPOINT
-    proc = subprocess.Popen(cli_command("train", *common, "--out", str(out)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while _checkpoint_epoch(ckpt) < 1 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert _checkpoint_epoch(ckpt) == 1 and not out.exists()
+    assert kill_after_epoch(cli_command("train", *common, "--out", str(out)), env, ckpt, 1) == 1 and not out.exists()
 
     resumed = subprocess.run(cli_command("train", *common, "--resume", "--out", str(out)), env=env,
                              capture_output=True, text=True)
