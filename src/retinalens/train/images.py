@@ -195,11 +195,10 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
     schedule = (cosine_schedule(opt, warmup_steps=images.warmup_epochs * n_batches, total_steps=train.epochs * n_batches)
                 if recipe.schedule == "cosine" else None)
     if saved is None and mode == "finetune" and images.batchnorm == "reestimate":  # a checkpoint holds them
-        train_order = [[(i, 0, 0, i) for i in range(s, min(s + train.batch_size, len(yt)))]
-                       for s in range(0, len(yt), train.batch_size)]
+        plain = AugmentedImages(list(paths), pp, get_augmentation("none"), train.seed)  # the scans as they are
+        order = [[(i, 0, 0, i) for i in range(s, min(s + train.batch_size, len(yt)))] for s in range(0, len(yt), train.batch_size)]
         reestimate_batchnorm(net.features, (pp.normalize(x.to(device)).contiguous(memory_format=torch.channels_last)
-                                            for x, _ in _decoded(AugmentedImages(list(paths), pp, get_augmentation("none"), train.seed),
-                                                                        train_order, images.workers)))
+                                            for x, _ in _decoded(plain, order, images.workers)))
     ema = make_ema(recipe, net) if not frozen else None
     # With an EMA the loop keeps (best epoch, checkpoint) both the weights and their average.
     looped: nn.Module = nn.ModuleDict({"net": net, "ema": ema}) if ema is not None else net
