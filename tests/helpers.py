@@ -127,3 +127,28 @@ def small_tmpfs(folder: Path, options: str = "size=64k"):
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch an image-mode checkpoint was written after (0: none yet, or mid-write)."""
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return 0
+
+
+def kill_after_epoch(command: list[str], env: dict[str, str], ckpt: Path, epoch: int, timeout: float = 300) -> int:
+    """Run `command`, kill -9 it once its checkpoint `ckpt` holds `epoch` epochs; the epoch it held then."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while checkpoint_epoch(ckpt) < epoch and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return checkpoint_epoch(ckpt)

@@ -107,8 +107,10 @@ class ImageTrainConfig:
 
     unfreeze: int = 2  # finetune: the last N parameter groups of the backbone train
     backbone_lr_scale: float = 0.1  # finetune: their learning rate, relative to the head's
-    warmup_epochs: int = 1  # finetune: head-only epochs first
-    augment: str = "auto"  # auto (fundus for DR tasks, else oct) | oct | fundus | none
+    warmup_epochs: int = 1  # finetune: head-only epochs first (classic), or the linear LR warm-up (adamw-ema)
+    recipe: str = "classic"  # finetune: a recipe of train/recipes.py (RECIPES)
+    batchnorm: str = "frozen"  # finetune: frozen (ImageNet statistics) | reestimate (on the training images first)
+    augment: str = "auto"  # auto (fundus for DR tasks, else the recipe's OCT one: oct, oct-scan) | oct | oct-scan | fundus | none
     oversample: bool = False  # fill minority classes with rotated / mirrored copies (= --balance oversample)
     workers: int = 0  # decoding processes (0: threads)
     device: str = "auto"  # auto: CUDA when present

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import retinalens
-from helpers import cli_command
+from helpers import cli_command, kill_after_epoch
 from retinalens.errors import RetinaLensError
 from retinalens.models.registry import create_backbone
 from retinalens.train.images import CHECKPOINT, backbone_groups
@@ -104,13 +102,6 @@ def test_backbone_groups_cover_every_parameter_in_order(backbone):
     assert len(create_backbone("eyenet").model.features) and backbone_groups(create_backbone("eyenet").model)
 
 
-def _checkpoint_epoch(path: Path) -> int:
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
-    except (OSError, RuntimeError, EOFError, KeyError):
-        return 0
-
-
 def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path, small_dataset, feature_cache):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     common = [str(small_dataset), "--mode", "frozen", "--epochs", "6", "--batch-size", "16", "--quiet",
@@ -120,15 +111,7 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path, small_datas
 
     out = tmp_path / "killed"
     ckpt = out.with_name("killed.checkpoints") / CHECKPOINT
-    proc = subprocess.Popen(cli_command("train", *common, "--out", str(out)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while _checkpoint_epoch(ckpt) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = _checkpoint_epoch(ckpt)
+    killed_at = kill_after_epoch(cli_command("train", *common, "--out", str(out)), env, ckpt, 2)
     assert 2 <= killed_at < 6 and not out.exists()
 
     again = subprocess.run(cli_command("train", *common, "--out", str(out)), env=env, capture_output=True, text=True)

@@ -84,7 +84,13 @@ def train(
                                   "to train."),
     backbone_lr_scale: float = config_option(ImageTrainConfig, "backbone_lr_scale",
                                              help="finetune: their LR relative to --lr."),
-    warmup_epochs: int = config_option(ImageTrainConfig, "warmup_epochs", help="finetune: head-only epochs first."),
+    warmup_epochs: int = config_option(ImageTrainConfig, "warmup_epochs", help="finetune: head-only epochs first "
+                                       "(classic), or the linear LR warm-up (adamw-ema)."),
+    recipe: str = config_option(ImageTrainConfig, "recipe", help="finetune: classic (Adam, last --unfreeze groups, "
+                                "plateau LR) | adamw-ema (every group, layer-wise LR decay, AdamW, warm-up + cosine, "
+                                "label smoothing, weight EMA, oct-scan augmentation)."),
+    batchnorm: str = config_option(ImageTrainConfig, "batchnorm", help="finetune: frozen (ImageNet statistics) | "
+                                   "reestimate (measured on the training images before the first epoch)."),
     augment: str = config_option(ImageTrainConfig, "augment", help="Image modes: auto (fundus for --task, else oct) "
                                  "| oct | fundus | none."),
     resume: bool = config_option(RunConfigBase, "resume", help="Image modes: continue an interrupted run from its "
@@ -130,6 +136,7 @@ def train(
                        progress=not quiet, batch_size=batch_size, lr=lr, monitor=monitor, balance=balance,
                        class_weights=class_weights, unfreeze=unfreeze, backbone_lr_scale=backbone_lr_scale,
                        warmup_epochs=warmup_epochs, augment=augment, device=device, resume=resume,
+                       recipe=recipe, batchnorm=batchnorm,
                        target_sensitivity=target_sensitivity, sign_key=sign_key, cv=cv, ensemble=ensemble,
                        seeds=seeds, tta=tta)
     if bundle is not None:  # None: a rank of torchrun's other than 0, which writes the bundle

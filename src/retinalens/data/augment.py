@@ -39,6 +39,8 @@ class Augmentation:
     contrast: float = 0.0
     saturation: float = 0.0
     hue: float = 0.0
+    crop_width: float = 0.0  # up to this share of the width cut away (a window along the scan), resized back
+    speckle: float = 0.0  # sd of multiplicative per-pixel noise (OCT speckle), the same on every channel
 
     def __call__(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """uint8 (S, S, 3) -> uint8 (S, S, 3)."""
@@ -59,6 +61,15 @@ class Augmentation:
                 x = adjust(x, float(rng.uniform(1 - amount, 1 + amount)))
         if self.hue:
             x = F.adjust_hue(x, float(rng.uniform(-self.hue, self.hue)))
+        # Drawn last and only when asked: the other augmentations' draws, and so their pixels, stay as they were.
+        if self.crop_width:
+            size = x.shape[-1]
+            width = int(round(size * rng.uniform(1 - self.crop_width, 1)))
+            left = int(rng.integers(0, size - width + 1))
+            x = F.resize(x[:, :, left:left + width], [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        if self.speckle:
+            noise = torch.from_numpy(1 + self.speckle * rng.standard_normal(x.shape[-2:], dtype=np.float32))
+            x = (x.float() * noise).round().clamp(0, 255).to(torch.uint8)
         return x.permute(1, 2, 0).contiguous()
 
 
@@ -66,6 +77,10 @@ AUGMENTATIONS = {
     # B-scans have a top and a bottom (vitreous above, choroid below) but no left or right, and their
     # brightness and contrast vary with the device: small shifts and tilts, horizontal flips only.
     "oct": Augmentation(hflip=0.5, rotate=5, translate=0.05, scale=0.05, brightness=0.2, contrast=0.2),
+    # The same, plus what varies between OCT acquisitions: the scan's lateral extent (a window of 70-100%
+    # of its width) and its speckle (multiplicative noise, sd 0.1). The adamw-ema recipe's.
+    "oct-scan": Augmentation(hflip=0.5, rotate=5, translate=0.05, scale=0.05, brightness=0.2, contrast=0.2,
+                             crop_width=0.3, speckle=0.1),
     # A fundus photo has no up: any rotation, both flips, and the colour casts of different cameras.
     "fundus": Augmentation(hflip=0.5, vflip=0.5, rotate=180, brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02),
     "none": Augmentation(),

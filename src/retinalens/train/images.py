@@ -43,6 +43,8 @@ from ..models.heads import HeadConfig, create_head
 from ..models.registry import Backbone, autocast, resolve_precision
 from .distributed import World, data_parallel, from_main, sum_across
 from .loop import EpochTotals, run_epochs
+from .recipes import (backbone_param_groups, check_batchnorm, cosine_schedule, decay_groups, get_recipe, make_ema,
+                      make_optimizer, reestimate_batchnorm)
 from .trainer import TrainConfig, TrainResult, check_train_config, class_weights_for
 
 MODES = ("bottleneck", "frozen", "finetune", "scratch")
@@ -56,6 +58,10 @@ def check_image_config(mode: str, cfg: ImageTrainConfig, train: TrainConfig) -> 
         raise RetinaLensError("need --unfreeze >= 0, --warmup-epochs >= 0, 0 < --backbone-lr-scale <= 1, --workers >= 0")
     if cfg.augment != "auto":
         get_augmentation(cfg.augment)
+    get_recipe(cfg.recipe)
+    check_batchnorm(cfg.batchnorm)
+    if mode != "finetune" and (cfg.recipe != "classic" or cfg.batchnorm != "frozen"):
+        raise RetinaLensError("--recipe and --batchnorm are options of --mode finetune")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise RetinaLensError(f"unknown --device '{cfg.device}': use auto, cpu or cuda[:N]")
     check_train_config(train)
@@ -120,11 +126,12 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
                     y_train: np.ndarray, val_paths: list[Path], y_val: np.ndarray, num_classes: int,
                     train: TrainConfig, images: ImageTrainConfig, augment: str, checkpoint_dir: Path,
                     fingerprint: dict[str, Any], resume: bool = False, progress: bool = True,
-                    world: World = World()) -> ImageTrainResult:
+                    world: World = World(), select: bool = True) -> ImageTrainResult:
     """Train on the images at `paths` (train split) choosing the best epoch on `val_paths`.
 
     `world`: this process's rank in a run on several (train/distributed.py); every rank passes the same
-    arguments and trains on its share of each batch, rank 0 alone writes the checkpoint."""
+    arguments and trains on its share of each batch, rank 0 alone writes the checkpoint. `select=False`:
+    exactly train.epochs epochs, the last kept, `val_paths` only recorded (a cross-validation fold's)."""
     check_image_config(mode, images, train)
     if len(y_train) < world.size or len(y_val) < world.size:
         raise RetinaLensError("training needs images in both the train and the validation split"
@@ -138,6 +145,7 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     pin = device.type == "cuda"
     pp = backbone.preprocessing
+    recipe = get_recipe(images.recipe)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train.seed)
@@ -153,10 +161,11 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
             trainable = list(model.parameters())
             lrs = [train.lr]
         else:
-            groups = backbone_groups(model)
-            trainable = [p for g in groups[len(groups) - min(images.unfreeze, len(groups)):] for p in g]
             lrs = [train.lr * images.backbone_lr_scale]
-        params = [{"params": list(head.parameters()), "lr": train.lr}, {"params": trainable, "lr": lrs[0]}]
+        groups = ([{"params": trainable, "lr": lrs[0]}] if mode == "scratch" else
+                  backbone_param_groups(recipe, backbone_groups(model), unfreeze=images.unfreeze, lr=lrs[0]))
+        trainable = [p for g in groups for p in g["params"]]
+        params = decay_groups(head.parameters(), train.lr, recipe) + groups
     net.to(device)
 
     data = AugmentedImages(list(paths), pp, get_augmentation(augment), train.seed)
@@ -165,9 +174,9 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
     weight = class_weights_for(yt, num_classes) if train.class_weights else torch.ones(num_classes)
     # Summed over this rank's share, then divided by the whole batch's weight (each rank knows the whole
     # batch): what the ranks' gradients average to is the one-process batch mean, however it is dealt.
-    train_loss_fn = nn.CrossEntropyLoss(weight=weight.to(device), reduction="sum")
+    train_loss_fn = nn.CrossEntropyLoss(weight=weight.to(device), reduction="sum", label_smoothing=recipe.label_smoothing)
     val_loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    opt = torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+    opt = make_optimizer(recipe, params, lr=train.lr, weight_decay=train.weight_decay)
     ckpt, key = checkpoint_dir / CHECKPOINT, _fingerprint(fingerprint)
     # Rank 0 reads the checkpoint it wrote and hands it on: the other ranks' machines need not see the file.
     saved = from_main(world, _resume_point(ckpt, key, resume) if world.main else None)
@@ -181,10 +190,23 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
     val_x = torch.cat([head_input(head_config, *backbone.encode(x, precision)).float()
                        for x, _ in _decoded(val_data, val_batches, images.workers)]) if frozen else None
 
+    n_batches = _batch_count(len(epoch_plan(y_train, num_classes, seed=train.seed, epoch=1, oversample=images.oversample)),
+                             train.batch_size, world.size)
+    schedule = (cosine_schedule(opt, warmup_steps=images.warmup_epochs * n_batches, total_steps=train.epochs * n_batches)
+                if recipe.schedule == "cosine" else None)
+    if saved is None and mode == "finetune" and images.batchnorm == "reestimate":  # a checkpoint holds them
+        plain = AugmentedImages(list(paths), pp, get_augmentation("none"), train.seed)  # the scans as they are
+        order = [[(i, 0, 0, i) for i in range(s, min(s + train.batch_size, len(yt)))] for s in range(0, len(yt), train.batch_size)]
+        reestimate_batchnorm(net.features, (pp.normalize(x.to(device)).contiguous(memory_format=torch.channels_last)
+                                            for x, _ in _decoded(plain, order, images.workers)))
+    ema = make_ema(recipe, net) if not frozen else None
+    # With an EMA the loop keeps (best epoch, checkpoint) both the weights and their average.
+    looped: nn.Module = nn.ModuleDict({"net": net, "ema": ema}) if ema is not None else net
+
     parallel: dict[bool, nn.Module] = {}  # by warm-up: DDP syncs the parameters that required gradients when wrapped
 
     def train_epoch(epoch: int) -> EpochTotals:
-        warm = mode == "finetune" and epoch <= images.warmup_epochs
+        warm = mode == "finetune" and recipe.head_only_warmup and epoch <= images.warmup_epochs
         if not frozen:  # gradients flow into the backbone's trainable groups once the head's warm-up is over
             net.features.requires_grad_(False)  # type: ignore[union-attr]
             for p in trainable:
@@ -208,7 +230,8 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
             net.features.eval()  # type: ignore[union-attr]
         totals = EpochTotals()
         shares = [world.share(b) for b in batches]
-        for (x, idx), batch, denominator in zip(_decoded(data, shares, images.workers, pin), batches, denominators):
+        for step, ((x, idx), batch, denominator) in enumerate(zip(_decoded(data, shares, images.workers, pin), batches,
+                                                                  denominators), start=(epoch - 1) * n_batches):
             target = yt[idx].to(device)
             if frozen:  # the traced backbone's features; .clone() takes them out of inference mode for autograd
                 x = head_input(head_config, *backbone.encode(x, precision)).to(device).float().clone()
@@ -222,6 +245,10 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
             scaler.scale(loss * world.size).backward()  # a no-op scale unless fp16
             scaler.step(opt)
             scaler.update()
+            if schedule is not None:
+                schedule.step()
+            if ema is not None:
+                ema.update(net, step=step + 1)
             totals.add(loss, logits, target, n=len(batch))
         loss_sum, correct, seen = sum_across(world, [totals.loss, totals.correct, totals.seen])
         return EpochTotals(loss_sum, int(correct), int(seen))
@@ -229,23 +256,26 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
     @torch.no_grad()
     def validate() -> tuple[float, float]:
         net.eval()
+        scored = ema.module if ema is not None else net
         if val_x is not None:
             outs = [head(val_x[i:i + 512].to(device)).float() for i in range(0, len(val_x), 512)]
         else:
             outs = []
             for x, _ in _decoded(val_data, val_batches, images.workers, pin):
                 with amp():
-                    outs.append(net(x.to(device))[0].float())
+                    outs.append(scored(x.to(device))[0].float())
         logits, target = torch.cat(outs).cpu(), yv[val_share]
         loss_sum, correct = sum_across(world, [float(val_loss_fn(logits, target)), float((logits.argmax(1) == target).sum())])
         return loss_sum / len(yv), correct / len(yv)
 
     with torch.random.fork_rng(devices=[]):  # train_epoch reseeds the global RNG: the caller's is left as it was
-        run = run_epochs(net, opt, train, train_epoch=train_epoch, validate=validate, description=f"train ({mode})",
-                         progress=progress and world.main, saved=saved,
+        run = run_epochs(looped, opt, train, train_epoch=train_epoch, validate=validate, description=f"train ({mode})",
+                         progress=progress and world.main, saved=saved, schedule=schedule, select=select,
                          # Temp file, then rename: a kill -9 leaves the previous checkpoint or the new one, never half.
                          checkpoint=(lambda state: atomic_torch_save(
                              ckpt, {**state, "scaler": scaler.state_dict(), "fingerprint": key})) if world.main else None)
+    if ema is not None:  # the average is the model: what was validated, chosen and is now bundled
+        net.load_state_dict(ema.module.state_dict())
     net.cpu()
     result = TrainResult(head, run.best_epoch, run.history, run.val_metrics)
     if frozen:
@@ -263,6 +293,12 @@ def _decoded(data: Dataset, batches: list[list[tuple[int, int, int, int]]], work
             raise RetinaLensError(f"an image stopped decoding during training ({bad[0]}); the last epoch's checkpoint "
                                   "is kept: fix or remove the file, then run again with --resume")
         yield x, idx
+
+
+def _batch_count(n: int, batch_size: int, ranks: int) -> int:
+    """Batches in an epoch of `n` samples: a last batch too small for BatchNorm or the ranks joins the one before."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest and (full == 0 or rest >= max(2, ranks)) else 0)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

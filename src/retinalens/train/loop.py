@@ -76,7 +76,8 @@ def plateau_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig) -> tuple[Any,
 def run_epochs(model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, *,
                train_epoch: Callable[[int], EpochTotals], validate: Callable[[], tuple[float, float]] | None,
                description: str, progress: bool = True, saved: Mapping[str, Any] | None = None,
-               checkpoint: Callable[[dict[str, Any]], None] | None = None, select: bool = True) -> LoopState:
+               checkpoint: Callable[[dict[str, Any]], None] | None = None, select: bool = True,
+               schedule: Any = None) -> LoopState:
     """Train `model` for up to cfg.epochs epochs; return where it ended, with `model` at its best epoch (eval mode).
 
     `select=False` trains exactly cfg.epochs epochs and keeps the last (the epoch count was chosen
@@ -86,9 +87,12 @@ def run_epochs(model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, *
 
     train_epoch(epoch) trains one epoch (1-based) and returns its totals; validate() returns (val_loss,
     val_acc). checkpoint(state), when given, runs after every epoch with all that the loop needs to resume
-    from there (the caller adds what else it needs, and writes it); `saved`, such a state, resumes."""
+    from there (the caller adds what else it needs, and writes it); `saved`, such a state, resumes.
+    `schedule`, when given, replaces the plateau schedule: an LR scheduler that train_epoch steps (per
+    batch); the loop only saves and restores it."""
     # Made before `saved` replaces the optimiser's rates: the floors are set from the configured rates.
     sched, better = plateau_schedule(opt, cfg)
+    sched = sched if schedule is None else schedule
     state = LoopState()
     if saved is not None:
         model.load_state_dict(saved["net"])
@@ -110,7 +114,8 @@ def run_epochs(model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, *
                      (train_loss if cfg.monitor == "val_loss" else train_acc))
             state.history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                                   "val_loss": val_loss, "val_acc": val_acc, "lr": opt.param_groups[0]["lr"]})
-            sched.step(score)
+            if schedule is None:
+                sched.step(score)
             if not select:
                 state.best, state.best_epoch, state.stale = score, epoch, 0
                 state.best_state = None  # the last epoch's weights are the model's: nothing to restore

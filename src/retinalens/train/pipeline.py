@@ -39,6 +39,7 @@ from ..models.heads import HEADS, HeadConfig, check_head_config, head_probabilit
 from ..models.registry import DEFAULT_BACKBONE, Backbone, create_backbone, resolve_precision, resolve_spec
 from .distributed import World, barrier, check_world, from_main, process_group, torchrun_world
 from .images import balance_options, check_image_config, config_fingerprint, train_on_images, training_device
+from .recipes import get_recipe
 from .selection import _Data, _Trained, cv_folds, drop_near_duplicates, train_bottleneck_cv, without_val
 from .trainer import TrainConfig, TrainResult, check_train_config, fit_logistic_head, train_head, write_curves
 
@@ -68,6 +69,7 @@ def build_run_config(data: str | Path, *, mode: str | None = None, backbone: str
                      class_weights: bool | None = None, unfreeze: int | None = None,
                      backbone_lr_scale: float | None = None, warmup_epochs: int | None = None,
                      augment: str | None = None, device: str | None = None, resume: bool | None = None,
+                     recipe: str | None = None, batchnorm: str | None = None,
                      target_sensitivity: float | None = None, sign_key: str | Path | None = None,
                      cv: int | None = None, **train_options: Any) -> RunConfig:
     """`train`'s options, as the CLI spells them, to a RunConfig: the one place this is done (the CLI
@@ -91,7 +93,7 @@ def build_run_config(data: str | Path, *, mode: str | None = None, backbone: str
                       **given(epochs=epochs or MODE_EPOCHS.get(mode), seed=seed, class_weights=weighted)),
         images=ImageTrainConfig(**given(unfreeze=unfreeze, backbone_lr_scale=backbone_lr_scale,
                                         warmup_epochs=warmup_epochs, augment=augment, oversample=oversample,
-                                        workers=workers, device=device)))
+                                        recipe=recipe, batchnorm=batchnorm, workers=workers, device=device)))
 
 
 def _balance(balance: str | None, class_weights: bool | None) -> str | None:
@@ -300,7 +302,8 @@ def _train_bottleneck(cfg: RunConfig, data: _Data, cache: FeatureCache, idx: dic
 
 def _train_images(cfg: RunConfig, data: _Data, out: Path, backbone: Backbone, head_config: HeadConfig,
                   idx: dict[str, list[int]], y: dict[str, np.ndarray], progress: bool, world: World) -> _Trained:
-    augment = cfg.images.augment if cfg.images.augment != "auto" else ("fundus" if data.task else "oct")
+    auto = "fundus" if data.task else get_recipe(cfg.images.recipe).oct_augment
+    augment = cfg.images.augment if cfg.images.augment != "auto" else auto
     split_hashes = {n: data.keys(idx[n]) for n in ("train", "val")}
     trained = train_on_images(
         backbone, head_config, mode=cfg.mode, num_classes=len(data.ds.classes), train=cfg.train, images=cfg.images,
