@@ -152,6 +152,7 @@ class VolumeConfig:
     how a volume's answer is drawn from its slices (predict/volume.py states the rule)."""
 
     group_by: str = "patient"  # patient (Kermany names: CLASS-PATIENT-N) | folder (one acquisition per folder)
+    #                            | series (DICOM B-scans: SeriesInstanceUID, one acquisition; other files by folder)
     min_positive_slices: int = 1  # the volume refers when at least this many gradable slices pass the threshold
     min_gradable_fraction: float = 0.5  # fewer gradable slices than this share: the volume is ungradable
     n_suspicious: int = 3  # the most suspicious B-scans reported (with heat maps)

@@ -26,7 +26,7 @@ print(json.dumps({"pages": pages, "texts": texts}))
 """
 # The capitalised words inside which a lowercase letter meets an uppercase one.
 NAMES = {"RetinaLens", "TorchScript", "PyTorch", "ImageNet", "EfficientNet", "SQLite", "SQLAlchemy", "PostgreSQL",
-         "GradCAM", "EyeNet", "CoreML"}
+         "GradCAM", "EyeNet", "CoreML", "AdamW"}
 
 
 def test_every_help_page_reads_well_at_80_columns():

@@ -156,7 +156,7 @@ def evaluate(
     volumes: bool = typer.Option(False, "--volumes", help="Also per OCT volume (the worst B-scan decides): see "
                                  "README, OCT volumes."),
     group_by: str = config_option(VolumeConfig, "group_by", help="--volumes: patient (the id in the names) | "
-                                  "folder (one acquisition per folder)."),
+                                  "folder (one acquisition per folder) | series (DICOM: the acquisition's series)."),
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Accuracy, per-class metrics, ROC-AUC and urgent referral, with patient-clustered bootstrap CIs."""
@@ -195,7 +195,7 @@ def predict(
     volumes: bool = typer.Option(False, "--volumes", help="One answer per OCT volume (the worst B-scan decides; "
                                  "automatic for multi-frame files): see README, OCT volumes."),
     group_by: str = config_option(VolumeConfig, "group_by", help="--volumes: patient (Kermany names) | folder "
-                                  "(one acquisition per folder)."),
+                                  "(one acquisition per folder) | series (DICOM: the acquisition's series)."),
     heatmaps: Optional[Path] = typer.Option(None, "--heatmaps", help="--volumes: folder for the heat maps of each "
                                             "volume's most suspicious B-scans."),
     patient_regex: Optional[str] = PatientOpt, quiet: bool = QuietOpt,

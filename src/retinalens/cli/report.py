@@ -22,7 +22,7 @@ def report(
     images: Path | None = typer.Option(None, "--images", help="Folder of the images a labels CSV names."),
     volumes: bool = typer.Option(False, "--volumes", help="Also per OCT volume, with strips of B-scans (as for "
                                  "evaluate)."),
-    group_by: str = config_option(VolumeConfig, "group_by", help="--volumes: patient | folder."),
+    group_by: str = config_option(VolumeConfig, "group_by", help="--volumes: patient | folder | series."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """The full HTML report of a bundle on a labelled dataset: one self-contained file.

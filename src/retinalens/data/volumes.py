@@ -29,10 +29,11 @@ from PIL import Image, ImageSequence
 from ..errors import ImageDecodeError, RetinaLensError
 from .decode import MAX_PIXELS, decode_frames, is_dicom
 from .dicom import read_tags
+from .dicom_dataset import identity
 from .images import ImageItem
 from .patients import PatientParser
 
-GROUPINGS = ("patient", "folder")  # what --group-by accepts; "file" is a multi-frame file's own
+GROUPINGS = ("patient", "folder", "series")  # what --group-by accepts; "file" is a multi-frame file's own
 MAX_FRAMES = 512  # OCT volumes hold 25-128 B-scans; a file claiming more is refused, not read
 _HEADER_BYTES = 132  # enough to sniff every format below (DICOM's "DICM" sits at offset 128)
 
@@ -159,9 +160,15 @@ def check_grouping(group_by: str) -> str:
 
 
 def volume_key(name: str, group_by: str, parser: PatientParser) -> str:
-    """The volume a B-scan named `name` belongs to: its folder, or its patient (from the name; a name
-    without a patient id is a volume of its own)."""
-    if check_grouping(group_by) == "folder":
+    """The volume a B-scan named `name` belongs to: its folder; its patient (from the name, or a DICOM
+    file's PatientID; a name without a patient id is a volume of its own); or, for "series", a DICOM
+    file's acquisition (SeriesInstanceUID, pseudonymised: data/dicom_dataset.py) and any other file's
+    folder."""
+    group_by = check_grouping(group_by)
+    if group_by == "series":
+        who = identity(Path(name)) if os.path.isfile(name) else None
+        return who.series if who is not None and who.series else os.path.dirname(name) or "."
+    if group_by == "folder":
         return os.path.dirname(name) or "."
     return parser(Path(name), fallback=name)
 

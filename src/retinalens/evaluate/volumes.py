@@ -1,7 +1,8 @@
 """`evaluate --volumes`: metrics per OCT volume beside the per-B-scan ones.
 
 The frames of each multi-frame file are one volume (grouping "file"); the other evaluated B-scans are
-grouped by VolumeConfig.group_by ("patient", the id discover read from the name, or "folder"). Each
+grouped by VolumeConfig.group_by ("patient", the id discover read from the name or a DICOM file's
+tags; "folder"; or "series", a DICOM file's acquisition, other images by folder). Each
 volume is answered by predict/volume.py's rule from its B-scans' calibrated probabilities and gate
 verdicts, as `predict --volumes` answers it. The truth of a volume is the label of its B-scans' files
 (a multi-frame file's own); a Kermany patient with B-scans in several class folders takes the most
@@ -35,6 +36,8 @@ GROUPING_NOTES = {
     "patient": "B-scans grouped by the patient id in their names (Kermany names carry no acquisition, so one "
                "patient's eyes and visits form one volume)",
     "folder": "B-scans grouped by folder (one acquisition per folder)",
+    "series": "DICOM B-scans grouped by their series (SeriesInstanceUID: one acquisition of one eye), other "
+              "images by folder",
 }
 
 
@@ -57,7 +60,8 @@ def volume_metrics(bundle: Bundle, bscans: Sequence[BScan], probs: np.ndarray,
     group_by = check_grouping(rule.group_by)
     members: dict[tuple[str, str], list[int]] = {}  # (grouping, id) -> B-scans
     for i, b in enumerate(bscans):
-        key = b.sample.patient if group_by == "patient" else str(b.sample.path.parent)
+        key = (b.sample.patient if group_by == "patient" else
+               b.sample.series if group_by == "series" and b.sample.series else str(b.sample.path.parent))
         members.setdefault(("file", str(b.sample.path)) if b.frame is not None else (group_by, key), []).append(i)
     volumes, n_mixed = [], 0
     for (grouping, key), idx in members.items():
