@@ -1,0 +1,71 @@
+"""The speed targets of a quiet machine, in one short run (`python benchmarks/run.py --only speed`).
+
+On a default bundle trained on oct-kermany/train (trained here first), measured on oct-kermany/test:
+single-image `load(B).predict(path)` (median / p95 of 50, after 3 warm-up calls) and where its time
+goes (strict decode, the gate's file statistics); the bundle's own runtime against fp32 PyTorch and
+onnxruntime on the same pixels (bench_export.measure); InceptionV3 extraction in bf16 and fp32 on 100
+scans against the original Keras loop run just before on the same scans, with the share of the
+arithmetic limit (matmul probe). `RETINALENS_KERAS_PYTHON` names the Keras environment.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import retinalens
+from retinalens.bundle.store import load_bundle
+from retinalens.data.decode import decode_image
+from retinalens.data.hashing import sha256_files
+from retinalens.models.machine import measure_matmul
+from retinalens.trust.statistics import source_statistics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _median_ms(fn, n: int = 50) -> tuple[float, float]:
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1000)
+    return round(statistics.median(ts), 1), round(float(np.percentile(ts, 95)), 1)
+
+
+def run(shared: Path) -> dict[str, Any]:
+    import run as bench  # benchmarks/run.py: the Keras loop, the extraction bench, the machine record
+    from bench_export import measure
+
+    oct_root = shared / "oct-kermany"
+    files = sorted((oct_root / "test").glob("*/*.jpeg"))
+    out: dict[str, Any] = {"data": "default bundle trained on oct-kermany/train; oct-kermany/test scans"}
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        retinalens.train(oct_root, work / "bundle", cache=work / "cache")
+        model, bundle = retinalens.load(work / "bundle"), load_bundle(work / "bundle")
+        scan = files[0]
+        median, p95 = _median_ms(lambda: model.predict(scan))
+        img = decode_image(scan, keep_grey=True)
+        out["single_image_predict_ms"] = {"scan_px": list(img.size), "median": median, "p95": p95,
+                                          "of_which_decode_ms": _median_ms(lambda: decode_image(scan, keep_grey=True))[0],
+                                          "of_which_gate_file_statistics_ms": _median_ms(lambda: source_statistics(img))[0]}
+        out["runtimes_on_the_same_pixels"] = measure(bundle, files, work, 50)
+    probe = measure_matmul(size=2048, budget_s=1.0)
+    rates = {"fp32": probe.fp32_gflops, "bf16": probe.bf16_gflops}
+    paths = files[:100]
+    keras_python = os.environ.get("RETINALENS_KERAS_PYTHON", str(ROOT / ".venv-keras" / "bin" / "python"))
+    out["keras_extract"] = bench.keras(["extract", *map(str, paths)], keras_python)
+    rate = out["keras_extract"].get("images_per_s")
+    out["inception_v3_extract"] = [{k: v for k, v in bench.bench_extract("inception_v3", paths, sha256_files(paths), p,
+                                                                         rates, 0, rate).items() if k != "profile_top_ops"}
+                                   for p in ("bf16", "fp32")]
+    out["matmul_gflops"] = rates
+    return out
