@@ -190,8 +190,8 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
     val_x = torch.cat([head_input(head_config, *backbone.encode(x, precision)).float()
                        for x, _ in _decoded(val_data, val_batches, images.workers)]) if frozen else None
 
-    n_batches = _batch_count(len(epoch_plan(y_train, num_classes, seed=train.seed, epoch=1, oversample=images.oversample)),
-                             train.batch_size, world.size)
+    n_batches = len(_batches(epoch_plan(y_train, num_classes, seed=train.seed, epoch=1, oversample=images.oversample),
+                             train.batch_size, world.size))
     schedule = (cosine_schedule(opt, warmup_steps=images.warmup_epochs * n_batches, total_steps=train.epochs * n_batches)
                 if recipe.schedule == "cosine" else None)
     if saved is None and mode == "finetune" and images.batchnorm == "reestimate":  # a checkpoint holds them
@@ -219,10 +219,7 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
         torch.manual_seed(_epoch_seed(train.seed, epoch))
         plan = epoch_plan(y_train, num_classes, seed=train.seed, epoch=epoch, oversample=images.oversample)
         keys = [(i, v, epoch, pos) for pos, (i, v) in enumerate(plan)]
-        batches = [keys[s:s + train.batch_size] for s in range(0, len(keys), train.batch_size)]
-        # BatchNorm cannot train on a batch of one, and every rank needs a share of every batch.
-        if len(batches) > 1 and len(batches[-1]) < max(2, world.size):
-            batches[-2] += batches.pop()
+        batches = _batches(keys, train.batch_size, world.size)
         # The whole batch's loss weight, the denominator of its mean (the same on every rank).
         denominators = [float(weight[yt[[k[0] for k in b]]].sum()) for b in batches]
         net.train()
@@ -295,10 +292,13 @@ def _decoded(data: Dataset, batches: list[list[tuple[int, int, int, int]]], work
         yield x, idx
 
 
-def _batch_count(n: int, batch_size: int, ranks: int) -> int:
-    """Batches in an epoch of `n` samples: a last batch too small for BatchNorm or the ranks joins the one before."""
-    full, rest = divmod(n, batch_size)
-    return full + (1 if rest and (full == 0 or rest >= max(2, ranks)) else 0)
+def _batches(keys: list[Any], batch_size: int, ranks: int) -> list[list[Any]]:
+    """An epoch's keys in batches of `batch_size`. BatchNorm cannot train on a batch of one, and every rank
+    needs a share of every batch: a last batch too small for either joins the one before."""
+    batches = [keys[s:s + batch_size] for s in range(0, len(keys), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < max(2, ranks):
+        batches[-2] += batches.pop()
+    return batches
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
