@@ -72,9 +72,10 @@ def frame_formats() -> tuple[FrameFormat, ...]:
             FrameFormat("TIFF", lambda head: head[:4] in (b"II*\x00", b"MM\x00*"), tiff_frame_count, tiff_frames))
 
 
-def dicom_frame_count(path: Path) -> int:
+def dicom_frame_count(source: Path | bytes) -> int:
+    """The frame count of a DICOM file's header (a path, or an upload's bytes); 0 where it cannot be read."""
     try:
-        return read_tags(path).frames  # the header alone
+        return read_tags(source).frames  # the header alone
     except ImageDecodeError:
         return 0  # not readable as DICOM: the decoder says why, with the other inputs
 

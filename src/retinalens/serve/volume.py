@@ -18,8 +18,8 @@ from typing import Any
 
 from ..config import VolumeConfig
 from ..data.decode import decode_frames, is_dicom
-from ..data.dicom import DicomTooLarge, read_tags
-from ..data.volumes import natural_key, png_bytes
+from ..data.dicom import DicomTooLarge
+from ..data.volumes import dicom_frame_count, natural_key, png_bytes
 from ..errors import ImageDecodeError
 from ..predict.volume import aggregate
 from .service import Upload, jsonable
@@ -47,14 +47,9 @@ class Expanded:
 
 def header_frames(data: bytes) -> int:
     """How many frames a DICOM upload's header says it holds, read with `stop_before_pixels` (nothing
-    decoded, so a one-frame file is decoded once, by the ordinary path); 1 for any other upload and for a
+    decoded, so a one-frame file is decoded once, by the ordinary path); 1 for any other upload, 0 for a
     header that cannot be read (the ordinary path refuses that file with the rest)."""
-    if not is_dicom(data):
-        return 1
-    try:
-        return read_tags(data).frames
-    except ImageDecodeError:
-        return 1
+    return dicom_frame_count(data) if is_dicom(data) else 1
 
 
 def with_frames(files: list[tuple[str | None, bytes]], *, whole: bool = False) -> Expanded:
