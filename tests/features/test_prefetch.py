@@ -38,3 +38,27 @@ def test_a_consumer_that_stops_early_leaves_no_decoding_thread(images: list[Path
     next(loader)
     loader.close()  # what a `break` out of the loop does
     assert threading.active_count() == before
+
+
+class _RecordingFiles(ImageFiles):
+    """ImageFiles that notes which thread decoded each item."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.threads: list[int] = []
+
+    def __getitem__(self, i: int):
+        self.threads.append(threading.get_ident())
+        return super().__getitem__(i)
+
+
+def test_a_single_image_is_decoded_in_the_calling_thread(images: list[Path], backbone) -> None:
+    """One image has nothing to overlap with: it is decoded by the caller, not a (low-priority) pool
+    thread, and gives the pixels the batched path gives."""
+    one = _RecordingFiles(images[:1], backbone.preprocessing)
+    (x1, ids, errs), = list(image_batches(one, [[0]]))
+    assert one.threads == [threading.get_ident()] and ids.tolist() == [0] and list(errs) == [""]
+    many = _RecordingFiles(images[:4], backbone.preprocessing)
+    xm = torch.cat([x for x, _, _ in image_batches(many, [[0, 1], [2, 3]])])
+    assert threading.get_ident() not in many.threads  # several batches: decoded ahead, in threads
+    assert torch.equal(x1[0], xm[0])

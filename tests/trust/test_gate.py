@@ -130,3 +130,17 @@ def test_fit_gate_needs_validation_images_and_orders_reasons():
     black = np.zeros((1, 32, 32, 3), dtype=np.uint8)
     v = gate.verdicts(image_statistics(black))[0]  # dark, blurred and more: the first check named wins
     assert v == {"ok": False, "reason": "too_dark", "scores": {k: 0.0 for k in stats}}
+
+
+def test_distance_is_the_mahalanobis_distance():
+    """The gate's distance (float32, on torch's threads) is sqrt(z' P z) of the float64 arithmetic."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(64, 64))
+    precision = (a @ a.T / 64 + np.eye(64)).astype(np.float32)
+    mean = rng.normal(size=64).astype(np.float32)
+    x = rng.normal(size=(5, 64)).astype(np.float32)
+    z = (x - mean).astype(np.float64)
+    want = np.sqrt(np.einsum("ij,jk,ik->i", z, precision.astype(np.float64), z))
+    got = Gate([], mean, precision).distance(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert np.isnan(Gate([]).distance(x)).all()

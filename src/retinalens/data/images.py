@@ -83,9 +83,11 @@ def image_batches(dataset: Dataset, batches: Sequence[Sequence[Any]], workers: i
     with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1),
                             initializer=_background_priority, initargs=(0,)) as pool:
         def decode(batch: Sequence[Any]) -> Any:
+            if len(batch) == 1:  # one image: a pool thread would add its start and, at low priority, its wait
+                return default_collate([dataset[batch[0]]])
             return default_collate(list(pool.map(dataset.__getitem__, batch)))
 
-        if prefetch <= 0:
+        if prefetch <= 0 or len(batches) == 1:  # nothing to overlap a single batch with
             for batch in batches:
                 yield decode(batch)
             return
