@@ -84,3 +84,26 @@ def test_a_graph_of_other_weights_in_the_entry_is_not_used(cache_root: Path, oct
     fresh = create_backbone("eyenet", pretrained=False, seed=0).encode(x, "fp32")
     assert not torch.allclose(fresh[1], b_features[1])
     assert torch.equal(fresh[1], a.encode(x, "fp32")[1])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_onednn_fusion_leaves_every_feature_unchanged(backbone, oct_images: list[Path], precision: str) -> None:
+    """encode runs the frozen graph with oneDNN Graph fusion (models/machine.onednn_fusion): the fused
+    convolutions give exactly the unfused graph's features, for one image and for a batch."""
+    import io
+
+    from retinalens.models.machine import onednn_fusion
+
+    x = torch.stack([backbone.preprocessing.load(p) for p in oct_images[:4]])
+    buf = io.BytesIO()
+    torch.jit.save(backbone._frozen(precision, x), buf)
+    fused, plain = (torch.jit.load(io.BytesIO(buf.getvalue())) for _ in range(2))  # two executors
+    with torch.inference_mode():
+        for batch in (x[:1], x):
+            for _ in range(3):  # a new shape is profiled, then optimised (fused) on its second call
+                with onednn_fusion():
+                    got = fused(batch)
+                want = plain(batch)
+            assert torch.equal(got, want)
+            assert torch.equal(backbone.encode(batch, precision)[0], want.float().permute(0, 2, 3, 1).half())
+    assert not torch.jit.onednn_fusion_enabled()  # restored after each call

@@ -20,7 +20,7 @@ from ..data.transforms import Preprocessing
 from ..errors import RetinaLensError
 from ._efficientnet_lite import is_original_lite_checkpoint, rename_lite_keys
 from .eyenet import EyeNet
-from .machine import auto_cpu_precision
+from .machine import auto_cpu_precision, onednn_fusion
 from .traced import cached_graph
 from .mobilenet import MobileNetV2
 from .packaged import packaged_weights
@@ -254,7 +254,9 @@ class Backbone(nn.Module):
         device = next(self.model.parameters()).device
         x = x.to(device)
         if device.type == "cpu":
-            f = self._frozen(precision, x)(x).float()
+            graph = self._frozen(precision, x)
+            with onednn_fusion():
+                f = graph(x).float()
         else:
             with autocast(precision, device.type):
                 f = _ForwardFeatures(self.model, self.preprocessing)(x).float()
