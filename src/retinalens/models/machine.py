@@ -173,17 +173,19 @@ def runtime_settings(threads: int | None = None, flush_denormal: bool = True) ->
 
 
 @contextmanager
-def onednn_fusion() -> Iterator[None]:
+def onednn_fusion(enabled: bool = True) -> Iterator[None]:
     """oneDNN Graph fusion for the frozen TorchScript graphs run inside: each convolution and the
     ReLU6 / add after it become one kernel. EfficientNet-Lite0 bf16 on 2 cores (AMX Xeon, others
-    paused): one image 5.5-6.5 ms against 11.5-14 ms, 16 images 115 ms against 143 ms, with features
-    bit-identical to the unfused graph's (0.0 difference on 32 real scans, batched and single).
+    paused): one image 5.5-6.5 ms against 11.5-14 ms, 16 images 115 ms against 143 ms. In bf16 the
+    features are bit-identical to the unfused graph's (EfficientNet-Lite0/2, MobileNetV2, InceptionV3,
+    EyeNet; one image and batches); in fp32 a fused residual add rounds differently (up to 3e-5 in
+    batches), so `encode` fuses bf16 graphs only and fp32 features stay those of every existing cache.
 
     torch's switch is process-wide and read when a graph is optimised for a new input shape (its
     first two calls), so it is set for the call and restored after; a concurrent call that restores
     it mid-optimisation leaves that shape unfused, which is slower, never different."""
     old = torch.jit.onednn_fusion_enabled()
-    torch.jit.enable_onednn_fusion(True)
+    torch.jit.enable_onednn_fusion(enabled)
     try:
         yield
     finally:

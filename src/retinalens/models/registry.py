@@ -255,7 +255,7 @@ class Backbone(nn.Module):
         x = x.to(device)
         if device.type == "cpu":
             graph = self._frozen(precision, x)
-            with onednn_fusion():
+            with onednn_fusion(precision == "bf16"):  # bit-identical features in bf16 only (see there)
                 f = graph(x).float()
         else:
             with autocast(precision, device.type):
