@@ -50,10 +50,8 @@ K, SEED, BASELINE_C = 5, 0, 0.1
 CS = (0.01, 0.1, 1.0)
 # (backbone, input size): the registry's offline backbones at their own size and larger. Fundus
 # lesions (microaneurysms, exudates) are a few pixels of a 1536-px photo: 224 px loses most of them.
-FEATURE_SETS = (("efficientnet_lite0", 224), ("efficientnet_lite0", 320), ("efficientnet_lite0", 384),
-                ("efficientnet_lite0", 448), ("efficientnet_lite2", 260), ("efficientnet_lite2", 384),
-                ("efficientnet_lite1", 240), ("efficientnet_lite1", 384), ("mobilenet_v2", 224),
-                ("mobilenet_v2", 384))
+FEATURE_SETS = (("efficientnet_lite0", 224), ("efficientnet_lite0", 384), ("efficientnet_lite2", 260),
+                ("mobilenet_v2", 224), ("efficientnet_lite1", 240), ("efficientnet_lite0", 320))
 BASE_SET = ("efficientnet_lite0", 224)
 
 
