@@ -114,6 +114,11 @@ def _load_set(work: Path, name: str, size: int, hashes: list[str]) -> dict[str, 
             "shape": cache.key.feature_shape}
 
 
+def _inputs(cache: Any, keys: list[str]) -> Any:
+    """train/cv.py's Inputs: input kind -> the cached features of these images."""
+    return lambda kind: cache.pooled(keys) if kind == "pooled" else cache.spatial(keys)
+
+
 def _fold_scores(p: np.ndarray, y: np.ndarray, folds: Any) -> dict[str, list[float]]:
     from sklearn.metrics import roc_auc_score
 
@@ -236,15 +241,16 @@ def run(shared: Path) -> dict[str, Any]:
     for key in (k for k in sets if k.startswith("efficientnet_lite0-")):
         cache, size = sets[key]["cache"], key.rsplit("-", 1)[1]
         t = time.perf_counter()
-        results = [cross_validate(c, lambda kind, cache=cache: cache.pooled(keys) if kind == "pooled" else cache.spatial(keys),
-                                  y, folds, num_classes=2, feature_shape=sets[key]["shape"], train=TrainConfig())
+        results = [cross_validate(c, _inputs(cache, keys), y, folds, num_classes=2, feature_shape=sets[key]["shape"], train=TrainConfig())
                    for c in default_candidates(HeadConfig(kind="auto"), auto=True)]
         auto = select(results, y)
         seconds_auto = time.perf_counter() - t
         for r in results:
             if r.candidate.head.kind == "conv":
-                add(f"conv head ({r.epochs} epochs), lite0 {size}", r.oof[:, 1], seconds_auto, {"conv": r, "set": key})
-        what = "default before: --head auto" if key == "-".join(map(str, BASE_SET)) else f"--input-size {size}: --head auto"
+                add(f"conv head ({r.epochs} epochs), lite0 {size}", r.oof[:, 1], seconds_auto,
+                    {"conv": r, "set": key})
+        what = ("default before: --head auto" if key == "-".join(map(str, BASE_SET))
+                else f"--input-size {size}: --head auto")
         pipeline_rows.append(f"{what} on lite0 {size} (chose {auto.candidate.name})")
         add(pipeline_rows[-1], auto.oof[:, 1], seconds_auto, {"auto": auto, "set": key})
 
@@ -307,8 +313,7 @@ def run(shared: Path) -> dict[str, Any]:
 
         r, f = rec.get("auto") or rec["conv"], sets[rec["set"]]
         k = [hashes[i] for i in te]
-        inputs = (lambda kind: f["cache"].pooled(keys) if kind == "pooled" else f["cache"].spatial(keys))
-        fitted = refit(r, inputs, y, num_classes=2, feature_shape=f["shape"], train=TrainConfig())
+        fitted = refit(r, _inputs(f["cache"], keys), y, num_classes=2, feature_shape=f["shape"], train=TrainConfig())
         tx = f["cache"].pooled(k) if r.candidate.head.input_kind == "pooled" else f["cache"].spatial(k)
         return head_probabilities(fitted.head, tx)[:, 1]
 
@@ -337,7 +342,8 @@ def pipeline_run(combined: Path, work: Path) -> dict[str, Any]:
     cv = bundle.manifest.to_dict()["training"]["cv"]
     return referable_summary(bundle, combined, cold, seconds) | {
         "input_size": bundle.preprocessing.size, "cv_chose": cv["chosen"],
-        "cv_candidates": {c["name"]: [round(c["accuracy_mean"], 4), round(c["accuracy_sd"], 4)] for c in cv["candidates"]}}
+        "cv_accuracy_mean_sd": {c["name"]: [round(c["accuracy_mean"], 4), round(c["accuracy_sd"], 4)]
+                                for c in cv["candidates"]}}
 
 
 if __name__ == "__main__":
