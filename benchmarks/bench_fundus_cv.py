@@ -241,7 +241,8 @@ def run(shared: Path) -> dict[str, Any]:
     for key in (k for k in sets if k.startswith("efficientnet_lite0-")):
         cache, size = sets[key]["cache"], key.rsplit("-", 1)[1]
         t = time.perf_counter()
-        results = [cross_validate(c, _inputs(cache, keys), y, folds, num_classes=2, feature_shape=sets[key]["shape"], train=TrainConfig())
+        results = [cross_validate(c, _inputs(cache, keys), y, folds, num_classes=2, feature_shape=sets[key]["shape"],
+                                  train=TrainConfig())
                    for c in default_candidates(HeadConfig(kind="auto"), auto=True)]
         auto = select(results, y)
         seconds_auto = time.perf_counter() - t
