@@ -189,7 +189,18 @@ def test_auc(y_test: np.ndarray, p: np.ndarray, patients: list[str]) -> dict[str
             "test_accuracy": round(m["accuracy"], 4), "test_accuracy_ci": [round(v, 4) for v in m["accuracy_ci"]]}
 
 
+def _work() -> Path:
+    work = Path(os.environ.get("RETINALENS_BENCH_WORK", "/tmp/retinalens-fundus-cv"))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 def run(shared: Path) -> dict[str, Any]:
+    """The whole section: the CV table and its choice, then the pipeline trained and evaluated."""
+    return cv_table(shared) | {"pipeline": pipeline_train(shared) | pipeline_evaluate()}
+
+
+def cv_table(shared: Path) -> dict[str, Any]:
     from bench_training import fundus_split_csv
 
     from retinalens.data.discover import discover
@@ -200,8 +211,7 @@ def run(shared: Path) -> dict[str, Any]:
     from retinalens.train.trainer import TrainConfig
 
     torch.set_num_threads(int(os.environ.get("RETINALENS_THREADS", "2")))
-    work = Path(os.environ.get("RETINALENS_BENCH_WORK", "/tmp/retinalens-fundus-cv"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = _work()
     combined, n_photos = fundus_split_csv(shared, work)
     ds, _ = apply_task(discover(combined), TASKS["referable"])
     hashes = sha256_files(s.path for s in ds.samples)
@@ -322,35 +332,50 @@ def run(shared: Path) -> dict[str, Any]:
     print("chosen", result["chosen"], json.dumps(result["chosen_test"]), flush=True)
     result["test_after_choice"] = {name: test_auc(y_test, test_probs(name), test_patients) for name in rows}
     result["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
-    result["pipeline"] = pipeline_run(combined, work)
     return result
 
 
-def pipeline_run(combined: Path, work: Path) -> dict[str, Any]:
+def pipeline_train(shared: Path) -> dict[str, Any]:
     """`retinalens train --task referable` as it now is (its default input size), from a cold feature
-    cache, timed, then `evaluate` on the test split: the figures a user gets."""
+    cache, timed; `pipeline_evaluate` then scores it on the test split (the figures a user gets)."""
     import shutil
 
     import retinalens
-    from bench_training import referable_summary
+    from bench_training import fundus_split_csv
 
+    work = _work()
+    combined, _ = fundus_split_csv(shared, work)
     cold = work / "pipeline-cache"
     shutil.rmtree(cold, ignore_errors=True)
     shutil.rmtree(work / "pipeline-bundle", ignore_errors=True)
     t = time.perf_counter()
     bundle = retinalens.train(combined, work / "pipeline-bundle", task="referable", cache=cold)
-    seconds = time.perf_counter() - t
     cv = bundle.manifest.to_dict()["training"]["cv"]
-    return referable_summary(bundle, combined, cold, seconds) | {
-        "input_size": bundle.preprocessing.size, "cv_chose": cv["chosen"],
-        "cv_accuracy_mean_sd": {c["name"]: [round(c["accuracy_mean"], 4), round(c["accuracy_sd"], 4)]
-                                for c in cv["candidates"]}}
+    out = {"train_seconds_cold_cache": round(time.perf_counter() - t, 1),
+           "load_average_1min": round(os.getloadavg()[0], 2), "input_size": bundle.preprocessing.size, "cv_chose": cv["chosen"],
+           "cv_accuracy_mean_sd": {c["name"]: [round(c["accuracy_mean"], 4), round(c["accuracy_sd"], 4)]
+                                   for c in cv["candidates"]}}
+    (work / "pipeline-train.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def pipeline_evaluate() -> dict[str, Any]:
+    """The pipeline's bundle on the test split, through `retinalens.evaluate`."""
+    import retinalens
+    from bench_training import referable_summary
+
+    work = _work()
+    bundle = retinalens.load(work / "pipeline-bundle").bundle
+    seconds = json.loads((work / "pipeline-train.json").read_text())["train_seconds_cold_cache"]
+    return referable_summary(bundle, work / "fundus.csv", work / "pipeline-cache", seconds)
 
 
 if __name__ == "__main__":
     data = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(os.environ.get("RETINALENS_SHARED_DATA",
                                                                           ROOT.parent / "shared" / "data"))
-    out = run(data)
-    text = json.dumps(out, indent=1)
+    part = sys.argv[2] if len(sys.argv) > 2 else "all"  # cv | pipeline-train | pipeline-evaluate: one part alone
+    parts = {"all": run, "cv": cv_table, "pipeline-train": pipeline_train,
+             "pipeline-evaluate": lambda _: pipeline_evaluate()}
+    text = json.dumps(parts[part](data), indent=1)
     print(text)
-    (Path(os.environ.get("RETINALENS_BENCH_WORK", "/tmp/retinalens-fundus-cv")) / "result.json").write_text(text)
+    (_work() / f"result-{part}.json").write_text(text)
