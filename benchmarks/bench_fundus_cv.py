@@ -352,7 +352,8 @@ def pipeline_train(shared: Path) -> dict[str, Any]:
     bundle = retinalens.train(combined, work / "pipeline-bundle", task="referable", cache=cold)
     cv = bundle.manifest.to_dict()["training"]["cv"]
     out = {"train_seconds_cold_cache": round(time.perf_counter() - t, 1),
-           "load_average_1min": round(os.getloadavg()[0], 2), "input_size": bundle.preprocessing.size, "cv_chose": cv["chosen"],
+           "load_average_1min": round(os.getloadavg()[0], 2), "input_size": bundle.preprocessing.size,
+           "cv_chose": cv["chosen"],
            "cv_accuracy_mean_sd": {c["name"]: [round(c["accuracy_mean"], 4), round(c["accuracy_sd"], 4)]
                                    for c in cv["candidates"]}}
     (work / "pipeline-train.json").write_text(json.dumps(out, indent=1))
