@@ -176,7 +176,7 @@ def summarise(p: np.ndarray, y: np.ndarray, folds: Any, patients: list[str], bas
 def beats_baseline(row: dict[str, Any]) -> bool:
     """More than fold noise: won on >= 4 of 5 folds and a mean gain above sd(gains) / sqrt(k)."""
     g = row.get("gain_vs_baseline")
-    return bool(g) and g["folds_won_lost"][0] >= 4 and g["mean"] > g["sd"] / np.sqrt(K)
+    return bool(g) and g["folds_won_lost"][0] >= 4 and bool(g["mean"] > g["sd"] / np.sqrt(K))
 
 
 def test_auc(y_test: np.ndarray, p: np.ndarray, patients: list[str]) -> dict[str, Any]:
@@ -203,11 +203,14 @@ def run(shared: Path) -> dict[str, Any]:
 def cv_table(shared: Path) -> dict[str, Any]:
     from bench_training import fundus_split_csv
 
+    from retinalens.config import SplitConfig
     from retinalens.data.discover import discover
     from retinalens.data.hashing import sha256_files
+    from retinalens.data.splits import make_splits
     from retinalens.data.tasks import TASKS, apply_task
     from retinalens.models.heads import HeadConfig
     from retinalens.train.cv import cross_validate, default_candidates, make_folds, select
+    from retinalens.train.selection import _Data, drop_near_duplicates, without_val
     from retinalens.train.trainer import TrainConfig
 
     torch.set_num_threads(int(os.environ.get("RETINALENS_THREADS", "2")))
@@ -215,16 +218,21 @@ def cv_table(shared: Path) -> dict[str, Any]:
     combined, n_photos = fundus_split_csv(shared, work)
     ds, _ = apply_task(discover(combined), TASKS["referable"])
     hashes = sha256_files(s.path for s in ds.samples)
-    tr = [i for i, s in enumerate(ds.samples) if s.split != "test"]
-    te = [i for i, s in enumerate(ds.samples) if s.split == "test"]
+    load0 = os.getloadavg()[0]
+    timing = extract_sets([s.path for s in ds.samples], hashes, work, FEATURE_SETS)
+    sets = {f"{n}-{s}": _load_set(work, n, s, hashes) for n, s in FEATURE_SETS}
+    # The training images and folds `train` uses (train/selection.py): the CSV's test split, validation
+    # back into train, training near-duplicates of test photos removed and near-duplicate pairs of
+    # different patients kept in one fold, found on the new default's features (Lite0 at 384 px).
+    splits = make_splits(ds, SplitConfig(), hashes)
+    data = without_val(_Data(ds, TASKS["referable"], hashes, splits, splits.summary(ds)))
+    data = drop_near_duplicates(data, sets["efficientnet_lite0-384"]["cache"], cross_validated=True)
+    tr, te = data.splits.train, data.splits.test
     y_all = np.array([int(s.label == "referable") for s in ds.samples])
     y, y_test = y_all[tr], y_all[te]
     patients = [ds.samples[i].patient for i in tr]
     test_patients = [ds.samples[i].patient for i in te]
-    folds = make_folds([ds.samples[i].label for i in tr], patients, K, seed=SEED)
-    load0 = os.getloadavg()[0]
-    timing = extract_sets([s.path for s in ds.samples], hashes, work, FEATURE_SETS)
-    sets = {f"{n}-{s}": _load_set(work, n, s, hashes) for n, s in FEATURE_SETS}
+    folds = make_folds([ds.samples[i].label for i in tr], [data.group(i) for i in tr], K, seed=SEED)
 
     rows: dict[str, Any] = {}
     oofs: dict[str, np.ndarray] = {}
@@ -300,9 +308,11 @@ def cv_table(shared: Path) -> dict[str, Any]:
     chosen = best_pipeline if beats_baseline(rows[best_pipeline]) else pipeline_rows[0]
     result: dict[str, Any] = {
         "data": f"IDRiD + Kaggle DR sample ({n_photos} photos), referable = grade >= 2; train {len(tr)} photos "
+                f"(after near-duplicates of test photos are removed, as train does) "
                 f"({len(set(patients))} patients) in {K} patient-grouped stratified folds (seed {SEED}); test "
                 f"{len(te)} photos ({len(set(test_patients))} patients), untouched until the choice",
         "folds": folds.record([ds.samples[i].label for i in tr], patients), "feature_seconds": timing,
+        "removed_near_duplicates_of_test": len(data.splits.removed), "linked_patients": len(data.linked),
         "precision": base["cache"].key.precision, "load_average_1min_at_start": round(load0, 2),
         "rows": rows, "best_on_cv": best, "best_pipeline_row_on_cv": best_pipeline,
         "beats_baseline_beyond_fold_noise": {k: beats_baseline(rows[k]) for k in (best, best_pipeline)},
