@@ -41,25 +41,14 @@ class ExtractConfig:
     workers: int = 0  # 0: decode in threads between backbone calls; N: N decoding processes
     cache: str | None = None
     # Pixels a side fed to the backbone (the same resize and normalisation, recorded in the bundle's
-    # preprocessing). None: the backbone's own (the registry's: Lite0 224), except in bottleneck mode on
-    # the DR tasks (fundus photos), where `train` writes FUNDUS_INPUT_SIZE here.
+    # preprocessing). None: the backbone's own (the registry's: Lite0 224), for OCT and fundus alike: a
+    # larger input did not beat it on the fundus cross-validation (benchmarks/bench_fundus_cv.py).
     input_size: int | None = None
 
 
 # --input-size bounds: below 64 px the stride-32 backbones give a 2x2 map; above 1024 px one photo's
 # activations take gigabytes on a CPU and no fundus lesion needs it.
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 64, 1024
-# --input-size of `train --task referable|grade` in bottleneck mode when not given: fundus lesions
-# (microaneurysms, exudates) are a few pixels of a 1536-px photo and 224 px loses them. Chosen on 5
-# patient folds inside the training photos (benchmarks/bench_fundus_cv.py; README "Fundus referable DR,
-# cross-validated"). OCT keeps the backbone's own size.
-FUNDUS_INPUT_SIZE = 384
-
-
-def train_input_size(given: int | None, mode: str, dr_task: bool) -> int | None:
-    """`train`'s input size: the one given, else FUNDUS_INPUT_SIZE on a DR task in bottleneck mode, else None
-    (the backbone's own). Resolved when the run is configured, so config.json holds it (a retrain keeps it)."""
-    return given if given is not None else (FUNDUS_INPUT_SIZE if mode == "bottleneck" and dr_task else None)
 
 
 @dataclass

@@ -5,18 +5,15 @@ from __future__ import annotations
 import pytest
 
 from helpers import assert_clean_error, run_cli
-from retinalens.config import FUNDUS_INPUT_SIZE, MAX_INPUT_SIZE, MIN_INPUT_SIZE
+from retinalens.config import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from retinalens.train.pipeline import build_run_config, run_config_from_dict
 
 
-def test_fundus_tasks_default_to_the_fundus_size_and_oct_keeps_the_backbones_own():
-    assert build_run_config("d", task="referable").extract.input_size == FUNDUS_INPUT_SIZE
-    assert build_run_config("d", task="grade").extract.input_size == FUNDUS_INPUT_SIZE
+def test_the_default_is_the_backbones_own_size_for_oct_and_fundus():
     assert build_run_config("d").extract.input_size is None  # OCT: the backbone's own (Lite0 224)
-    assert build_run_config("d", task="referable", mode="frozen").extract.input_size is None  # not measured there
-    assert build_run_config("d", task="referable", input_size=260).extract.input_size == 260
-    assert build_run_config("d", input_size=320).extract.input_size == 320
-    # A bundle from before the option kept its backbone's own size: its config reads back as None, not 384.
+    assert build_run_config("d", task="referable").extract.input_size is None  # 384 did not win on CV
+    assert build_run_config("d", task="referable", input_size=320).extract.input_size == 320
+    # A bundle from before the option reads back with its backbone's own size.
     assert run_config_from_dict({"data": "d", "task": "referable", "extract": {}}).extract.input_size is None
 
 

@@ -14,8 +14,8 @@ from typing import Optional
 import typer
 
 from .._console import console, markup_safe
-from ..config import (AUTO_HEAD, CV_AUTO_FOLDS, CV_AUTO_MAX_IMAGES, DEMO_OUT, FUNDUS_INPUT_SIZE, MAX_INPUT_SIZE,
-                      MIN_INPUT_SIZE, MODE_EPOCHS, EvaluateConfig, ExtractConfig,
+from ..config import (AUTO_HEAD, CV_AUTO_FOLDS, CV_AUTO_MAX_IMAGES, DEMO_OUT, MAX_INPUT_SIZE, MIN_INPUT_SIZE,
+                      MODE_EPOCHS, EvaluateConfig, ExtractConfig,
                       ExtractOptions, ImageTrainConfig, RunConfigBase, SplitConfig, TrainConfigBase, VolumeConfig,
                       default)
 from ..errors import RetinaLensError
@@ -116,8 +116,7 @@ def train(
                                       "comma-separated: flip | crop."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help=f"Pixels a side fed to the backbone "
                                              f"({MIN_INPUT_SIZE}-{MAX_INPUT_SIZE}), kept in the bundle. Default: the "
-                                             f"backbone's own (Lite0 224); {FUNDUS_INPUT_SIZE} with --task in "
-                                             "bottleneck mode."),
+                                             "backbone's own (Lite0 224)."),
     cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
     nproc: int = typer.Option(1, "--nproc", help="frozen | finetune: train on N processes (torchrun, PyTorch DDP; "

@@ -21,7 +21,7 @@ import numpy as np
 
 from .._console import console, markup_safe
 from ..config import (AUTO_HEAD, MODE_EPOCHS, ExtractConfig, ImageTrainConfig, RunConfigBase, SplitConfig, default, given,
-                      str_or_none, train_input_size)
+                      str_or_none)
 from ..data.discover import Dataset, discover
 from ..data.transforms import Preprocessing
 from ..data.hashing import sha256_files
@@ -88,7 +88,7 @@ def build_run_config(data: str | Path, *, mode: str | None = None, backbone: str
                                 sign_key=str_or_none(sign_key), cv=cv),
         extract=ExtractConfig(**given(backbone=backbone, weights=str_or_none(weights), pretrained=pretrained,
                                       precision=precision, workers=workers, cache=str_or_none(cache),
-                                      input_size=train_input_size(input_size, mode, get_task(task) is not None))),
+                                      input_size=input_size)),
         split=SplitConfig(**given(val_fraction=val_fraction, seed=seed)),
         train=replace(run_train, head=replace(run_train.head, **given(kind=head, hidden=hidden)), **train_options,
                       **given(epochs=epochs or MODE_EPOCHS.get(mode), seed=seed, class_weights=weighted)),
