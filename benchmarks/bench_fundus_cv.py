@@ -2,8 +2,9 @@
 
 The split is bench_fundus's (benchmarks/bench_training.py: fundus_split_csv): IDRiD + the Kaggle
 sample, a patient-grouped stratified 20% test split (108 photos), untouched until the end. The
-training photos are cut into the 5 patient-grouped, stratified folds `retinalens train` makes
-(train/cv.py make_folds, seed 0); every row is scored on those folds: ROC-AUC of the referable class
+training photos are those `retinalens train` keeps (near-duplicates of test photos removed) in the 5
+patient-grouped, stratified folds it makes (train/cv.py make_folds, seed 0, near-duplicate pairs of
+different patients in one fold); every row is scored on those folds: ROC-AUC of the referable class
 per fold (mean +- sd), accuracy, the gain over the logistic-regression baseline per fold, and the
 out-of-fold AUC with its patient-bootstrap CI.
 
@@ -15,19 +16,24 @@ refit reuses it), the left-right flip (bundle/network.py tta_view "flip") into a
 
 Rows (each a candidate on the same folds):
 - baseline: logistic regression C=0.1 on standardised pooled Lite0-224 features;
-- default: what `retinalens train --task referable` did before this benchmark (`--head auto` on
-  Lite0-224: the conv head and logistic regression at C 0.01, 0.1, 1, chosen on mean fold accuracy);
+- the pipeline's rows: what `retinalens train --task referable [--input-size S]` does (`--head auto`
+  on Lite0 at S: the conv head and logistic regression at C 0.01, 0.1, 1, chosen on mean fold
+  accuracy), S = 224 (the default), 320, 384;
 - logistic regression (C 0.01, 0.1, 1) on every (backbone, input size) below, with and without TTA
   (probabilities averaged over the identity and the flip view);
 - ensembles: probability average of members, and their concatenated pooled features in one
   logistic regression.
 
-The choice: the best CV AUC; it is adopted only when it beats the baseline on >= 4 of 5 folds with a
-mean gain above sd(gains)/sqrt(5). Then, once, its test AUC with a patient-bootstrap CI; the other
-rows' test figures are computed after the choice and marked so.
+The choice (written to disk before test is read): the pipeline row with the best CV AUC, when it beats
+the baseline on >= 4 of 5 folds with a mean gain above sd(gains)/sqrt(5); else the default. Then, once,
+its test AUC with a patient-bootstrap CI; the other rows' test figures are computed after the choice
+(`test_after_choice`). Last, the pipeline itself: `retinalens.train` from a cold cache, timed, and
+`retinalens.evaluate` on the test split.
 
-`python benchmarks/bench_fundus_cv.py` (or `benchmarks/run.py --only fundus_cv`); RETINALENS_BENCH_WORK
-keeps the decoded inputs' features between runs (default /tmp/retinalens-fundus-cv).
+`python benchmarks/bench_fundus_cv.py [DATA [cv|pipeline-train|pipeline-evaluate]]` (one part alone;
+`benchmarks/run.py --only fundus_cv` runs all three); RETINALENS_BENCH_WORK keeps the features between
+runs (default /tmp/retinalens-fundus-cv); RETINALENS_THREADS sets the torch threads (on a loaded
+2-core machine 1 is several times faster for the head fits).
 """
 
 from __future__ import annotations
