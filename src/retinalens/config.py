@@ -40,6 +40,15 @@ class ExtractConfig:
     chunk_size: int = 256
     workers: int = 0  # 0: decode in threads between backbone calls; N: N decoding processes
     cache: str | None = None
+    # Pixels a side fed to the backbone (the same resize and normalisation, recorded in the bundle's
+    # preprocessing). None: the backbone's own (the registry's: Lite0 224), for OCT and fundus alike: a
+    # larger input did not beat it on the fundus cross-validation (benchmarks/bench_fundus_cv.py).
+    input_size: int | None = None
+
+
+# --input-size bounds: below 64 px the stride-32 backbones give a 2x2 map; above 1024 px one photo's
+# activations take gigabytes on a CPU and no fundus lesion needs it.
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 64, 1024
 
 
 @dataclass

@@ -14,7 +14,8 @@ from typing import Optional
 import typer
 
 from .._console import console, markup_safe
-from ..config import (AUTO_HEAD, CV_AUTO_FOLDS, CV_AUTO_MAX_IMAGES, DEMO_OUT, MODE_EPOCHS, EvaluateConfig, ExtractConfig,
+from ..config import (AUTO_HEAD, CV_AUTO_FOLDS, CV_AUTO_MAX_IMAGES, DEMO_OUT, MAX_INPUT_SIZE, MIN_INPUT_SIZE,
+                      MODE_EPOCHS, EvaluateConfig, ExtractConfig,
                       ExtractOptions, ImageTrainConfig, RunConfigBase, SplitConfig, TrainConfigBase, VolumeConfig,
                       default)
 from ..errors import RetinaLensError
@@ -113,6 +114,9 @@ def train(
                                         "trained once per seed, in one bundle (the split keeps --seed)."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time views averaged with the image itself, "
                                       "comma-separated: flip | crop."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help=f"Pixels a side fed to the backbone "
+                                             f"({MIN_INPUT_SIZE}-{MAX_INPUT_SIZE}), kept in the bundle. Default: the "
+                                             "backbone's own (Lite0 224)."),
     cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
     nproc: int = typer.Option(1, "--nproc", help="frozen | finetune: train on N processes (torchrun, PyTorch DDP; "
@@ -139,7 +143,7 @@ def train(
                        warmup_epochs=warmup_epochs, augment=augment, device=device, resume=resume,
                        recipe=recipe, batchnorm=batchnorm,
                        target_sensitivity=target_sensitivity, sign_key=sign_key, cv=cv, ensemble=ensemble,
-                       seeds=seeds, tta=tta)
+                       seeds=seeds, tta=tta, input_size=input_size)
     if bundle is not None:  # None: a rank of torchrun's other than 0, which writes the bundle
         console().print(f"[green]bundle written:[/] {markup_safe(bundle.path)}", highlight=False, soft_wrap=True)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from ..config import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from ..data.transforms import Preprocessing
 from ..errors import RetinaLensError
 from ._efficientnet_lite import is_original_lite_checkpoint, rename_lite_keys
@@ -26,6 +27,14 @@ from .mobilenet import MobileNetV2
 from .packaged import packaged_weights
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def check_input_size(size: object) -> int:
+    """An input size in pixels (a whole number from MIN_INPUT_SIZE to MAX_INPUT_SIZE), or one clear error."""
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:
+        raise RetinaLensError(f"--input-size must be a whole number of pixels from {MIN_INPUT_SIZE} to "
+                              f"{MAX_INPUT_SIZE}, got {size!r}")
+    return size
 
 
 @dataclass(frozen=True)
@@ -271,18 +280,32 @@ class Backbone(nn.Module):
             self._feature_shape = (int(c), int(h), int(w))
         return self._feature_shape
 
+    def set_input_size(self, size: int) -> None:
+        """Feed the backbone size x size pixels (the same resize and normalisation). The traced graphs
+        and the feature shape belong to the old size, so they are dropped with it."""
+        check_input_size(size)
+        if size != self.preprocessing.size:
+            with self._lock:
+                self.preprocessing = replace(self.preprocessing, size=size)
+                self._compiled, self._feature_shape = {}, None
+
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "timm_name": self.timm_name, "weights_sha256": self.weights_sha256,
                 "weights_source": self.source, "preprocessing": self.preprocessing.to_dict()}
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | Path | None = None, pretrained: bool = True,
-                    seed: int = 0) -> Backbone:
+                    seed: int = 0, input_size: int | None = None) -> Backbone:
     """Build a frozen backbone. `weights`: a local file (timm or original keys); `pretrained=False`:
-    random weights (seeded, for timing)."""
+    random weights (seeded, for timing); `input_size`: pixels a side (None: the model's own)."""
+    if input_size is not None:
+        check_input_size(input_size)  # before the weights are read
     spec = resolve_spec(name)
     with torch.random.fork_rng(devices=[]):  # seeded random init hashes the same every time,
         torch.manual_seed(seed)               # without touching the caller's RNG state
         model, source = create_timm_model(spec, weights, pretrained)
-    return Backbone(spec.name, spec.timm_name, model, source)
+    bb = Backbone(spec.name, spec.timm_name, model, source)
+    if input_size is not None:
+        bb.set_input_size(input_size)
+    return bb
 

@@ -90,7 +90,8 @@ def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, prog
     check_output_folder(out)
     key = configured_key(cfg.sign_key)
     say = console()
-    first = create_backbone(runs[0].extract.backbone, weights=cfg.extract.weights, pretrained=cfg.extract.pretrained)
+    first = create_backbone(runs[0].extract.backbone, weights=cfg.extract.weights, pretrained=cfg.extract.pretrained,
+                            input_size=cfg.extract.input_size)
     data = _prepare(cfg, first.preprocessing)  # one screened split for every member
     with tempfile.TemporaryDirectory(prefix="retinalens-ensemble-") as tmp:
         bundles = []

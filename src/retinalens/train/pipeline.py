@@ -71,7 +71,7 @@ def build_run_config(data: str | Path, *, mode: str | None = None, backbone: str
                      augment: str | None = None, device: str | None = None, resume: bool | None = None,
                      recipe: str | None = None, batchnorm: str | None = None,
                      target_sensitivity: float | None = None, sign_key: str | Path | None = None,
-                     cv: int | None = None, **train_options: Any) -> RunConfig:
+                     cv: int | None = None, input_size: int | None = None, **train_options: Any) -> RunConfig:
     """`train`'s options, as the CLI spells them, to a RunConfig: the one place this is done (the CLI
     and `retinalens.train` both come here). An option left out or None keeps its dataclass default
     (retinalens/config.py); `epochs` defaults by mode (MODE_EPOCHS). `seed` seeds the split and the
@@ -87,7 +87,8 @@ def build_run_config(data: str | Path, *, mode: str | None = None, backbone: str
                                 mode=mode, resume=resume, target_sensitivity=target_sensitivity,
                                 sign_key=str_or_none(sign_key), cv=cv),
         extract=ExtractConfig(**given(backbone=backbone, weights=str_or_none(weights), pretrained=pretrained,
-                                      precision=precision, workers=workers, cache=str_or_none(cache))),
+                                      precision=precision, workers=workers, cache=str_or_none(cache),
+                                      input_size=input_size)),
         split=SplitConfig(**given(val_fraction=val_fraction, seed=seed)),
         train=replace(run_train, head=replace(run_train.head, **given(kind=head, hidden=hidden)), **train_options,
                       **given(epochs=epochs or MODE_EPOCHS.get(mode), seed=seed, class_weights=weighted)),
@@ -128,7 +129,7 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     # The pretrained backbone: the bottleneck's extractor, the image modes' starting point, and the
     # baseline's features (a from-scratch model is measured against the default backbone's).
     pretrained = create_backbone(DEFAULT_BACKBONE if scratch else x.backbone, weights=None if scratch else x.weights,
-                                 pretrained=x.pretrained)
+                                 pretrained=x.pretrained, input_size=x.input_size)
     if input_like is not None:
         pretrained.preprocessing = replace(pretrained.preprocessing, size=input_like.size,
                                            interpolation=input_like.interpolation, resize=input_like.resize)
@@ -161,7 +162,7 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
         elif cfg.mode == "bottleneck":
             trained = _train_bottleneck(cfg, data, cache, idx, y, pooled, pretrained, progress, fits)
         else:
-            start = create_backbone(x.backbone, seed=cfg.train.seed) if scratch else pretrained
+            start = create_backbone(x.backbone, seed=cfg.train.seed, input_size=x.input_size) if scratch else pretrained
             trained = _train_images(cfg, data, out, start, image_head, idx, y, progress, world)
             if trained.backbone is not pretrained:  # new weights: cache their features for evaluation
                 cache, report = _extract(data, trained.backbone, x, precision,
@@ -366,8 +367,7 @@ def _finish(cfg: RunConfig, out: Path, data: _Data, trained: _Trained, cache: Fe
                      **({"cv": trained.cv} if trained.cv else {})},
         "validation": {k: val_metrics[k] for k in ("accuracy", "accuracy_ci", "roc_auc_macro", "n_images", "n_patients")}
         | {"loss": trained.result.val_metrics["val_loss"], "source": where},
-        "metrics": {},
-        "lineage": lineage,
+        "metrics": {}, "lineage": lineage,
     }
     split_hashes = {n: sorted({data.hashes[i] for i in data.splits.indices(n)}) for n in ("train", "val", "test")}
     folds = ({"folds": dict(sorted(zip(data.keys(idx["train"]), trained.folds.fold.tolist())))}
