@@ -1,0 +1,193 @@
+"""Why `adamw-ema-cpu` lost to `classic`, and longer fine-tunes against the conv head, on bench_finetune's folds.
+
+Two parts, on the same 5 patient folds of oct-kermany/train as bench_finetune and bench_cv (the folds'
+digest is recorded), each merged into benchmarks/results.json under finetune.ablation / finetune.longer
+after every fold:
+
+- `ablation` (folds 1-2, FT_EPOCHS epochs, batch FT_BATCH, the last epoch scored): `adamw-ema-cpu` as
+  it was bundled before its fix (ORIGINAL), then rows that each change one thing from it: no EMA, no
+  label smoothing, `--lr` doubled (the warm-up + cosine averages about half the peak rate over the
+  run, Adam's plateau schedule keeps the full rate), the `oct` augmentation instead of `oct-scan`, and
+  the recipe as it is now. What the EMA's decay does over the run's optimiser steps is computed from
+  timm's ModelEmaV3 itself (`ema_schedule`), for the bundled cap and for 0.99.
+- `longer` (all 5 folds, FT_LONG_EPOCHS epochs): the recipes in FT_LONG_ROWS (comma-separated names),
+  each fold's held-out probabilities also averaged with the conv head's out-of-fold ones (the ensemble
+  row). Then, once, the row with the best CV mean is trained on all 619 scans (timed) and scored on
+  oct-kermany/test: accuracy with its patient-bootstrap CI, DRUSEN recall, and urgent (CNV+DME)
+  sensitivity/specificity at the threshold fitted for 0.95 sensitivity on that row's out-of-fold
+  probabilities.
+
+`python benchmarks/bench_finetune_ablation.py [ablation|longer] [SHARED_DATA]`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Callable
+from unittest.mock import patch
+
+import numpy as np
+import torch
+
+from bench_finetune import BATCH, EPOCHS, ROOT, Prepared, _finetune, _probabilities, prepare
+from retinalens.evaluate.metrics import classification_metrics
+from retinalens.features.extract import extract_features, head_inputs
+from retinalens.models.heads import head_probabilities
+from retinalens.data.hashing import sha256_files
+from retinalens.train.cv import refit
+from retinalens.train.images import _batches
+from retinalens.train.recipes import RECIPES, Recipe, get_recipe
+from retinalens.train.trainer import TrainConfig
+from retinalens.trust.calibration import positive_score, referral_threshold
+
+ABLATION_FOLDS = 2
+LONG_EPOCHS = int(os.environ.get("FT_LONG_EPOCHS", 8))
+LONG_ROWS = os.environ.get("FT_LONG_ROWS", "classic,adamw-ema-cpu").split(",")
+URGENT = ["CNV", "DME"]
+# What the fix changed in `adamw-ema-cpu` (train/recipes.py says why): the recipe as measured before it.
+ORIGINAL = {"ema_decay": 0.998}
+# name -> (changes to the original recipe, --augment (None: the recipe's), --lr (None: TrainConfig's)).
+ABLATION: dict[str, tuple[dict[str, Any], str | None, float | None]] = {
+    "adamw-ema-cpu (before the fix)": ({}, None, None),
+    "without EMA": ({"ema_decay": None}, None, None),
+    "--lr 2e-3": ({}, None, 2e-3),
+    "without label smoothing": ({"label_smoothing": 0.0}, None, None),
+    "oct augmentation (not oct-scan)": ({}, "oct", None),
+}
+
+
+def ema_schedule(steps: int, cap: float) -> dict[str, float]:
+    """timm's ModelEmaV3 decay over `steps` updates as train/images.py steps it (its warm-up, 1 - (1 + t)^-3/4,
+    capped at `cap`), and where the final average's weight lies."""
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(torch.nn.Linear(1, 1), decay=cap, use_warmup=True, warmup_power=0.75)
+    decay = np.array([ema.get_decay(s) for s in range(1, steps + 1)])
+    # The final average is sum_s w_s theta_s with w_s = (1 - d_s) prod_{t > s} d_t.
+    weight = (1 - decay) * np.append(np.cumprod(decay[::-1])[::-1][1:], 1.0)
+    return {"steps": steps, "cap": cap, "decay_at_last_step": round(float(decay[-1]), 4),
+            "cap_reached": bool((decay >= cap).any()),
+            "mean_step_of_average": round(float(weight @ np.arange(1, steps + 1)), 1),
+            "weight_on_last_fifth_of_steps": round(float(weight[-(steps // 5):].sum()), 3)}
+
+
+def _fold_row(row: dict[str, Any], acc: float, seconds: float, curve: list[float], reference: list[float]) -> None:
+    row["fold_accuracy"].append(round(acc, 4))
+    row["fold_seconds"].append(round(seconds, 1))
+    row["fold_curves"].append(curve)
+    row.setdefault("fold_load_1min", []).append(round(os.getloadavg()[0], 2))  # 2 shared cores: times are upper bounds
+    a = np.asarray(row["fold_accuracy"])
+    gain = a - np.asarray(reference[:len(a)])
+    row |= {"cv_accuracy_mean": round(float(a.mean()), 4),
+            "cv_accuracy_sd": round(float(a.std(ddof=1)), 4) if len(a) > 1 else None,
+            "gain_over_conv_head_per_fold": [round(float(g), 4) for g in gain],
+            "seconds_per_fold_mean": round(float(np.mean(row["fold_seconds"])), 1)}
+    if len(a) > 1:  # the decision rule's noise: the per-fold gains' standard error
+        row |= {"gain_mean": round(float(gain.mean()), 4), "gain_se": round(float(gain.std(ddof=1) / np.sqrt(len(a))), 4),
+                "folds_won": int((gain > 0).sum())}
+
+
+def ablation(p: Prepared, save: Callable[[dict[str, Any]], None], scratch: Path) -> dict[str, Any]:
+    base = replace(get_recipe("adamw-ema-cpu"), **ORIGINAL)
+    fit0 = p.folds.split(0)[0]
+    steps = EPOCHS * len(_batches(list(fit0), BATCH, 1))
+    res: dict[str, Any] = {
+        "folds": f"1-{ABLATION_FOLDS}", "epochs": EPOCHS, "batch_size": BATCH,
+        "recipe_before_the_fix": asdict(base), "recipe_now": asdict(get_recipe("adamw-ema-cpu")),
+        "ema_schedule": [ema_schedule(steps, cap) for cap in (0.998, 0.99)],
+        "conv_head_fold_accuracy": p.conv.fold_accuracy[:ABLATION_FOLDS], "rows": {}}
+    now = {k: getattr(get_recipe("adamw-ema-cpu"), k) for k in ORIGINAL}
+    rows = {**ABLATION, **({"adamw-ema-cpu (as fixed)": (now, None, None)} if now != ORIGINAL else {})}
+    for name, (changes, augment, lr) in rows.items():
+        recipe = replace(base, name=f"adamw-ema-cpu~{len(res['rows'])}", **changes)
+        row = res["rows"].setdefault(name, {"changes": changes, "augment": augment or recipe.oct_augment,
+                                            "lr": lr or TrainConfig().lr, "fold_accuracy": [], "fold_seconds": [],
+                                            "fold_curves": []})
+        for f in range(ABLATION_FOLDS):
+            fit, held = p.folds.split(f)
+            with patch.dict(RECIPES, {recipe.name: recipe}):  # the variant, for this training only
+                r, seconds = _finetune(p.bb, recipe.name, "frozen", [p.paths[i] for i in fit], p.y[fit],
+                                       [p.paths[i] for i in held], p.y[held], scratch, augment=augment, lr=lr)
+            _fold_row(row, r.result.history[-1]["val_acc"], seconds,
+                      [round(h["val_acc"], 4) for h in r.result.history], p.conv.fold_accuracy)
+            print(name, f"fold {f + 1}", json.dumps(row), flush=True)
+            save(res)
+    return res
+
+
+def longer(p: Prepared, save: Callable[[dict[str, Any]], None], scratch: Path) -> dict[str, Any]:
+    res: dict[str, Any] = {"folds": f"1-{p.folds.k}", "epochs": LONG_EPOCHS, "batch_size": BATCH, "rows": {}}
+    oof = {name: np.zeros((len(p.y), len(p.classes))) for name in LONG_ROWS}
+    recipe_of: dict[str, tuple[str, bool]] = {}  # row -> (recipe, averaged with the conv head)
+    for f in range(p.folds.k):
+        fit, held = p.folds.split(f)
+        held_paths = [p.paths[i] for i in held]
+        for name in LONG_ROWS:
+            r, seconds = _finetune(p.bb, name, "frozen", [p.paths[i] for i in fit], p.y[fit], held_paths, p.y[held],
+                                   scratch, epochs=LONG_EPOCHS)
+            alone, both_name = f"finetune {name}, {LONG_EPOCHS} epochs", f"ensemble: finetune {name} ({LONG_EPOCHS} epochs) + conv head"
+            recipe_of |= {alone: (name, False), both_name: (name, True)}
+            row = res["rows"].setdefault(alone,
+                                         {"recipe": asdict(get_recipe(name)), "fold_accuracy": [], "fold_seconds": [],
+                                          "fold_curves": []})
+            _fold_row(row, r.result.history[-1]["val_acc"], seconds,
+                      [round(h["val_acc"], 4) for h in r.result.history], p.conv.fold_accuracy)
+            oof[name][held] = _probabilities(r, p.bb, held_paths)
+            ens = res["rows"].setdefault(both_name,
+                                         {"how": "mean of the two models' held-out probabilities", "fold_accuracy": [],
+                                          "fold_seconds": [], "fold_curves": []})
+            both = (oof[name][held] + p.conv.oof[held]) / 2
+            _fold_row(ens, float((both.argmax(1) == p.y[held]).mean()), seconds, [], p.conv.fold_accuracy)
+            print(name, f"fold {f + 1}", json.dumps(row), json.dumps(ens["fold_accuracy"]), flush=True)
+            save(res)
+    chosen = max(res["rows"], key=lambda n: res["rows"][n]["cv_accuracy_mean"])
+    name, ensemble = recipe_of[chosen]
+    test_paths = [s.path for s in p.test_ds.samples]
+    r, seconds = _finetune(p.bb, name, "frozen", p.paths, p.y, test_paths, p.y_test, scratch, epochs=LONG_EPOCHS)
+    probs, train_oof = _probabilities(r, p.bb, test_paths), oof[name]
+    if ensemble:  # the conv head refitted on all of train (its chosen epoch count), on the test scans' features
+        head = refit(p.conv, p.inputs, p.y, num_classes=len(p.classes), feature_shape=p.cache.key.feature_shape,
+                     train=TrainConfig()).head
+        hashes = sha256_files(test_paths)
+        extract_features(test_paths, hashes, p.bb, p.cache, precision=p.section["settings"]["precision"], progress=False)
+        probs = (probs + head_probabilities(head, head_inputs(p.cache, hashes, "spatial"))) / 2
+        train_oof = (train_oof + p.conv.oof) / 2
+    urgent = np.isin(p.y, [p.classes.index(c) for c in URGENT])
+    t = referral_threshold(positive_score(train_oof, p.classes, URGENT), urgent, 0.95)
+    m = classification_metrics(p.y_test, probs, p.classes, [s.patient for s in p.test_ds.samples],
+                               positive_classes=URGENT, n_boot=1000, seed=0, threshold=t["threshold"])
+    u = m["urgent_referral"]
+    res["test"] = {"row": chosen, "chosen_by": "the best CV mean over this part's rows (5 folds)",
+                   "test_accuracy": round(m["accuracy"], 4), "test_accuracy_ci": [round(v, 4) for v in m["accuracy_ci"]],
+                   "drusen_recall": round(m["per_class"]["DRUSEN"]["recall"], 4),
+                   "urgent_threshold_fitted_out_of_fold": {k: round(v, 4) for k, v in t.items()},
+                   "urgent_sensitivity": round(u["sensitivity"], 4), "urgent_sensitivity_ci": u["sensitivity_ci"],
+                   "urgent_specificity": round(u["specificity"], 4), "urgent_specificity_ci": u["specificity_ci"],
+                   "seconds_train_all_619": round(seconds, 1)}
+    save(res)
+    return res
+
+
+def _saver(part: str) -> Callable[[dict[str, Any]], None]:
+    def save(section: dict[str, Any]) -> None:
+        out = ROOT / "benchmarks" / "results.json"
+        res = json.loads(out.read_text())
+        res.setdefault("finetune", {})[part] = {**section, "threads": torch.get_num_threads(),
+                                                "command": f"python benchmarks/bench_finetune_ablation.py {part}"}
+        out.write_text(json.dumps(res, indent=2) + "\n")
+    return save
+
+
+if __name__ == "__main__":
+    part = sys.argv[1] if len(sys.argv) > 1 else "ablation"
+    data = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(os.environ.get("RETINALENS_SHARED_DATA",
+                                                                          ROOT.parent / "shared" / "data"))
+    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-finetune-{part}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(data)
+    print(json.dumps({"ablation": ablation, "longer": longer}[part](prepared, _saver(part), scratch), indent=2))
