@@ -22,6 +22,7 @@ after every fold:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -46,6 +47,9 @@ from retinalens.train.trainer import TrainConfig
 from retinalens.trust.calibration import positive_score, referral_threshold
 
 ABLATION_FOLDS = 2
+# FT_ONLY="row|row": only these ablation rows, saved under finetune["ablation: row|row"] (a second process
+# on other rows leaves the first one's section alone).
+ONLY = [n for n in os.environ.get("FT_ONLY", "").split("|") if n]
 LONG_EPOCHS = int(os.environ.get("FT_LONG_EPOCHS", 8))
 LONG_ROWS = os.environ.get("FT_LONG_ROWS", "classic,adamw-ema-cpu").split(",")
 URGENT = ["CNV", "DME"]
@@ -103,6 +107,7 @@ def ablation(p: Prepared, save: Callable[[dict[str, Any]], None], scratch: Path)
         "conv_head_fold_accuracy": p.conv.fold_accuracy[:ABLATION_FOLDS], "rows": {}}
     now = {k: getattr(get_recipe("adamw-ema-cpu"), k) for k in ORIGINAL}
     rows = {**ABLATION, **({"adamw-ema-cpu (as fixed)": (now, None, None)} if now != ORIGINAL else {})}
+    rows = {n: v for n, v in rows.items() if n in ONLY} if ONLY else rows
     for name, (changes, augment, lr) in rows.items():
         recipe = replace(base, name=f"adamw-ema-cpu~{len(res['rows'])}", **changes)
         row = res["rows"].setdefault(name, {"changes": changes, "augment": augment or recipe.oct_augment,
@@ -173,21 +178,25 @@ def longer(p: Prepared, save: Callable[[dict[str, Any]], None], scratch: Path) -
     return res
 
 
-def _saver(part: str) -> Callable[[dict[str, Any]], None]:
+def _saver(part: str, command: str) -> Callable[[dict[str, Any]], None]:
     def save(section: dict[str, Any]) -> None:
         out = ROOT / "benchmarks" / "results.json"
-        res = json.loads(out.read_text())
-        res.setdefault("finetune", {})[part] = {**section, "threads": torch.get_num_threads(),
-                                                "command": f"python benchmarks/bench_finetune_ablation.py {part}"}
-        out.write_text(json.dumps(res, indent=2) + "\n")
+        with open(out, "r+") as f:  # locked: two of these processes may save at once
+            fcntl.flock(f, fcntl.LOCK_EX)
+            res = json.load(f)
+            res.setdefault("finetune", {})[part] = {**section, "threads": torch.get_num_threads(), "command": command}
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(res, indent=2) + "\n")
     return save
 
 
 if __name__ == "__main__":
     part = sys.argv[1] if len(sys.argv) > 1 else "ablation"
+    key = f"{part}: {'|'.join(ONLY)}" if ONLY else part
     data = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(os.environ.get("RETINALENS_SHARED_DATA",
                                                                           ROOT.parent / "shared" / "data"))
-    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-finetune-{part}"
+    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-finetune-{part}-{os.getpid()}"
     scratch.mkdir(parents=True, exist_ok=True)
     prepared = prepare(data)
-    print(json.dumps({"ablation": ablation, "longer": longer}[part](prepared, _saver(part), scratch), indent=2))
+    print(json.dumps({"ablation": ablation, "longer": longer}[part](prepared, _saver(key, " ".join(["python", *sys.argv])), scratch), indent=2))

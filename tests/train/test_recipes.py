@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import cli_command, kill_after_epoch, run_cli
+from retinalens.bundle.store import load_bundle
 from retinalens.data.augment import get_augmentation, sample_rng
 from retinalens.data.discover import discover
 from retinalens.errors import RetinaLensError
@@ -113,6 +115,9 @@ def test_adamw_ema_resumed_after_kill_gives_the_uninterrupted_weights(tmp_path, 
     assert ref.returncode == 0, ref.stderr + ref.stdout
     config = json.loads((tmp_path / "ref" / "config.json").read_text())
     assert config["images"]["recipe"] == "adamw-ema" and config["images"]["batchnorm"] == "reestimate"
+    # The recipe's values are in the bundle, not only its name: a later change of a recipe's default shows.
+    recorded = load_bundle(tmp_path / "ref").manifest.to_dict()["training"]["head_selection"]["recipe"]
+    assert recorded == asdict(get_recipe("adamw-ema")) and recorded["ema_decay"] == get_recipe("adamw-ema").ema_decay
 
     out = tmp_path / "killed"
     ckpt = out.with_name("killed.checkpoints") / CHECKPOINT
