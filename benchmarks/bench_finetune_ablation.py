@@ -50,6 +50,9 @@ ABLATION_FOLDS = 2
 # FT_ONLY="row|row": only these ablation rows, saved under finetune["ablation: row|row"] (a second process
 # on other rows leaves the first one's section alone).
 ONLY = [n for n in os.environ.get("FT_ONLY", "").split("|") if n]
+# FT_LONG_FOLDS="3,4": only these folds of `longer` (1-based), saved under finetune["longer: folds 3,4"],
+# and no test (it is scored once, when one process has run all 5 folds).
+LONG_FOLDS = [int(f) - 1 for f in os.environ.get("FT_LONG_FOLDS", "").split(",") if f]
 LONG_EPOCHS = int(os.environ.get("FT_LONG_EPOCHS", 8))
 LONG_ROWS = os.environ.get("FT_LONG_ROWS", "classic,adamw-ema-cpu").split(",")
 URGENT = ["CNV", "DME"]
@@ -80,13 +83,16 @@ def ema_schedule(steps: int, cap: float) -> dict[str, float]:
             "weight_on_last_fifth_of_steps": round(float(weight[-(steps // 5):].sum()), 3)}
 
 
-def _fold_row(row: dict[str, Any], acc: float, seconds: float, curve: list[float], reference: list[float]) -> None:
+def _fold_row(row: dict[str, Any], fold: int, acc: float, seconds: float, curve: list[float],
+              reference: list[float]) -> None:
+    """Fold `fold` (0-based) of `row`, and the row's summary so far; `reference`: the conv head's fold accuracies."""
+    row.setdefault("folds", []).append(fold + 1)
     row["fold_accuracy"].append(round(acc, 4))
     row["fold_seconds"].append(round(seconds, 1))
     row["fold_curves"].append(curve)
     row.setdefault("fold_load_1min", []).append(round(os.getloadavg()[0], 2))  # 2 shared cores: times are upper bounds
     a = np.asarray(row["fold_accuracy"])
-    gain = a - np.asarray(reference[:len(a)])
+    gain = a - np.asarray([reference[f - 1] for f in row["folds"]])
     row |= {"cv_accuracy_mean": round(float(a.mean()), 4),
             "cv_accuracy_sd": round(float(a.std(ddof=1)), 4) if len(a) > 1 else None,
             "gain_over_conv_head_per_fold": [round(float(g), 4) for g in gain],
@@ -118,7 +124,7 @@ def ablation(p: Prepared, save: Callable[[dict[str, Any]], None], scratch: Path)
             with patch.dict(RECIPES, {recipe.name: recipe}):  # the variant, for this training only
                 r, seconds = _finetune(p.bb, recipe.name, "frozen", [p.paths[i] for i in fit], p.y[fit],
                                        [p.paths[i] for i in held], p.y[held], scratch, augment=augment, lr=lr)
-            _fold_row(row, r.result.history[-1]["val_acc"], seconds,
+            _fold_row(row, f, r.result.history[-1]["val_acc"], seconds,
                       [round(h["val_acc"], 4) for h in r.result.history], p.conv.fold_accuracy)
             print(name, f"fold {f + 1}", json.dumps(row), flush=True)
             save(res)
@@ -129,7 +135,7 @@ def longer(p: Prepared, save: Callable[[dict[str, Any]], None], scratch: Path) -
     res: dict[str, Any] = {"folds": f"1-{p.folds.k}", "epochs": LONG_EPOCHS, "batch_size": BATCH, "rows": {}}
     oof = {name: np.zeros((len(p.y), len(p.classes))) for name in LONG_ROWS}
     recipe_of: dict[str, tuple[str, bool]] = {}  # row -> (recipe, averaged with the conv head)
-    for f in range(p.folds.k):
+    for f in LONG_FOLDS or range(p.folds.k):
         fit, held = p.folds.split(f)
         held_paths = [p.paths[i] for i in held]
         for name in LONG_ROWS:
@@ -140,16 +146,18 @@ def longer(p: Prepared, save: Callable[[dict[str, Any]], None], scratch: Path) -
             row = res["rows"].setdefault(alone,
                                          {"recipe": asdict(get_recipe(name)), "fold_accuracy": [], "fold_seconds": [],
                                           "fold_curves": []})
-            _fold_row(row, r.result.history[-1]["val_acc"], seconds,
+            _fold_row(row, f, r.result.history[-1]["val_acc"], seconds,
                       [round(h["val_acc"], 4) for h in r.result.history], p.conv.fold_accuracy)
             oof[name][held] = _probabilities(r, p.bb, held_paths)
             ens = res["rows"].setdefault(both_name,
                                          {"how": "mean of the two models' held-out probabilities", "fold_accuracy": [],
                                           "fold_seconds": [], "fold_curves": []})
             both = (oof[name][held] + p.conv.oof[held]) / 2
-            _fold_row(ens, float((both.argmax(1) == p.y[held]).mean()), seconds, [], p.conv.fold_accuracy)
+            _fold_row(ens, f, float((both.argmax(1) == p.y[held]).mean()), seconds, [], p.conv.fold_accuracy)
             print(name, f"fold {f + 1}", json.dumps(row), json.dumps(ens["fold_accuracy"]), flush=True)
             save(res)
+    if LONG_FOLDS:
+        return res
     chosen = max(res["rows"], key=lambda n: res["rows"][n]["cv_accuracy_mean"])
     name, ensemble = recipe_of[chosen]
     test_paths = [s.path for s in p.test_ds.samples]
@@ -193,7 +201,8 @@ def _saver(part: str, command: str) -> Callable[[dict[str, Any]], None]:
 
 if __name__ == "__main__":
     part = sys.argv[1] if len(sys.argv) > 1 else "ablation"
-    key = f"{part}: {'|'.join(ONLY)}" if ONLY else part
+    key = (f"{part}: {'|'.join(ONLY)}" if ONLY and part == "ablation" else
+           f"{part}: folds {os.environ['FT_LONG_FOLDS']}" if LONG_FOLDS and part == "longer" else part)
     data = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(os.environ.get("RETINALENS_SHARED_DATA",
                                                                           ROOT.parent / "shared" / "data"))
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-finetune-{part}-{os.getpid()}"
