@@ -57,7 +57,7 @@ LONG_EPOCHS = int(os.environ.get("FT_LONG_EPOCHS", 8))
 LONG_ROWS = os.environ.get("FT_LONG_ROWS", "classic,adamw-ema-cpu").split(",")
 URGENT = ["CNV", "DME"]
 # What the fix changed in `adamw-ema-cpu` (train/recipes.py says why): the recipe as measured before it.
-ORIGINAL = {"ema_decay": 0.998}
+ORIGINAL = {"oct_augment": "oct-scan"}
 # name -> (changes to the original recipe, --augment (None: the recipe's), --lr (None: TrainConfig's)).
 ABLATION: dict[str, tuple[dict[str, Any], str | None, float | None]] = {
     "adamw-ema-cpu (before the fix)": ({}, None, None),
