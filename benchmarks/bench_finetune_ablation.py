@@ -17,7 +17,8 @@ after every fold:
   sensitivity/specificity at the threshold fitted for 0.95 sensitivity on that row's out-of-fold
   probabilities.
 
-`python benchmarks/bench_finetune_ablation.py [ablation|longer] [SHARED_DATA]`.
+`python benchmarks/bench_finetune_ablation.py [ablation|longer|test] [SHARED_DATA]` (`test`: FT_TEST_ROW, the
+row chosen when the 5 folds ran in several processes, which have no out-of-fold set to fit the threshold on).
 """
 
 from __future__ import annotations
@@ -160,30 +161,41 @@ def longer(p: Prepared, save: Callable[[dict[str, Any]], None], scratch: Path) -
         return res
     chosen = max(res["rows"], key=lambda n: res["rows"][n]["cv_accuracy_mean"])
     name, ensemble = recipe_of[chosen]
+    res["test"] = test_once(p, name, ensemble, scratch, oof[name]) | {
+        "row": chosen, "chosen_by": "the best CV mean over this part's rows (5 folds)"}
+    save(res)
+    return res
+
+
+def test_once(p: Prepared, name: str, ensemble: bool, scratch: Path, train_oof: np.ndarray | None) -> dict[str, Any]:
+    """Recipe `name` (LONG_EPOCHS epochs) trained on all of train, timed, scored on test; `ensemble`: averaged
+    with the conv head refitted on all of train. `train_oof`: the recipe's out-of-fold probabilities, for
+    the referral threshold (None: it is not fitted, the urgent AUC alone is reported)."""
     test_paths = [s.path for s in p.test_ds.samples]
     r, seconds = _finetune(p.bb, name, "frozen", p.paths, p.y, test_paths, p.y_test, scratch, epochs=LONG_EPOCHS)
-    probs, train_oof = _probabilities(r, p.bb, test_paths), oof[name]
+    probs = _probabilities(r, p.bb, test_paths)
     if ensemble:  # the conv head refitted on all of train (its chosen epoch count), on the test scans' features
         head = refit(p.conv, p.inputs, p.y, num_classes=len(p.classes), feature_shape=p.cache.key.feature_shape,
                      train=TrainConfig()).head
         hashes = sha256_files(test_paths)
         extract_features(test_paths, hashes, p.bb, p.cache, precision=p.section["settings"]["precision"], progress=False)
         probs = (probs + head_probabilities(head, head_inputs(p.cache, hashes, "spatial"))) / 2
-        train_oof = (train_oof + p.conv.oof) / 2
+        train_oof = None if train_oof is None else (train_oof + p.conv.oof) / 2
     urgent = np.isin(p.y, [p.classes.index(c) for c in URGENT])
-    t = referral_threshold(positive_score(train_oof, p.classes, URGENT), urgent, 0.95)
+    t = (referral_threshold(positive_score(train_oof, p.classes, URGENT), urgent, 0.95) if train_oof is not None
+         else None)
     m = classification_metrics(p.y_test, probs, p.classes, [s.patient for s in p.test_ds.samples],
-                               positive_classes=URGENT, n_boot=1000, seed=0, threshold=t["threshold"])
+                               positive_classes=URGENT, n_boot=1000, seed=0, **({"threshold": t["threshold"]} if t else {}))
     u = m["urgent_referral"]
-    res["test"] = {"row": chosen, "chosen_by": "the best CV mean over this part's rows (5 folds)",
-                   "test_accuracy": round(m["accuracy"], 4), "test_accuracy_ci": [round(v, 4) for v in m["accuracy_ci"]],
-                   "drusen_recall": round(m["per_class"]["DRUSEN"]["recall"], 4),
-                   "urgent_threshold_fitted_out_of_fold": {k: round(v, 4) for k, v in t.items()},
-                   "urgent_sensitivity": round(u["sensitivity"], 4), "urgent_sensitivity_ci": u["sensitivity_ci"],
-                   "urgent_specificity": round(u["specificity"], 4), "urgent_specificity_ci": u["specificity_ci"],
-                   "seconds_train_all_619": round(seconds, 1)}
-    save(res)
-    return res
+    out = {"test_accuracy": round(m["accuracy"], 4), "test_accuracy_ci": [round(v, 4) for v in m["accuracy_ci"]],
+           "drusen_recall": round(m["per_class"]["DRUSEN"]["recall"], 4), "urgent_auc": round(u["auc"], 4),
+           "urgent_auc_ci": u["auc_ci"], "seconds_train_all_619": round(seconds, 1), "epochs": LONG_EPOCHS,
+           "threads": torch.get_num_threads()}
+    if t is not None:
+        out |= {"urgent_threshold_fitted_out_of_fold": {k: round(v, 4) for k, v in t.items()},
+                "urgent_sensitivity": round(u["sensitivity"], 4), "urgent_sensitivity_ci": u["sensitivity_ci"],
+                "urgent_specificity": round(u["specificity"], 4), "urgent_specificity_ci": u["specificity_ci"]}
+    return out
 
 
 def _saver(part: str, command: str) -> Callable[[dict[str, Any]], None]:
@@ -208,4 +220,11 @@ if __name__ == "__main__":
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-finetune-{part}-{os.getpid()}"
     scratch.mkdir(parents=True, exist_ok=True)
     prepared = prepare(data)
-    print(json.dumps({"ablation": ablation, "longer": longer}[part](prepared, _saver(key, " ".join(["python", *sys.argv])), scratch), indent=2))
+    save = _saver(key, " ".join(["python", *sys.argv]))
+    if part == "test":  # FT_TEST_ROW=RECIPE or RECIPE+conv: the row chosen on CV by the `longer` processes
+        row = os.environ["FT_TEST_ROW"]
+        result = test_once(prepared, row.removesuffix("+conv"), row.endswith("+conv"), scratch, None) | {"row": row}
+        save(result)
+    else:
+        result = {"ablation": ablation, "longer": longer}[part](prepared, save, scratch)
+    print(json.dumps(result, indent=2))
