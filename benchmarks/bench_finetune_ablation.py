@@ -198,6 +198,32 @@ def test_once(p: Prepared, name: str, ensemble: bool, scratch: Path, train_oof: 
     return out
 
 
+def merge_longer(section: dict[str, Any], k: int) -> dict[str, Any] | None:
+    """The `longer` rows of every process (finetune.longer, finetune["longer: folds N"]) as one set of k
+    folds, with the decision rule (fixed before the runs) applied; None until every fold is in."""
+    parts = [v for n, v in section.items() if n == "longer" or n.startswith("longer: folds")]
+    rows: dict[str, dict[int, float]] = {}
+    for part in parts:
+        for name, row in part["rows"].items():
+            rows.setdefault(name, {}).update(zip(row.get("folds", range(1, len(row["fold_accuracy"]) + 1)),
+                                                 row["fold_accuracy"]))
+    if not rows or any(len(r) < k for r in rows.values()):
+        return None
+    conv = section["rows"]["conv head (same folds, cached features)"]
+    out: dict[str, Any] = {}
+    for name, by_fold in rows.items():
+        a = np.array([by_fold[f] for f in range(1, k + 1)])
+        gain = a - np.asarray(conv["fold_accuracy"])
+        se = float(gain.std(ddof=1) / np.sqrt(k))
+        wins = bool(a.mean() > conv["cv_accuracy_mean"] and (gain > 0).sum() >= 4 and gain.mean() > se)
+        out[name] = {"fold_accuracy": [round(float(v), 4) for v in a], "cv_accuracy_mean": round(float(a.mean()), 4),
+                     "cv_accuracy_sd": round(float(a.std(ddof=1)), 4), "gain_over_conv_head_per_fold": [round(float(g), 4) for g in gain],
+                     "gain_mean": round(float(gain.mean()), 4), "gain_se": round(se, 4), "folds_won": int((gain > 0).sum()),
+                     "wins_by_the_rule": wins}
+    return {"rule": "CV mean above the conv head's, at least 4 of 5 folds won, mean per-fold gain above sd/sqrt(5)",
+            "rows": out}
+
+
 def _saver(part: str, command: str) -> Callable[[dict[str, Any]], None]:
     def save(section: dict[str, Any]) -> None:
         out = ROOT / "benchmarks" / "results.json"
@@ -221,8 +247,13 @@ if __name__ == "__main__":
     scratch.mkdir(parents=True, exist_ok=True)
     prepared = prepare(data)
     save = _saver(key, " ".join(["python", *sys.argv]))
-    if part == "test":  # FT_TEST_ROW=RECIPE or RECIPE+conv: the row chosen on CV by the `longer` processes
-        row = os.environ["FT_TEST_ROW"]
+    if part == "test":  # the row with the best CV mean once the `longer` processes have run every fold
+        while (merged := merge_longer(json.loads((ROOT / "benchmarks" / "results.json").read_text())["finetune"],
+                                      prepared.folds.k)) is None:
+            time.sleep(20)
+        _saver("longer, 5 folds merged", "merge_longer")(merged)
+        best = max(merged["rows"], key=lambda n: merged["rows"][n]["cv_accuracy_mean"])
+        row = "classic+conv" if best.startswith("ensemble") else "classic"
         result = test_once(prepared, row.removesuffix("+conv"), row.endswith("+conv"), scratch, None) | {"row": row}
         save(result)
     else:
