@@ -61,9 +61,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            head_only_warmup=False, label_smoothing=0.1, ema_decay=0.998, oct_augment="oct-scan"),
     # The same on the last --unfreeze groups only: the gradient stops there, which on a 2-core CPU makes an
     # epoch ~3x cheaper than every group's (measured: benchmarks/bench_finetune.py, README). On the `oct`
-    # augmentation: with `oct-scan` it plateaued at 0.77 on folds 1-2 of oct-kermany/train in 5 epochs, and
-    # the ablation (benchmarks/bench_finetune_ablation.py) found that choice the cause: +4.8 points on fold 1
-    # with `oct`, none from dropping the EMA or the smoothing.
+    # augmentation: with `oct-scan` it plateaued at 0.77 on folds 1-2 of oct-kermany/train in 5 epochs; of
+    # the single changes measured (benchmarks/bench_finetune_ablation.py) `oct` gained most (+4.8 and +0.8
+    # points), more than dropping the EMA or the smoothing or doubling the rate; none closes the gap to classic.
     Recipe("adamw-ema-cpu", optimizer="adamw", weight_decay=0.05, layer_decay=0.7, schedule="cosine",
            head_only_warmup=False, label_smoothing=0.1, ema_decay=0.998, oct_augment="oct"),
 )}
