@@ -240,7 +240,8 @@ def _saver(part: str, command: str) -> Callable[[dict[str, Any]], None]:
 if __name__ == "__main__":
     part = sys.argv[1] if len(sys.argv) > 1 else "ablation"
     key = (f"{part}: {'|'.join(ONLY)}" if ONLY and part == "ablation" else
-           f"{part}: folds {os.environ['FT_LONG_FOLDS']}" if LONG_FOLDS and part == "longer" else part)
+           f"{part}: folds {os.environ['FT_LONG_FOLDS']}" if LONG_FOLDS and part == "longer" else
+           "longer: test" if part == "test" else part)  # finetune["test"] is bench_finetune's
     data = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(os.environ.get("RETINALENS_SHARED_DATA",
                                                                           ROOT.parent / "shared" / "data"))
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-finetune-{part}-{os.getpid()}"
