@@ -7,18 +7,20 @@ after every fold:
 - `ablation` (folds 1-2, FT_EPOCHS epochs, batch FT_BATCH, the last epoch scored): `adamw-ema-cpu` as
   it was bundled before its fix (ORIGINAL), then rows that each change one thing from it: no EMA, no
   label smoothing, `--lr` doubled (the warm-up + cosine averages about half the peak rate over the
-  run, Adam's plateau schedule keeps the full rate), the `oct` augmentation instead of `oct-scan`, and
-  the recipe as it is now. What the EMA's decay does over the run's optimiser steps is computed from
+  run, Adam's plateau schedule keeps the full rate), and the `oct` augmentation instead of `oct-scan`
+  (the recipe as fixed: the same training as `--recipe adamw-ema-cpu` now). What the EMA's decay does over the run's optimiser steps is computed from
   timm's ModelEmaV3 itself (`ema_schedule`), for the bundled cap and for 0.99.
 - `longer` (all 5 folds, FT_LONG_EPOCHS epochs): the recipes in FT_LONG_ROWS (comma-separated names),
   each fold's held-out probabilities also averaged with the conv head's out-of-fold ones (the ensemble
   row). Then, once, the row with the best CV mean is trained on all 619 scans (timed) and scored on
-  oct-kermany/test: accuracy with its patient-bootstrap CI, DRUSEN recall, and urgent (CNV+DME)
-  sensitivity/specificity at the threshold fitted for 0.95 sensitivity on that row's out-of-fold
+  oct-kermany/test: accuracy with its patient-bootstrap CI, DRUSEN recall, urgent (CNV+DME) AUC, and
+  urgent sensitivity/specificity at the threshold fitted for 0.95 sensitivity on that row's out-of-fold
   probabilities.
+- `test`: when the folds of `longer` ran in several processes (FT_LONG_FOLDS), waits for all 5, merges
+  them (`merge_longer`, the decision rule applied) and scores the best row by CV once, as above but
+  without the threshold (no process holds every fold's out-of-fold probabilities).
 
-`python benchmarks/bench_finetune_ablation.py [ablation|longer|test] [SHARED_DATA]` (`test`: FT_TEST_ROW, the
-row chosen when the 5 folds ran in several processes, which have no out-of-fold set to fit the threshold on).
+`python benchmarks/bench_finetune_ablation.py [ablation|longer|test] [SHARED_DATA]`.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from retinalens.models.heads import head_probabilities
 from retinalens.data.hashing import sha256_files
 from retinalens.train.cv import refit
 from retinalens.train.images import _batches
-from retinalens.train.recipes import RECIPES, Recipe, get_recipe
+from retinalens.train.recipes import RECIPES, get_recipe
 from retinalens.train.trainer import TrainConfig
 from retinalens.trust.calibration import positive_score, referral_threshold
 
@@ -112,9 +114,7 @@ def ablation(p: Prepared, save: Callable[[dict[str, Any]], None], scratch: Path)
         "recipe_before_the_fix": asdict(base), "recipe_now": asdict(get_recipe("adamw-ema-cpu")),
         "ema_schedule": [ema_schedule(steps, cap) for cap in (0.998, 0.99)],
         "conv_head_fold_accuracy": p.conv.fold_accuracy[:ABLATION_FOLDS], "rows": {}}
-    now = {k: getattr(get_recipe("adamw-ema-cpu"), k) for k in ORIGINAL}
-    rows = {**ABLATION, **({"adamw-ema-cpu (as fixed)": (now, None, None)} if now != ORIGINAL else {})}
-    rows = {n: v for n, v in rows.items() if n in ONLY} if ONLY else rows
+    rows = {n: v for n, v in ABLATION.items() if n in ONLY} if ONLY else ABLATION
     for name, (changes, augment, lr) in rows.items():
         recipe = replace(base, name=f"adamw-ema-cpu~{len(res['rows'])}", **changes)
         row = res["rows"].setdefault(name, {"changes": changes, "augment": augment or recipe.oct_augment,
