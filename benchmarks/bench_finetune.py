@@ -29,20 +29,21 @@ import os
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from retinalens.bundle.network import Network
-from retinalens.config import ImageTrainConfig
+from retinalens.config import ImageTrainConfig, given
 from retinalens.data.discover import discover
 from retinalens.data.hashing import sha256_files
 from retinalens.evaluate.metrics import classification_metrics
 from retinalens.features.extract import extract_features, head_inputs, open_cache
 from retinalens.models.heads import HeadConfig
 from retinalens.models.registry import create_backbone, resolve_precision
-from retinalens.train.cv import BASELINE_C, Candidate, cross_validate, make_folds
+from retinalens.train.cv import BASELINE_C, Candidate, CVResult, Folds, cross_validate, make_folds
 from retinalens.train.images import train_on_images
 from retinalens.train.recipes import get_recipe
 from retinalens.train.trainer import TrainConfig
@@ -55,13 +56,15 @@ ROWS = {"finetune classic, BN frozen": ("classic", "frozen"),
         "finetune adamw-ema-cpu, BN re-estimated": ("adamw-ema-cpu", "reestimate")}
 
 
-def _finetune(bb, recipe: str, batchnorm: str, paths, y, val_paths, y_val, scratch: Path):
+def _finetune(bb, recipe: str, batchnorm: str, paths, y, val_paths, y_val, scratch: Path, *, epochs: int = EPOCHS,
+              augment: str | None = None, lr: float | None = None):
+    """`augment` None: what `--augment auto` picks for OCT (the recipe's); `lr` None: TrainConfig's."""
     images = ImageTrainConfig(recipe=recipe, batchnorm=batchnorm)
-    augment = get_recipe(recipe).oct_augment  # what `--augment auto` picks for OCT
+    augment = augment or get_recipe(recipe).oct_augment
     t = time.perf_counter()
     r = train_on_images(bb, HeadConfig(kind="linear", hidden=64), mode="finetune", paths=paths, y_train=y,
                         val_paths=val_paths, y_val=y_val, num_classes=4, images=images, augment=augment,
-                        train=TrainConfig(epochs=EPOCHS, batch_size=BATCH), checkpoint_dir=scratch,
+                        train=TrainConfig(epochs=epochs, batch_size=BATCH, **given(lr=lr)), checkpoint_dir=scratch,
                         fingerprint={"recipe": recipe, "bn": batchnorm, "n": len(paths), "t": time.time()},
                         progress=False, select=False)
     (scratch / "last.pt").unlink(missing_ok=True)
@@ -78,7 +81,25 @@ def _probabilities(r, bb, paths: list[Path]) -> np.ndarray:
     return np.concatenate(out)
 
 
-def run(shared: Path, save: Callable[[dict[str, Any]], None] = lambda d: None) -> dict[str, Any]:
+@dataclass
+class Prepared:
+    """The data, the folds and the heads on cached features that every fine-tuning row is measured against."""
+
+    classes: list[str]
+    paths: list[Path]
+    y: np.ndarray
+    folds: Folds
+    test_ds: Any
+    y_test: np.ndarray
+    bb: Any
+    logreg: CVResult
+    conv: CVResult
+    cache: Any  # the feature cache (pooled and spatial features of every scan extracted so far)
+    inputs: Callable[[str], np.ndarray]  # input kind -> the training scans' cached features (cv.Inputs)
+    section: dict[str, Any]  # data, folds digest, settings, the baseline's and the conv head's rows
+
+
+def prepare(shared: Path) -> Prepared:
     oct_root = shared / "oct-kermany"
     train_ds, test_ds = discover(oct_root / "train"), discover(oct_root / "test")
     classes = train_ds.classes
@@ -111,6 +132,13 @@ def run(shared: Path, save: Callable[[dict[str, Any]], None] = lambda d: None) -
                      "fold_accuracy": conv_acc, "epochs": conv.epochs, "cv_accuracy_mean": round(float(np.mean(conv_acc)), 4),
                      "cv_accuracy_sd": round(float(np.std(conv_acc, ddof=1)), 4),
                      "first_folds_mean": round(float(np.mean(conv_acc[:FOLDS])), 4)}}}
+    return Prepared(classes, paths, y, folds, test_ds, y_test, bb, logreg, conv, cache, feats.__getitem__, res)
+
+
+def run(shared: Path, save: Callable[[dict[str, Any]], None] = lambda d: None) -> dict[str, Any]:
+    p = prepare(shared)
+    classes, paths, y, folds, test_ds, y_test, bb, res = p.classes, p.paths, p.y, p.folds, p.test_ds, p.y_test, p.bb, p.section
+    base, conv_acc = p.logreg.fold_accuracy, p.conv.fold_accuracy
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / "bench-finetune"
     scratch.mkdir(parents=True, exist_ok=True)
     for f in range(FOLDS):

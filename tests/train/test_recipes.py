@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import cli_command, kill_after_epoch, run_cli
+from retinalens.bundle.store import load_bundle
 from retinalens.data.augment import get_augmentation, sample_rng
 from retinalens.data.discover import discover
 from retinalens.errors import RetinaLensError
@@ -104,15 +106,20 @@ def test_oct_scan_augmentation_is_a_function_of_seed_epoch_and_position(oct_imag
     assert not torch.equal(a, plain(img, sample_rng(0, 1, 3)))
 
 
-def test_adamw_ema_resumed_after_kill_gives_the_uninterrupted_weights(tmp_path, small_dataset, feature_cache):
+def test_adamw_ema_cpu_resumed_after_kill_gives_the_uninterrupted_weights(tmp_path, small_dataset, feature_cache):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    common = [str(small_dataset), "--mode", "finetune", "--recipe", "adamw-ema", "--batchnorm", "reestimate",
+    common = [str(small_dataset), "--mode", "finetune", "--recipe", "adamw-ema-cpu", "--batchnorm", "reestimate",
               "--epochs", "2", "--batch-size", "16", "--cv", "0", "--quiet", "--cache", str(feature_cache)]
     ref = subprocess.run(cli_command("train", *common, "--out", str(tmp_path / "ref")), env=env, capture_output=True,
                          text=True)
     assert ref.returncode == 0, ref.stderr + ref.stdout
     config = json.loads((tmp_path / "ref" / "config.json").read_text())
-    assert config["images"]["recipe"] == "adamw-ema" and config["images"]["batchnorm"] == "reestimate"
+    assert config["images"]["recipe"] == "adamw-ema-cpu" and config["images"]["batchnorm"] == "reestimate"
+    # The recipe's values are in the bundle, not only its name, and `--augment auto` took its OCT
+    # augmentation, `oct` since the ablation (README): a later change of a recipe's default shows.
+    selection = load_bundle(tmp_path / "ref").manifest.to_dict()["training"]["head_selection"]
+    assert selection["recipe"] == asdict(get_recipe("adamw-ema-cpu")) and selection["recipe"]["ema_decay"] == 0.998
+    assert selection["recipe"]["oct_augment"] == "oct" and selection["augment"] == "oct"
 
     out = tmp_path / "killed"
     ckpt = out.with_name("killed.checkpoints") / CHECKPOINT

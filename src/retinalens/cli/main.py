@@ -90,7 +90,7 @@ def train(
     recipe: str = config_option(ImageTrainConfig, "recipe", help="finetune: classic (Adam, last --unfreeze groups, "
                                 "plateau LR) | adamw-ema (every group, layer-wise LR decay, AdamW, warm-up + cosine, "
                                 "label smoothing, weight EMA, oct-scan augmentation) | adamw-ema-cpu (the same on "
-                                "the last --unfreeze groups)."),
+                                "the last --unfreeze groups, oct augmentation)."),
     batchnorm: str = config_option(ImageTrainConfig, "batchnorm", help="finetune: frozen (ImageNet statistics) | "
                                    "reestimate (measured on the training images before the first epoch)."),
     augment: str = config_option(ImageTrainConfig, "augment", help="Image modes: auto (fundus for --task, else oct) "

@@ -78,7 +78,7 @@ AUGMENTATIONS = {
     # brightness and contrast vary with the device: small shifts and tilts, horizontal flips only.
     "oct": Augmentation(hflip=0.5, rotate=5, translate=0.05, scale=0.05, brightness=0.2, contrast=0.2),
     # The same, plus what varies between OCT acquisitions: the scan's lateral extent (a window of 70-100%
-    # of its width) and its speckle (multiplicative noise, sd 0.1). The adamw-ema recipe's.
+    # of its width) and its speckle (multiplicative noise, sd 0.1). The adamw-ema recipe's (not adamw-ema-cpu's: README).
     "oct-scan": Augmentation(hflip=0.5, rotate=5, translate=0.05, scale=0.05, brightness=0.2, contrast=0.2,
                              crop_width=0.3, speckle=0.1),
     # A fundus photo has no up: any rotation, both flips, and the colour casts of different cameras.

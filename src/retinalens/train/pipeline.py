@@ -303,19 +303,20 @@ def _train_bottleneck(cfg: RunConfig, data: _Data, cache: FeatureCache, idx: dic
 
 def _train_images(cfg: RunConfig, data: _Data, out: Path, backbone: Backbone, head_config: HeadConfig,
                   idx: dict[str, list[int]], y: dict[str, np.ndarray], progress: bool, world: World) -> _Trained:
-    auto = "fundus" if data.task else get_recipe(cfg.images.recipe).oct_augment
-    augment = cfg.images.augment if cfg.images.augment != "auto" else auto
+    recipe = get_recipe(cfg.images.recipe)
+    augment = cfg.images.augment if cfg.images.augment != "auto" else "fundus" if data.task else recipe.oct_augment
     split_hashes = {n: data.keys(idx[n]) for n in ("train", "val")}
+    # The recipe's values, not only its name: what a bundle was trained with, and what a resumed run must share.
+    recorded = {"recipe": asdict(recipe)} if cfg.mode == "finetune" else {}
     trained = train_on_images(
         backbone, head_config, mode=cfg.mode, num_classes=len(data.ds.classes), train=cfg.train, images=cfg.images,
         paths=[data.ds.samples[i].path for i in idx["train"]], y_train=y["train"],
         val_paths=[data.ds.samples[i].path for i in idx["val"]], y_val=y["val"], augment=augment,
         checkpoint_dir=_checkpoint_dir(out), resume=cfg.resume, progress=progress, world=world,
-        fingerprint=config_fingerprint(_resumable(cfg), split_hashes, data.ds.classes))
-    r = trained.result
-    return _Trained(trained.backbone, head_config, r, r,
-                    {"candidates": {head_config.kind: dict(r.val_metrics)}, "chosen": head_config.kind,
-                     "by": f"{cfg.mode} training on images, best epoch on validation", "augment": augment})
+        fingerprint=config_fingerprint(_resumable(cfg), split_hashes, data.ds.classes) | recorded)
+    return _Trained(trained.backbone, head_config, trained.result, trained.result,
+                    {"candidates": {head_config.kind: dict(trained.result.val_metrics)}, "chosen": head_config.kind,
+                     "by": f"{cfg.mode} training on images, best epoch on validation", "augment": augment} | recorded)
 
 
 def _resumable(cfg: RunConfig) -> dict[str, Any]:
