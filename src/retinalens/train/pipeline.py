@@ -4,8 +4,8 @@ Two ways to train, one bundle format:
 - bottleneck (default): extract features once into the cache, train a shallow head on the cache;
 - frozen | finetune | scratch: train on the images themselves (train/images.py), then cache the
   final backbone's features so that evaluation is instant.
-Every run is measured against logistic regression on the pretrained backbone's pooled features,
-on the same split, and every choice is made on validation.
+Every run is measured against logistic regression on the pretrained backbone's pooled features, on
+the same split, and every choice is made on validation (out of fold under --cv).
 """
 
 from __future__ import annotations
@@ -303,9 +303,8 @@ def _train_bottleneck(cfg: RunConfig, data: _Data, cache: FeatureCache, idx: dic
 
 def _train_images(cfg: RunConfig, data: _Data, out: Path, backbone: Backbone, head_config: HeadConfig,
                   idx: dict[str, list[int]], y: dict[str, np.ndarray], progress: bool, world: World) -> _Trained:
-    recipe = get_recipe(cfg.images.recipe)
+    recipe, split_hashes = get_recipe(cfg.images.recipe), {n: data.keys(idx[n]) for n in ("train", "val")}
     augment = cfg.images.augment if cfg.images.augment != "auto" else "fundus" if data.task else recipe.oct_augment
-    split_hashes = {n: data.keys(idx[n]) for n in ("train", "val")}
     # The recipe's values, not only its name: what a bundle was trained with, and what a resumed run must share.
     recorded = {"recipe": asdict(recipe)} if cfg.mode == "finetune" else {}
     trained = train_on_images(
