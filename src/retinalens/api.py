@@ -70,15 +70,16 @@ def extract(data: str | Path, *, backbone: str | None = None, weights: str | Pat
 
 def train(data: str | Path, out: str | Path, *, progress: bool = False, ensemble: str | Sequence[str] | None = None,
           seeds: str | Sequence[int] | None = None, tta: str | Sequence[str] | None = None,
-          **options: Any) -> Bundle | None:
+          member_epochs: int | None = None, **options: Any) -> Bundle | None:
     """`retinalens train`, option for option: `options` are train.pipeline.build_run_config's (mode,
     backbone, head, epochs, balance, ..., and further TrainConfig fields such as lr or batch_size);
-    `ensemble` (backbones), `seeds` and `tta` (views) make one bundle of several networks
-    (train/ensemble.py; lists or the CLI's comma-separated strings). Under torchrun, ranks other than 0
+    `ensemble` (backbones, each `NAME` or `NAME:finetune`), `seeds` and `tta` (views) make one bundle of
+    several networks (train/ensemble.py; lists or the CLI's comma-separated strings); `member_epochs`: the
+    epochs of each `NAME:finetune` member. Under torchrun, ranks other than 0
     return None: rank 0 writes the bundle."""
     from .train.ensemble import ensemble_config, train_ensemble
 
-    ens = ensemble_config(ensemble, seeds, tta)
+    ens = ensemble_config(ensemble, seeds, tta, member_epochs)
     cfg = build_run_config(data, **options)
     if ens == EnsembleConfig():  # one network, seen once
         return train_bundle(cfg, out, progress=progress)

@@ -85,11 +85,16 @@ class SplitConfig:
 @dataclass
 class EnsembleConfig:
     """`train --ensemble/--seeds/--tta`: several networks in one bundle, averaged in probability space.
-    Every backbone is trained once per seed, on the same split; all take the first backbone's input."""
+    Every member (a backbone, bottleneck or trained on images) is trained once per seed, on the same split
+    or folds; all take the first backbone's input."""
 
-    backbones: tuple[str, ...] = ()  # empty: the run's --backbone alone
+    backbones: tuple[str, ...] = ()  # empty: the run's --backbone alone; "NAME:finetune" (or ":frozen") trains on images
     seeds: tuple[int, ...] = ()  # empty: the run's --seed alone
     tta: tuple[str, ...] = ("identity",)  # test-time views, identity first: flip, crop (bundle/network.py)
+    # An image-mode member trains exactly this many epochs (no early stopping under cross-validation), in
+    # batches of member_batch_size: the fine-tune measured on the OCT folds (bench_finetune_ablation.py `longer`).
+    member_epochs: int = 8
+    member_batch_size: int = 32
 
 
 @dataclass

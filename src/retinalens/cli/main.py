@@ -15,7 +15,7 @@ import typer
 
 from .._console import console, markup_safe
 from ..config import (AUTO_HEAD, CV_AUTO_FOLDS, CV_AUTO_MAX_IMAGES, DEMO_OUT, MAX_INPUT_SIZE, MIN_INPUT_SIZE,
-                      MODE_EPOCHS, EvaluateConfig, ExtractConfig,
+                      MODE_EPOCHS, EnsembleConfig, EvaluateConfig, ExtractConfig,
                       ExtractOptions, ImageTrainConfig, RunConfigBase, SplitConfig, TrainConfigBase, VolumeConfig,
                       default)
 from ..errors import RetinaLensError
@@ -108,8 +108,11 @@ def train(
                                      f"training images, else 0."),
     sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="Key file: sign the bundle (signature.json; "
                                             "default: the key $RETINALENS_BUNDLE_KEY names, if set)."),
-    ensemble: Optional[str] = typer.Option(None, "--ensemble", help="Backbones, comma-separated (e.g. "
-                                           "efficientnet_lite0,mobilenet_v2): one bundle averaging them all."),
+    ensemble: Optional[str] = typer.Option(None, "--ensemble", help="Members, comma-separated: backbones (e.g. "
+                                           "efficientnet_lite0,mobilenet_v2), each NAME or NAME:finetune (trained "
+                                           "on images): one bundle averaging them all."),
+    member_epochs: int = config_option(EnsembleConfig, "member_epochs",
+                                                 help="Epochs of each NAME:finetune member of --ensemble."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Training seeds, comma-separated: each backbone "
                                         "trained once per seed, in one bundle (the split keeps --seed)."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time views averaged with the image itself, "
@@ -143,7 +146,7 @@ def train(
                        warmup_epochs=warmup_epochs, augment=augment, device=device, resume=resume,
                        recipe=recipe, batchnorm=batchnorm,
                        target_sensitivity=target_sensitivity, sign_key=sign_key, cv=cv, ensemble=ensemble,
-                       seeds=seeds, tta=tta, input_size=input_size)
+                       seeds=seeds, tta=tta, member_epochs=member_epochs, input_size=input_size)
     if bundle is not None:  # None: a rank of torchrun's other than 0, which writes the bundle
         console().print(f"[green]bundle written:[/] {markup_safe(bundle.path)}", highlight=False, soft_wrap=True)
 

@@ -200,6 +200,13 @@ def refit(chosen: CVResult, inputs: Inputs, y: np.ndarray, *, num_classes: int, 
                        {"val_loss": nll(chosen.oof, y), "val_acc": float((chosen.oof.argmax(1) == y).mean())})
 
 
+def baseline_summary(base: CVResult, y: np.ndarray, k: int) -> dict[str, Any]:
+    """The manifest's training.baseline_logistic_regression from the baseline's CV result."""
+    b = base.summary(y)
+    return {"val_acc": b["accuracy_mean"], "val_loss": b["oof_nll"], "C": BASELINE_C, "accuracy_sd": b["accuracy_sd"],
+            "source": f"{k}-fold cross-validation, mean over folds"}
+
+
 @dataclass
 class Selection:
     """Cross-validated selection and its refit: what `train` keeps of it."""
@@ -224,9 +231,7 @@ def select_and_refit(candidates: Sequence[Candidate], inputs: Inputs, y: np.ndar
     chosen = select(results, y)
     fitted = refit(chosen, inputs, y, num_classes=num_classes, feature_shape=feature_shape, train=train,
                    progress=progress)
-    b = base.summary(y)
-    baseline = {"val_acc": b["accuracy_mean"], "val_loss": b["oof_nll"], "C": BASELINE_C,
-                "accuracy_sd": b["accuracy_sd"], "source": f"{folds.k}-fold cross-validation, mean over folds"}
+    baseline = baseline_summary(base, y, folds.k)
     record = folds.record(labels, patients) | {
         "candidates": [r.summary(y) for r in results], "chosen": chosen.candidate.name,
         "by": "mean fold accuracy, then out-of-fold NLL; refitted on every training image",

@@ -1,16 +1,21 @@
 """`train --ensemble / --seeds / --tta`: one bundle holding several networks and test-time views.
 
-Each member (a backbone, a seed) is a complete `train_bundle` run on one shared, screened split, with
-its own head chosen on validation and its own temperature. The members are then written into one
-bundle (bundle/manifest.py's `members`, every file hashed) whose prediction is the average of their
-probabilities over the test-time views (bundle/network.py's Ensemble). The bundle's own temperature,
-its referral threshold and its quality gate are fitted on that average on validation, through the
-prediction path itself (predict/ensemble.py); the gate reads the first member's identity-view
-features, so it is the first member's gate, refitted on the same numbers.
+Each member (a backbone, bottleneck or fine-tuned on images, and a seed) is a complete `train_bundle`
+run on one shared, screened split, with its own head and its own temperature. The members are then
+written into one bundle (bundle/manifest.py's `members`, every file hashed) whose prediction is the
+average of their probabilities over the test-time views (bundle/network.py's Ensemble).
+
+The bundle's own temperature, its referral threshold and its quality gate are fitted on held-out
+probabilities of that average:
+- under cross-validation (the default on small data) every member is cross-validated on the same
+  folds and the average is taken over the members' out-of-fold probabilities, each after its own
+  temperature: no image is scored by a member that trained on it;
+- with one validation split (`--cv 0`, or test-time views, which no out-of-fold cache holds), on the
+  validation images through the prediction path itself (predict/ensemble.py).
+The gate reads the first member's identity-view features, so it is the first member's gate, refitted.
 
 Members share one input: the first backbone's size and resampling (each normalises with its own mean
-and std), so that an image is decoded once and the exported graph has one input. Only the bottleneck
-mode trains ensembles (an image mode rebuilds the backbone at its own size).
+and std), so that an image is decoded once and the exported graph has one input.
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .._console import console
 from ..bundle.card import write_model_card
 from ..bundle.members import BundleMember
 from ..bundle.network import VIEWS
 from ..bundle.signature import configured_key
 from ..bundle.store import CURVES, CURVES_PNG, Bundle, check_output_folder, load_bundle, positive_classes_for, save_bundle
-from ..config import EnsembleConfig
+from ..config import AUTO_HEAD, EnsembleConfig, given
 from ..errors import RetinaLensError
 from ..evaluate.metrics import classification_metrics
 from ..features.extract import open_cache
@@ -35,15 +42,25 @@ from ..models.registry import create_backbone, resolve_spec
 from ..predict.ensemble import ensemble_outputs
 from ..trust import fit_trust
 from ..trust.calibration import calibrated
-from .pipeline import RunConfig, _prepare, train_bundle
+from .pipeline import RunConfig, train_bundle
+from .selection import _Data, cv_folds, prepare_data
 
 MAX_MEMBERS = 16  # the manifest schema's bound
+MEMBER_MODES = ("bottleneck", "finetune", "frozen")  # "NAME:MODE" in --ensemble; scratch models have no features
+
+
+def member_spec(entry: str) -> tuple[str, str]:
+    """An --ensemble entry, `NAME` or `NAME:MODE`, -> (backbone, mode)."""
+    name, _, mode = entry.partition(":")
+    if mode and mode not in MEMBER_MODES:
+        raise RetinaLensError(f"--ensemble {entry!r}: a member's mode is one of {', '.join(MEMBER_MODES)}")
+    return name, mode or "bottleneck"
 
 
 def ensemble_config(backbones: str | Sequence[str] | None = None, seeds: str | Sequence[int] | None = None,
-                    tta: str | Sequence[str] | None = None) -> EnsembleConfig:
-    """The CLI's comma lists (`lite0,lite1`, `0,1,2`, `flip,crop`) or sequences -> EnsembleConfig;
-    identity always comes first among the views."""
+                    tta: str | Sequence[str] | None = None, member_epochs: int | None = None) -> EnsembleConfig:
+    """The CLI's comma lists (`lite0,lite0:finetune`, `0,1,2`, `flip,crop`) or sequences -> EnsembleConfig;
+    identity always comes first among the views. `member_epochs`: each image-mode member's epochs."""
     def items(v: str | Sequence[Any] | None) -> list[str]:
         return [] if v is None else [str(x).strip() for x in (v.split(",") if isinstance(v, str) else v) if str(x).strip()]
 
@@ -55,24 +72,41 @@ def ensemble_config(backbones: str | Sequence[str] | None = None, seeds: str | S
     bad = sorted(set(views) - set(VIEWS))
     if bad or len(set(views)) != len(views):
         raise RetinaLensError(f"--tta takes distinct views among {', '.join(VIEWS[1:])}, got {tta!r}")
-    return EnsembleConfig(backbones=tuple(items(backbones)), seeds=seed_list, tta=("identity", *views))
+    entries = tuple(items(backbones))
+    for e in entries:
+        member_spec(e)
+    if member_epochs is not None and member_epochs < 1:
+        raise RetinaLensError(f"--member-epochs must be at least 1, got {member_epochs}")
+    return EnsembleConfig(backbones=entries, seeds=seed_list, tta=("identity", *views),
+                          **given(member_epochs=member_epochs))
 
 
-def member_runs(cfg: RunConfig, ens: EnsembleConfig) -> list[RunConfig]:
-    """One RunConfig per member: every backbone once per seed (the split's seed stays the run's)."""
-    backbones = ens.backbones or (cfg.extract.backbone,)
-    seeds = ens.seeds or (cfg.train.seed,)
-    return [replace(cfg, extract=replace(cfg.extract, backbone=b), train=replace(cfg.train, seed=s))
-            for b in backbones for s in seeds]
+def member_runs(cfg: RunConfig, ens: EnsembleConfig, k: int | None = None) -> list[RunConfig]:
+    """One RunConfig per member: every backbone once per seed (the split's seed stays the run's), each
+    with the ensemble's `--cv` (k folds; 0: the shared validation split). An image-mode member trains
+    its mode's own head for exactly ens.member_epochs epochs (under one split: the best of them)."""
+    runs = []
+    for entry in ens.backbones or (cfg.extract.backbone,):
+        name, mode = member_spec(entry)
+        for s in ens.seeds or (cfg.train.seed,):
+            run = replace(cfg, extract=replace(cfg.extract, backbone=name), train=replace(cfg.train, seed=s),
+                          **given(cv=k))
+            if mode != "bottleneck":
+                run = replace(run, mode=mode, train=replace(run.train, epochs=ens.member_epochs,
+                                                            batch_size=ens.member_batch_size,
+                                                            head=replace(run.train.head, kind=AUTO_HEAD)))
+            runs.append(run)
+    return runs
 
 
 def check_ensemble(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig]) -> None:
     if len(runs) > MAX_MEMBERS:
         raise RetinaLensError(f"an ensemble holds at most {MAX_MEMBERS} members, got {len(runs)}")
-    if len({(r.extract.backbone, r.train.seed) for r in runs}) != len(runs):
+    if len({(r.extract.backbone, r.mode, r.train.seed) for r in runs}) != len(runs):
         raise RetinaLensError("--ensemble and --seeds name the same member twice")
     if cfg.mode != "bottleneck":
-        raise RetinaLensError(f"ensembles train in --mode bottleneck (got --mode {cfg.mode})")
+        raise RetinaLensError(f"ensembles take --mode bottleneck; a member trains on images as NAME:finetune in "
+                              f"--ensemble (got --mode {cfg.mode})")
     if cfg.extract.weights and len({r.extract.backbone for r in runs}) > 1:
         raise RetinaLensError("--weights is one backbone's file: it cannot go with several --ensemble backbones")
     for r in runs:
@@ -81,53 +115,67 @@ def check_ensemble(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig]) -
 
 
 def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, progress: bool = True) -> Bundle:
-    """Train every member on one split and write them as one bundle (see the module's notes)."""
+    """Train every member on one split (or the same folds) and write them as one bundle (see the module's notes)."""
     out = Path(out).expanduser()
     runs = member_runs(cfg, ens)
     if len(runs) == 1 and len(ens.tta) == 1:  # one network seen once: a plain bundle (of that backbone, seed)
         return train_bundle(runs[0], out, progress=progress)
     check_ensemble(cfg, ens, runs)
+    if len(ens.tta) > 1 and cfg.cv is not None and cfg.cv > 1:
+        raise RetinaLensError(f"--tta with --cv {cfg.cv}: out-of-fold probabilities come from cached features, "
+                              "which hold no flipped or cropped views; use --cv 0 (one validation split)")
     check_output_folder(out)
     key = configured_key(cfg.sign_key)
     say = console()
     first = create_backbone(runs[0].extract.backbone, weights=cfg.extract.weights, pretrained=cfg.extract.pretrained,
                             input_size=cfg.extract.input_size)
-    data = _prepare(cfg, first.preprocessing)  # one screened split for every member
+    data = prepare_data(cfg, first.preprocessing)  # one screened split for every member
+    k = 0 if len(ens.tta) > 1 else cv_folds(cfg, len(data.splits.train) + len(data.splits.val))
+    if len(ens.tta) > 1 and cfg.cv is None:
+        say.print("test-time views: the members and their average are fitted on one validation split (out-of-fold "
+                  "probabilities come from cached features, which hold no flipped or cropped views)")
+    runs = member_runs(cfg, ens, k)
+    held_out: list[dict[str, Any]] = [{} for _ in runs]  # each member's out-of-fold probabilities (under CV)
     with tempfile.TemporaryDirectory(prefix="retinalens-ensemble-") as tmp:
         bundles = []
-        for k, run in enumerate(runs):
-            say.print(f"[bold]member {k + 1} of {len(runs)}:[/] {run.extract.backbone}, seed {run.train.seed}")
-            bundles.append(train_bundle(run, Path(tmp) / f"member{k}", progress=progress, data=data,
-                                        input_like=first.preprocessing))
-        return _combine(cfg, ens, runs, bundles, data, out, key)
+        for j, run in enumerate(runs):
+            say.print(f"[bold]member {j + 1} of {len(runs)}:[/] {run.extract.backbone} ({run.mode}), seed {run.train.seed}")
+            bundles.append(train_bundle(run, Path(tmp) / f"member{j}", progress=progress, data=data,
+                                        input_like=first.preprocessing, out_of_fold=held_out[j]))
+        return _combine(cfg, ens, runs, bundles, data, out, key, held_out if k else None)
 
 
 def _member_file(k: int, what: str) -> str:
     return f"{what}.safetensors" if k == 0 else f"member{k}.{what}.safetensors"
 
 
-def _combine(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig], bundles: list[Bundle], data: Any,
-             out: Path, key: bytes | None) -> Bundle:
+def _combine(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig], bundles: list[Bundle], data: _Data,
+             out: Path, key: bytes | None, held_out: list[dict[str, Any]] | None) -> Bundle:
     lead = bundles[0]
     classes, task = data.ds.classes, data.task
     # Each member with its own temperature (a single bundle's calibration is its network's).
     members = [BundleMember(b.path, replace(b.manifest.ensemble()[0], temperature=b.temperature), b.head)
                for b in bundles]
-    val = data.splits.indices("val")
-    val_paths = [data.ds.samples[i].path for i in val]
-    keep, val_raw, val_pooled, _ = ensemble_outputs(members, ens.tta, val_paths, workers=cfg.extract.workers)
-    val = [val[j] for j in keep]
-    y_val = data.labels(val)
     cache = open_cache(cfg.extract.cache, lead.backbone, lead.precision, spatial=False)
-    train_idx = data.index("train", cache)
+    if held_out is not None:
+        held, val_raw, folds, gate = _out_of_fold(bundles, held_out, data)
+        where = f"{held_out[0]['fold'].max() + 1}-fold cross-validation (out of fold, the members' mean)"
+        gate_pooled = cache.pooled(data.keys(gate["val"]))
+    else:
+        val = data.splits.indices("val")
+        val_paths = [data.ds.samples[i].path for i in val]
+        keep, val_raw, gate_pooled, _ = ensemble_outputs(members, ens.tta, val_paths, workers=cfg.extract.workers)
+        held, folds, where = [val[j] for j in keep], None, "validation"
+        gate = {"train": data.index("train", cache), "val": held}
+    y_val = data.labels(held)
     positives = positive_classes_for(classes, task)
     trust, trust_files = fit_trust(
         val_probs=val_raw, val_y=y_val, classes=classes, positive_classes=positives,
-        train_pooled=cache.pooled(data.keys(train_idx)), val_pooled=val_pooled, val_paths=[val_paths[j] for j in keep],
-        preprocessing=lead.preprocessing, target_sensitivity=cfg.target_sensitivity, workers=cfg.extract.workers,
-        seed=cfg.train.seed)
+        train_pooled=cache.pooled(data.keys(gate["train"])), val_pooled=gate_pooled,
+        val_paths=[data.ds.samples[i].path for i in gate["val"]], preprocessing=lead.preprocessing,
+        target_sensitivity=cfg.target_sensitivity, workers=cfg.extract.workers, seed=cfg.train.seed, folds=folds)
     temperature = (trust.get("calibration") or {}).get("temperature")
-    m = classification_metrics(y_val, calibrated(val_raw, temperature), classes, [data.ds.samples[i].patient for i in val],
+    m = classification_metrics(y_val, calibrated(val_raw, temperature), classes, [data.ds.samples[i].patient for i in held],
                                positive_classes=positives or None, n_boot=200, seed=cfg.train.seed,
                                ordinal=bool(task and task.ordinal))
     lead_doc = lead.manifest.to_dict()
@@ -137,14 +185,16 @@ def _combine(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig], bundles
         entries.append({"backbone": d["backbone"], "features": d["features"], "head": d["head"],
                         "temperature": b.temperature,
                         "files": {"backbone": _member_file(k, "backbone"), "head": _member_file(k, "head")},
-                        "seed": run.train.seed, "validation": d.get("validation", {})})
+                        "seed": run.train.seed, "mode": run.mode, "validation": d.get("validation", {})}
+                       | ({"epochs": run.train.epochs} if run.mode != "bottleneck" else {}))
     say = console()
     say.print("validation accuracy: " + ", ".join(
-        f"{r.extract.backbone} seed {r.train.seed} {b.manifest.validation.get('accuracy', float('nan')):.3f}"
+        f"{r.extract.backbone} ({r.mode}) seed {r.train.seed} {b.manifest.validation.get('accuracy', float('nan')):.3f}"
         for r, b in zip(runs, bundles)) + f"; ensemble ({', '.join(ens.tta)}) {m['accuracy']:.3f}")
     sections = {
         "training": lead_doc.get("training", {}) | {"ensemble": asdict(ens) | {"n_members": len(runs)}},
-        "validation": {k: m[k] for k in ("accuracy", "accuracy_ci", "roc_auc_macro", "n_images", "n_patients")},
+        "validation": {k: m[k] for k in ("accuracy", "accuracy_ci", "roc_auc_macro", "n_images", "n_patients")}
+        | {"source": where},
         "metrics": {}, "lineage": lead_doc.get("lineage", {"version": 1, "parent": None}),
         "members": entries, "tta": {"views": list(ens.tta)},
     } | trust
@@ -160,3 +210,24 @@ def _combine(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig], bundles
     bundle = load_bundle(path, key=cfg.sign_key)
     write_model_card(bundle)
     return bundle
+
+
+def _out_of_fold(bundles: list[Bundle], held_out: list[dict[str, Any]], data: _Data,
+                 ) -> tuple[list[int], np.ndarray, np.ndarray, dict[str, list[int]]]:
+    """(the training images every member scored out of fold, the mean of the members' out-of-fold
+    probabilities after each one's temperature, the first member's folds of them, the gate's images:
+    the first fold's held-out ones against the rest). Members may differ by a few images (a near-duplicate
+    of a test image is found on each backbone's own features): the images they all scored are used."""
+    common = set.intersection(*(set(h["sha256"]) for h in held_out))
+    lead = held_out[0]
+    order = [j for j, h in enumerate(lead["sha256"]) if h in common]
+    hashes = [lead["sha256"][j] for j in order]
+    probs = []
+    for b, h in zip(bundles, held_out):
+        row = {s: j for j, s in enumerate(h["sha256"])}
+        probs.append(calibrated(h["probabilities"][[row[s] for s in hashes]], b.temperature))
+    index = {data.hashes[i]: i for i in data.splits.train + data.splits.val}
+    held = [index[s] for s in hashes]
+    fold = np.asarray(lead["fold"])[order]
+    gate = {"train": [i for i, f in zip(held, fold) if f != 0], "val": [i for i, f in zip(held, fold) if f == 0]}
+    return held, np.mean(probs, axis=0), fold, gate

@@ -131,9 +131,10 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
 
     `world`: this process's rank in a run on several (train/distributed.py); every rank passes the same
     arguments and trains on its share of each batch, rank 0 alone writes the checkpoint. `select=False`:
-    exactly train.epochs epochs, the last kept, `val_paths` only recorded (a cross-validation fold's)."""
+    exactly train.epochs epochs, the last kept, `val_paths` only recorded (a cross-validation fold's; none for
+    the refit on every training image)."""
     check_image_config(mode, images, train)
-    if len(y_train) < world.size or len(y_val) < world.size:
+    if len(y_train) < world.size or (select or len(y_val)) and len(y_val) < world.size:
         raise RetinaLensError("training needs images in both the train and the validation split"
                               + (f", at least one per process ({world.size})" if world.size > 1 else ""))
     frozen = mode == "frozen"
@@ -188,7 +189,7 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
     val_batches = [[(i, 0, 0, i) for i in val_share[s:s + per_rank]] for s in range(0, len(val_share), per_rank)]
     # Frozen: the backbone never changes, so the validation features are computed once.
     val_x = torch.cat([head_input(head_config, *backbone.encode(x, precision)).float()
-                       for x, _ in _decoded(val_data, val_batches, images.workers)]) if frozen else None
+                       for x, _ in _decoded(val_data, val_batches, images.workers)]) if frozen and len(yv) else None
 
     n_batches = len(_batches(epoch_plan(y_train, num_classes, seed=train.seed, epoch=1, oversample=images.oversample),
                              train.batch_size, world.size))
@@ -266,7 +267,8 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
         return loss_sum / len(yv), correct / len(yv)
 
     with torch.random.fork_rng(devices=[]):  # train_epoch reseeds the global RNG: the caller's is left as it was
-        run = run_epochs(looped, opt, train, train_epoch=train_epoch, validate=validate, description=f"train ({mode})",
+        run = run_epochs(looped, opt, train, train_epoch=train_epoch, validate=validate if len(yv) else None,
+                         description=f"train ({mode})",
                          progress=progress and world.main, saved=saved, schedule=schedule, select=select,
                          # Temp file, then rename: a kill -9 leaves the previous checkpoint or the new one, never half.
                          checkpoint=(lambda state: atomic_torch_save(
@@ -278,7 +280,9 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
     if frozen:
         return ImageTrainResult(backbone, result)
     source = "trained from scratch" if mode == "scratch" else f"{backbone.source}, fine-tuned"
-    return ImageTrainResult(Backbone(backbone.name, backbone.timm_name, net.features, source), result)  # type: ignore[arg-type]
+    tuned = Backbone(backbone.name, backbone.timm_name, net.features, source)  # type: ignore[arg-type]
+    tuned.preprocessing = pp  # what it trained on (an --input-size, an ensemble's shared input), not timm's default
+    return ImageTrainResult(tuned, result)
 
 
 def _decoded(data: Dataset, batches: list[list[tuple[int, int, int, int]]], workers: int,

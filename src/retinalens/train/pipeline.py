@@ -12,35 +12,30 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .._console import console, markup_safe
+from .._console import console
 from ..config import (AUTO_HEAD, MODE_EPOCHS, ExtractConfig, ImageTrainConfig, RunConfigBase, SplitConfig, default, given,
                       str_or_none)
-from ..data.discover import Dataset, discover
 from ..data.transforms import Preprocessing
-from ..data.hashing import sha256_files
-from ..data.splits import make_splits
-from ..data.tasks import apply_task, get_task
 from ..errors import RetinaLensError
 from ..evaluate.metrics import classification_metrics
 from ..features.cache import FeatureCache
 from ..features.extract import ExtractReport, extract_features, head_inputs, open_cache, print_extract_report
-from ..trust import fit_trust, screen_files
+from ..trust import fit_trust
 from ..bundle.card import write_model_card
 from ..bundle.signature import configured_key
 from ..bundle.store import Bundle, check_output_folder, load_bundle, positive_classes_for, save_bundle
 from ..models.heads import HEADS, HeadConfig, check_head_config, head_probabilities
 from ..models.registry import DEFAULT_BACKBONE, Backbone, create_backbone, resolve_precision, resolve_spec
 from .distributed import World, barrier, check_world, from_main, process_group, torchrun_world
-from .images import balance_options, check_image_config, config_fingerprint, train_on_images, training_device
-from .recipes import get_recipe
-from .selection import _Data, _Trained, cv_folds, drop_near_duplicates, train_bottleneck_cv, without_val
+from .images import balance_options, check_image_config, training_device
+from .image_runs import checkpoint_dir, train_images, train_images_cv
+from .selection import _Data, _Trained, cv_folds, drop_near_duplicates, prepare_data, train_bottleneck_cv, without_val
 from .trainer import TrainConfig, TrainResult, check_train_config, fit_logistic_head, train_head, write_curves
 
 
@@ -114,10 +109,13 @@ def default_head(mode: str, scratch: bool) -> HeadConfig:
 
 
 def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data: _Data | None = None,
-                 lineage: dict[str, Any] | None = None, input_like: Preprocessing | None = None) -> Bundle | None:
+                 lineage: dict[str, Any] | None = None, input_like: Preprocessing | None = None,
+                 out_of_fold: dict[str, Any] | None = None) -> Bundle | None:
     """`data`: a dataset with its splits already made (retraining keeps its parent's splits);
     `lineage`: the bundle's version and parent (default: version 1, no parent); `input_like`: feed the
-    backbone pixels of this size and resampling (an ensemble's members share one input, train/ensemble.py).
+    backbone pixels of this size and resampling (an ensemble's members share one input, train/ensemble.py);
+    `out_of_fold`: under cross-validation, filled with the chosen model's out-of-fold probabilities
+    ("probabilities", "sha256" of each image, "fold"), which an ensemble averages over its members.
     Under torchrun every rank calls this; rank 0 returns the bundle it wrote, the others None
     (train/distributed.py)."""
     out, world = Path(out).expanduser(), torchrun_world()
@@ -133,7 +131,7 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     if input_like is not None:
         pretrained.preprocessing = replace(pretrained.preprocessing, size=input_like.size,
                                            interpolation=input_like.interpolation, resize=input_like.resize)
-    data = data or _prepare(cfg, pretrained.preprocessing)  # screened through the model input it will see
+    data = data or prepare_data(cfg, pretrained.preprocessing)  # screened through the model input it will see
     k = cv_folds(cfg, len(data.splits.train) + len(data.splits.val))
     if k:
         data = without_val(data)
@@ -156,23 +154,29 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
                 baseline = fit_logistic_head(pooled["train"], y["train"], pooled["val"], y["val"],
                                              num_classes=len(data.ds.classes), feature_shape=cache.key.feature_shape,
                                              seed=cfg.train.seed, cs=(0.1,), fits=fits).val_metrics
-        if k:
+        start = create_backbone(x.backbone, seed=cfg.train.seed, input_size=x.input_size) if scratch else pretrained
+        if k and cfg.mode != "bottleneck":  # k trainings on images, then a refit (train/image_runs.py)
+            trained = train_images_cv(cfg, data, cache, idx["train"], y["train"], start, image_head, k, out,
+                                      precision, progress, world)
+            baseline = trained.baseline or {}
+        elif k:
             trained = train_bottleneck_cv(cfg, data, cache, idx["train"], y["train"], pretrained, k, progress)
             baseline = trained.baseline or {}
         elif cfg.mode == "bottleneck":
             trained = _train_bottleneck(cfg, data, cache, idx, y, pooled, pretrained, progress, fits)
         else:
-            start = create_backbone(x.backbone, seed=cfg.train.seed, input_size=x.input_size) if scratch else pretrained
-            trained = _train_images(cfg, data, out, start, image_head, idx, y, progress, world)
-            if trained.backbone is not pretrained:  # new weights: cache their features for evaluation
-                cache, report = _extract(data, trained.backbone, x, precision,
-                                         trained.head_config.input_kind == "spatial", progress, world)
+            trained = train_images(cfg, data, out, start, image_head, idx, y, progress, world)
+        if cfg.mode != "bottleneck" and trained.backbone is not pretrained:  # new weights: cache their features
+            cache, report = _extract(data, trained.backbone, x, precision, trained.head_config.input_kind == "spatial",
+                                     progress, world)
     if not world.main:
         return None
+    if out_of_fold is not None and trained.oof is not None:
+        out_of_fold |= {"probabilities": trained.oof, "sha256": data.keys(idx["train"]), "fold": trained.folds.fold}
     bundle = _finish(cfg, out, data, trained, cache, report, precision, baseline,
                      lineage or {"version": 1, "parent": None})
     if cfg.mode != "bottleneck":
-        shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)  # the bundle holds everything now
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the bundle holds everything now
     return bundle
 
 
@@ -183,9 +187,6 @@ def _check(cfg: RunConfig, out: Path) -> None:
     check_train_config(cfg.train)
     if cfg.cv is not None and cfg.cv < 0:
         raise RetinaLensError(f"--cv must be 0 (one validation split) or a number of folds >= 2, got {cfg.cv}")
-    if cfg.mode != "bottleneck" and cfg.cv is not None and cfg.cv > 1:
-        raise RetinaLensError(f"--cv {cfg.cv}: cross-validated selection is for --mode bottleneck (heads on cached "
-                              f"features); --mode {cfg.mode} chooses on one validation split (--cv 0)")
     if not 0 < cfg.target_sensitivity <= 1:
         raise RetinaLensError(f"--target-sensitivity must be in (0, 1], got {cfg.target_sensitivity}")
     resolve_precision(cfg.extract.precision)
@@ -206,53 +207,6 @@ def _check(cfg: RunConfig, out: Path) -> None:
         raise RetinaLensError(f"--mode {cfg.mode} does not fit '{spec.name}': "
                               + ("it has no pretrained weights, use --mode scratch" if spec.from_scratch else
                                  "--mode scratch is for models without pretrained weights (--backbone eyenet)"))
-
-
-def _prepare(cfg: RunConfig, preprocessing: Preprocessing | None = None) -> _Data:
-    """Discover, screen (with `preprocessing`: the model input; None: no screening, as when retraining
-    on a parent's splits, which were screened) and split the data set."""
-    say = console()
-    task = get_task(cfg.task)
-    ds, dropped = apply_task(discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir), task)
-    for d in [*dropped, *ds.skipped]:  # wrong grades; FIFOs, folders, broken links named like images
-        say.print(f"[red]skipped[/] {markup_safe(d['path'])}: {markup_safe(d['reason'])}", highlight=False)
-    ds, screened = _screen(ds, preprocessing, cfg.extract.workers) if preprocessing else (ds, [])
-    hashes = sha256_files(s.path for s in ds.samples)
-    splits = make_splits(ds, cfg.split, hashes)
-    left_out = {"screened": {"n": len(screened), "reasons": dict(Counter(d["reason"] for d in screened))},
-                "skipped": {"n": len(ds.skipped) + len(dropped),
-                            "reasons": dict(Counter(d["reason"].split(" (")[0] for d in [*ds.skipped, *dropped]))}}
-    summary = splits.summary(ds) | left_out
-    say.print(f"[bold]{markup_safe(ds.root)}[/]: {len(ds)} images, classes {', '.join(ds.classes)}; "
-              + "; ".join(f"{k} {v['n_images']} images / {v['n_patients']} patients" for k, v in summary.items()
-                          if k not in ("removed", *left_out)), highlight=False)
-    if n_left := sum(v["n"] for v in left_out.values()):
-        say.print(f"left out {n_left} file(s), each named above: "
-                  + "; ".join(f"{k} {v['n']} ({', '.join(f'{r} {c}' for r, c in v['reasons'].items())})"
-                              for k, v in left_out.items() if v["n"]), highlight=False)
-    if splits.removed:
-        say.print(f"removed {len(splits.removed)} image(s) to keep splits disjoint: {summary['removed']['reasons']}")
-    # Two copies of one image with different labels: one label is wrong, and only a person can tell which.
-    label = {str(s.path): s.label for s in ds.samples}
-    for r in splits.removed:
-        if r.get("label_conflict"):
-            say.print(f"[yellow]label conflict:[/] {markup_safe(r['path'])} ({markup_safe(label[r['path']])}) is the "
-                      f"same image as {markup_safe(r['same_as'])} ({markup_safe(label[r['same_as']])}); kept the "
-                      "latter's label (see splits.json)", highlight=False, soft_wrap=True)
-    return _Data(ds, task, hashes, splits, summary, screened)
-
-
-def _screen(ds: Dataset, preprocessing: Preprocessing, workers: int) -> tuple[Dataset, list[dict[str, str]]]:
-    """Leave out the training and validation images the quality gate's absolute floors refuse (too
-    small, a strip, blank, damaged, noise, unreadable) before anything is split or fitted. The data
-    set's own test split stays whole: what evaluation measures is its business."""
-    candidates = [i for i, s in enumerate(ds.samples) if s.split != "test"]
-    reasons = dict(zip(candidates, screen_files([ds.samples[i].path for i in candidates], preprocessing, workers=workers)))
-    screened = [{"path": str(ds.samples[i].path), "reason": r} for i, r in reasons.items() if r]
-    for d in screened:
-        console().print(f"[red]skipped[/] {markup_safe(d['path'])}: screened out ({markup_safe(d['reason'])})",
-                        highlight=False)
-    return replace(ds, samples=[s for i, s in enumerate(ds.samples) if not reasons.get(i)]), screened
 
 
 def _extract(data: _Data, backbone: Backbone, x: ExtractConfig, precision: str, spatial: bool,
@@ -299,36 +253,6 @@ def _train_bottleneck(cfg: RunConfig, data: _Data, cache: FeatureCache, idx: dic
     curves = next((r for r in (results[chosen], *results.values()) if r.has_curves), None)
     return _Trained(backbone, head_config, results[chosen], curves,
                     {"candidates": selection, "chosen": chosen, "by": "validation accuracy, then loss"})
-
-
-def _train_images(cfg: RunConfig, data: _Data, out: Path, backbone: Backbone, head_config: HeadConfig,
-                  idx: dict[str, list[int]], y: dict[str, np.ndarray], progress: bool, world: World) -> _Trained:
-    recipe, split_hashes = get_recipe(cfg.images.recipe), {n: data.keys(idx[n]) for n in ("train", "val")}
-    augment = cfg.images.augment if cfg.images.augment != "auto" else "fundus" if data.task else recipe.oct_augment
-    # The recipe's values, not only its name: what a bundle was trained with, and what a resumed run must share.
-    recorded = {"recipe": asdict(recipe)} if cfg.mode == "finetune" else {}
-    trained = train_on_images(
-        backbone, head_config, mode=cfg.mode, num_classes=len(data.ds.classes), train=cfg.train, images=cfg.images,
-        paths=[data.ds.samples[i].path for i in idx["train"]], y_train=y["train"],
-        val_paths=[data.ds.samples[i].path for i in idx["val"]], y_val=y["val"], augment=augment,
-        checkpoint_dir=_checkpoint_dir(out), resume=cfg.resume, progress=progress, world=world,
-        fingerprint=config_fingerprint(_resumable(cfg), split_hashes, data.ds.classes) | recorded)
-    return _Trained(trained.backbone, head_config, trained.result, trained.result,
-                    {"candidates": {head_config.kind: dict(trained.result.val_metrics)}, "chosen": head_config.kind,
-                     "by": f"{cfg.mode} training on images, best epoch on validation", "augment": augment} | recorded)
-
-
-def _resumable(cfg: RunConfig) -> dict[str, Any]:
-    """The options a resumed run must share with the interrupted one (not where or how fast it runs)."""
-    d = asdict(cfg)
-    for section, key in (("extract", "cache"), ("extract", "workers"), ("images", "workers")):
-        d[section].pop(key, None)
-    d.pop("sign_key", None)
-    return d
-
-
-def _checkpoint_dir(out: Path) -> Path:
-    return out.with_name(f"{out.name}.checkpoints")
 
 
 def _finish(cfg: RunConfig, out: Path, data: _Data, trained: _Trained, cache: FeatureCache, report: ExtractReport,

@@ -27,7 +27,8 @@ from ..feedback.store import FeedbackStore
 from ..evaluate.metrics import classification_metrics
 from ..evaluate.run import bundle_probabilities
 from ..bundle.store import Bundle, check_output_folder, is_bundle, load_bundle
-from .pipeline import RunConfig, _Data, _prepare, run_config_from_dict, train_bundle
+from .pipeline import RunConfig, run_config_from_dict, train_bundle
+from .selection import _Data, prepare_data
 
 
 @dataclass
@@ -51,7 +52,7 @@ def retrain(bundle_path: str | Path, feedback: str | Path, out: str | Path, *, i
         raise RetinaLensError(f"{bundle_path}: retraining an ensemble bundle is not supported; train it again "
                               "with the feedback images added to the data")
     cfg = _parent_config(parent, cache)
-    base = _prepare(cfg)
+    base = prepare_data(cfg)
     with FeedbackStore(feedback, images_dir) as store:
         confirmed = store.confirmed()
     if not confirmed:

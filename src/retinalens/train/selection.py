@@ -1,9 +1,11 @@
-"""What a `train` run selects on, apart from the pipeline's steps: the data it carries (splits,
-hashes), the near-duplicates it keeps out of the wrong split, and the cross-validated choice of the
-bottleneck head (train/cv.py does the folds and the fitting; this module feeds it the run's data)."""
+"""What a `train` run selects on, apart from the pipeline's steps: the data it carries (discovered,
+screened, split by patient; its hashes), the near-duplicates it keeps out of the wrong split, and the
+cross-validated choice of the bottleneck head (train/cv.py does the folds and the fitting; this module
+feeds it the run's data)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -11,14 +13,17 @@ import numpy as np
 
 from .._console import console, markup_safe
 from ..config import AUTO_HEAD, CV_AUTO_FOLDS, CV_AUTO_MAX_IMAGES, RunConfigBase
-from ..data.discover import Dataset
+from ..data.discover import Dataset, discover
+from ..data.hashing import sha256_files
 from ..data.near_duplicates import near_duplicate_pairs
-from ..data.splits import Splits
-from ..data.tasks import Task
+from ..data.splits import Splits, make_splits
+from ..data.tasks import Task, apply_task, get_task
+from ..data.transforms import Preprocessing
 from ..features.cache import FeatureCache
 from ..features.extract import head_inputs
 from ..models.heads import HeadConfig
 from ..models.registry import Backbone
+from ..trust import screen_files
 from .cv import Folds, default_candidates, make_folds, select_and_refit
 from .trainer import TrainConfig, TrainResult
 
@@ -68,6 +73,53 @@ class _Trained:
     oof: np.ndarray | None = None  # and the chosen candidate's out-of-fold probabilities
     cv: dict[str, Any] | None = None  # the manifest's training.cv
     baseline: dict[str, Any] | None = None  # the baseline on the same folds
+
+
+def prepare_data(cfg: RunConfigBase, preprocessing: Preprocessing | None = None) -> _Data:
+    """Discover, screen (with `preprocessing`: the model input; None: no screening, as when retraining
+    on a parent's splits, which were screened) and split the data set."""
+    say = console()
+    task = get_task(cfg.task)
+    ds, dropped = apply_task(discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir), task)
+    for d in [*dropped, *ds.skipped]:  # wrong grades; FIFOs, folders, broken links named like images
+        say.print(f"[red]skipped[/] {markup_safe(d['path'])}: {markup_safe(d['reason'])}", highlight=False)
+    ds, screened = _screen(ds, preprocessing, cfg.extract.workers) if preprocessing else (ds, [])
+    hashes = sha256_files(s.path for s in ds.samples)
+    splits = make_splits(ds, cfg.split, hashes)
+    left_out = {"screened": {"n": len(screened), "reasons": dict(Counter(d["reason"] for d in screened))},
+                "skipped": {"n": len(ds.skipped) + len(dropped),
+                            "reasons": dict(Counter(d["reason"].split(" (")[0] for d in [*ds.skipped, *dropped]))}}
+    summary = splits.summary(ds) | left_out
+    say.print(f"[bold]{markup_safe(ds.root)}[/]: {len(ds)} images, classes {', '.join(ds.classes)}; "
+              + "; ".join(f"{k} {v['n_images']} images / {v['n_patients']} patients" for k, v in summary.items()
+                          if k not in ("removed", *left_out)), highlight=False)
+    if n_left := sum(v["n"] for v in left_out.values()):
+        say.print(f"left out {n_left} file(s), each named above: "
+                  + "; ".join(f"{k} {v['n']} ({', '.join(f'{r} {c}' for r, c in v['reasons'].items())})"
+                              for k, v in left_out.items() if v["n"]), highlight=False)
+    if splits.removed:
+        say.print(f"removed {len(splits.removed)} image(s) to keep splits disjoint: {summary['removed']['reasons']}")
+    # Two copies of one image with different labels: one label is wrong, and only a person can tell which.
+    label = {str(s.path): s.label for s in ds.samples}
+    for r in splits.removed:
+        if r.get("label_conflict"):
+            say.print(f"[yellow]label conflict:[/] {markup_safe(r['path'])} ({markup_safe(label[r['path']])}) is the "
+                      f"same image as {markup_safe(r['same_as'])} ({markup_safe(label[r['same_as']])}); kept the "
+                      "latter's label (see splits.json)", highlight=False, soft_wrap=True)
+    return _Data(ds, task, hashes, splits, summary, screened)
+
+
+def _screen(ds: Dataset, preprocessing: Preprocessing, workers: int) -> tuple[Dataset, list[dict[str, str]]]:
+    """Leave out the training and validation images the quality gate's absolute floors refuse (too
+    small, a strip, blank, damaged, noise, unreadable) before anything is split or fitted. The data
+    set's own test split stays whole: what evaluation measures is its business."""
+    candidates = [i for i, s in enumerate(ds.samples) if s.split != "test"]
+    reasons = dict(zip(candidates, screen_files([ds.samples[i].path for i in candidates], preprocessing, workers=workers)))
+    screened = [{"path": str(ds.samples[i].path), "reason": r} for i, r in reasons.items() if r]
+    for d in screened:
+        console().print(f"[red]skipped[/] {markup_safe(d['path'])}: screened out ({markup_safe(d['reason'])})",
+                        highlight=False)
+    return replace(ds, samples=[s for i, s in enumerate(ds.samples) if not reasons.get(i)]), screened
 
 
 def cv_folds(cfg: RunConfigBase, n_training: int) -> int:
