@@ -62,6 +62,9 @@ def test_manifest_records_every_member_and_view(ens) -> None:
         assert m.files[e.backbone_file] and m.files[e.head_file]
     assert m.gate is not None and m.referral_threshold is not None and m.calibration is not None
     assert m.to_dict()["training"]["ensemble"]["backbones"] == list(MEMBERS)
+    assert [e.details["mode"] for e in m.members] == ["bottleneck", "bottleneck"]
+    # Test-time views: no cache holds flipped features, so the members and their mean use one split
+    assert m.validation["source"] == "validation" and m.calibration.fitted_on == "validation"
 
 
 def test_members_are_averaged_in_probability_space(ens, pixels: torch.Tensor) -> None:
@@ -212,7 +215,12 @@ def test_cli_refuses_bad_ensemble_options(data: Path, tmp_path: Path) -> None:
     r = run_cli("train", data, "--out", tmp_path / "m", "--ensemble", "efficientnet_lite0", "--tta", "rotate")
     assert_clean_error(r, "--tta takes distinct views among flip, crop")
     r = run_cli("train", data, "--out", tmp_path / "m", "--seeds", "0,1", "--mode", "finetune")
-    assert_clean_error(r, "ensembles train in --mode bottleneck")
+    assert_clean_error(r, "ensembles take --mode bottleneck; a member trains on images as NAME:finetune")
+    r = run_cli("train", data, "--out", tmp_path / "m", "--ensemble", "efficientnet_lite0:scratch")
+    assert_clean_error(r, "a member's mode is one of bottleneck, finetune, frozen")
+    r = run_cli("train", data, "--out", tmp_path / "m", "--ensemble", "efficientnet_lite0,mobilenet_v2", "--tta", "flip",
+                "--cv", "3")
+    assert_clean_error(r, "--tta with --cv 3: out-of-fold probabilities come from cached features")
 
 
 def test_evaluate_scores_the_frames_of_dicom_volumes_through_the_ensemble(ens, scans: list[Path], tmp_path) -> None:

@@ -172,8 +172,7 @@ def test_evaluate_on_the_training_data_scores_the_bundles_own_test_split(cv_bund
     assert everything["n_images"] == m["data"]["scored"]["n_in_data"] and everything["overlap_with_training"] > 0
 
 
-def test_cv_is_for_bottleneck_mode_and_needs_two_folds(tmp_path, small_dataset):
-    with pytest.raises(RetinaLensError, match="cross-validated selection is for --mode bottleneck"):
-        train_bundle(build_run_config(small_dataset, mode="frozen", cv=5), tmp_path / "m", progress=False)
+def test_cv_needs_zero_or_two_folds_or_more(tmp_path, small_dataset):
+    """(The image modes cross-validate too: tests/train/test_image_runs.py.)"""
     with pytest.raises(RetinaLensError, match="--cv must be 0"):
         train_bundle(build_run_config(small_dataset, cv=-1), tmp_path / "m", progress=False)

@@ -20,15 +20,17 @@ and std), so that an image is decoded once and the exported graph has one input.
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .._console import console
+from .._io import atomic_torch_save
 from ..bundle.card import write_model_card
 from ..bundle.members import BundleMember
 from ..bundle.network import VIEWS
@@ -42,6 +44,8 @@ from ..models.registry import create_backbone, resolve_spec
 from ..predict.ensemble import ensemble_outputs
 from ..trust import fit_trust
 from ..trust.calibration import calibrated
+from .image_runs import finished_step, resumable
+from .images import _fingerprint
 from .pipeline import RunConfig, train_bundle
 from .selection import _Data, cv_folds, prepare_data
 
@@ -135,14 +139,32 @@ def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, prog
         say.print("test-time views: the members and their average are fitted on one validation split (out-of-fold "
                   "probabilities come from cached features, which hold no flipped or cropped views)")
     runs = member_runs(cfg, ens, k)
-    held_out: list[dict[str, Any]] = [{} for _ in runs]  # each member's out-of-fold probabilities (under CV)
-    with tempfile.TemporaryDirectory(prefix="retinalens-ensemble-") as tmp:
-        bundles = []
-        for j, run in enumerate(runs):
-            say.print(f"[bold]member {j + 1} of {len(runs)}:[/] {run.extract.backbone} ({run.mode}), seed {run.train.seed}")
-            bundles.append(train_bundle(run, Path(tmp) / f"member{j}", progress=progress, data=data,
-                                        input_like=first.preprocessing, out_of_fold=held_out[j]))
-        return _combine(cfg, ens, runs, bundles, data, out, key, held_out if k else None)
+    # Each finished member stays in `work` until the bundle is written: --resume goes on from there.
+    work = out.with_name(f"{out.name}.members")
+    splits = {n: data.keys(data.splits.indices(n)) for n in ("train", "val", "test")}
+    if work.is_dir() and not cfg.resume:
+        raise RetinaLensError(f"{work} holds the members of an interrupted run: pass --resume to continue it, "
+                              "or delete that folder to start over")
+    held_out: list[dict[str, Any]] = []  # each member's out-of-fold probabilities (under CV)
+    bundles = []
+    for j, run in enumerate(runs):
+        folder, done = work / f"member{j}", work / f"member{j}.done.pt"
+        options = {n: v for n, v in resumable(run).items() if n != "resume"}
+        key_j = _fingerprint({"run": options, "splits": splits, "input": asdict(first.preprocessing)})
+        saved = finished_step(done, key_j, cfg.resume, "members")
+        if saved is not None:
+            bundles.append(load_bundle(folder))
+            held_out.append({n: v.numpy() if hasattr(v, "numpy") else v for n, v in saved["held_out"].items()})
+            continue
+        say.print(f"[bold]member {j + 1} of {len(runs)}:[/] {run.extract.backbone} ({run.mode}), seed {run.train.seed}")
+        held_out.append({})
+        bundles.append(train_bundle(run, folder, progress=progress, data=data, input_like=first.preprocessing,
+                                    out_of_fold=held_out[j]))
+        atomic_torch_save(done, {"fingerprint": key_j, "held_out": {
+            n: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for n, v in held_out[j].items()}})
+    bundle = _combine(cfg, ens, runs, bundles, data, out, key, held_out if k else None)
+    shutil.rmtree(work, ignore_errors=True)  # the bundle holds every member now
+    return bundle
 
 
 def _member_file(k: int, what: str) -> str:
@@ -158,14 +180,15 @@ def _combine(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig], bundles
                for b in bundles]
     cache = open_cache(cfg.extract.cache, lead.backbone, lead.precision, spatial=False)
     if held_out is not None:
-        held, val_raw, folds, gate = _out_of_fold(bundles, held_out, data)
+        held, each, folds, gate = _out_of_fold(bundles, held_out, data)
+        val_raw = np.mean(each, axis=0)
         where = f"{held_out[0]['fold'].max() + 1}-fold cross-validation (out of fold, the members' mean)"
         gate_pooled = cache.pooled(data.keys(gate["val"]))
     else:
         val = data.splits.indices("val")
         val_paths = [data.ds.samples[i].path for i in val]
         keep, val_raw, gate_pooled, _ = ensemble_outputs(members, ens.tta, val_paths, workers=cfg.extract.workers)
-        held, folds, where = [val[j] for j in keep], None, "validation"
+        held, each, folds, where = [val[j] for j in keep], [], None, "validation"
         gate = {"train": data.index("train", cache), "val": held}
     y_val = data.labels(held)
     positives = positive_classes_for(classes, task)
@@ -185,16 +208,19 @@ def _combine(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig], bundles
         entries.append({"backbone": d["backbone"], "features": d["features"], "head": d["head"],
                         "temperature": b.temperature,
                         "files": {"backbone": _member_file(k, "backbone"), "head": _member_file(k, "head")},
-                        "seed": run.train.seed, "mode": run.mode, "validation": d.get("validation", {})}
+                        "seed": run.train.seed, "mode": run.mode, "validation": d.get("validation", {})
+                        | (_fold_scores(each[k], y_val, folds) if folds is not None else {})}
                        | ({"epochs": run.train.epochs} if run.mode != "bottleneck" else {}))
     say = console()
     say.print("validation accuracy: " + ", ".join(
         f"{r.extract.backbone} ({r.mode}) seed {r.train.seed} {b.manifest.validation.get('accuracy', float('nan')):.3f}"
-        for r, b in zip(runs, bundles)) + f"; ensemble ({', '.join(ens.tta)}) {m['accuracy']:.3f}")
+        for r, b in zip(runs, bundles)) + f"; ensemble ({', '.join(ens.tta)}) {m['accuracy']:.3f}"
+        + (" (fold accuracy {accuracy_mean:.3f} ± {accuracy_sd:.3f})".format(**_fold_scores(val_raw, y_val, folds))
+           if folds is not None else ""))
     sections = {
         "training": lead_doc.get("training", {}) | {"ensemble": asdict(ens) | {"n_members": len(runs)}},
         "validation": {k: m[k] for k in ("accuracy", "accuracy_ci", "roc_auc_macro", "n_images", "n_patients")}
-        | {"source": where},
+        | {"source": where} | (_fold_scores(val_raw, y_val, folds) if folds is not None else {}),
         "metrics": {}, "lineage": lead_doc.get("lineage", {"version": 1, "parent": None}),
         "members": entries, "tta": {"views": list(ens.tta)},
     } | trust
@@ -212,10 +238,18 @@ def _combine(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig], bundles
     return bundle
 
 
+def _fold_scores(probs: np.ndarray, y: np.ndarray, folds: np.ndarray) -> dict[str, Any]:
+    """Accuracy per fold of out-of-fold probabilities, and its mean and sd over the folds (as train/cv.py
+    scores a candidate): what the rule comparing an ensemble with its members reads."""
+    acc = np.array([float((probs[folds == f].argmax(1) == y[folds == f]).mean()) for f in np.unique(folds)])
+    return {"fold_accuracy": acc.round(4).tolist(), "accuracy_mean": float(acc.mean()),
+            "accuracy_sd": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0}
+
+
 def _out_of_fold(bundles: list[Bundle], held_out: list[dict[str, Any]], data: _Data,
-                 ) -> tuple[list[int], np.ndarray, np.ndarray, dict[str, list[int]]]:
-    """(the training images every member scored out of fold, the mean of the members' out-of-fold
-    probabilities after each one's temperature, the first member's folds of them, the gate's images:
+                 ) -> tuple[list[int], list[np.ndarray], np.ndarray, dict[str, list[int]]]:
+    """(the training images every member scored out of fold, each member's out-of-fold probabilities of
+    them after its own temperature (the bundle averages them), the first member's folds, the gate's images:
     the first fold's held-out ones against the rest). Members may differ by a few images (a near-duplicate
     of a test image is found on each backbone's own features): the images they all scored are used."""
     common = set.intersection(*(set(h["sha256"]) for h in held_out))
@@ -230,4 +264,4 @@ def _out_of_fold(bundles: list[Bundle], held_out: list[dict[str, Any]], data: _D
     held = [index[s] for s in hashes]
     fold = np.asarray(lead["fold"])[order]
     gate = {"train": [i for i, f in zip(held, fold) if f != 0], "val": [i for i, f in zip(held, fold) if f == 0]}
-    return held, np.mean(probs, axis=0), fold, gate
+    return held, probs, fold, gate

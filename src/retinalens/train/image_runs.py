@@ -79,7 +79,7 @@ def train_images_cv(cfg: Any, data: _Data, cache: FeatureCache, idx: list[int], 
         fit_idx, held_idx = [idx[i] for i in fit], [idx[i] for i in held]
         done = folder / f"fold{f + 1}.done.pt"
         key = _fingerprint(_fold_key(cfg, data, fit_idx, held_idx))
-        saved = _finished_fold(done, key, cfg.resume)
+        saved = finished_step(done, key, cfg.resume, "folds")
         if saved is None:
             say.print(f"fold {f + 1} of {k}: {cfg.mode} on {len(fit)} images, {len(held)} held out")
             trained, _, _ = _train(cfg, data, backbone, head_config, fit_idx, y[fit], held_idx, y[held],
@@ -143,21 +143,23 @@ def _fold_key(cfg: Any, data: _Data, fit_idx: list[int], held_idx: list[int]) ->
                               data.ds.classes) | {"epochs": cfg.train.epochs}
 
 
-def _finished_fold(done: Path, key: str, resume: bool) -> dict[str, Any] | None:
-    """A fold this run (or the interrupted one it resumes) finished, or None to train it."""
+def finished_step(done: Path, key: str, resume: bool, what: str) -> dict[str, Any] | None:
+    """What a step of this run (a fold, an ensemble's member) saved when it finished, or None to run it.
+    `done` is written last, so it exists only for a finished step; `key` fingerprints the run's options
+    and data, and a saved step of any other run is refused (as train/images.py refuses a checkpoint)."""
     if not done.is_file():
         return None
     if not resume:
-        raise RetinaLensError(f"{done.parent} holds the folds of an interrupted run: pass --resume to continue "
+        raise RetinaLensError(f"{done.parent} holds the {what} of an interrupted run: pass --resume to continue "
                               "it, or delete that folder to start over")
     try:  # weights_only: tensors, numbers, strings and containers; nothing is unpickled that could run code
         saved = torch.load(done, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise RetinaLensError(f"{done}: unreadable ({type(exc).__name__}); delete it to train that fold again") from None
-    if saved.get("fingerprint") != key:
+        raise RetinaLensError(f"{done}: unreadable ({type(exc).__name__}); delete {done.parent} to start over") from None
+    if not isinstance(saved, dict) or saved.get("fingerprint") != key:
         raise RetinaLensError(f"{done} was written by a run with other data, folds or options; delete "
                               f"{done.parent} to start over")
-    console().print(f"resuming: {done.name[:-8]} finished before, its held-out probabilities kept")
+    console().print(f"resuming: {done.name.removesuffix('.done.pt')} finished before, kept")
     return saved
 
 
