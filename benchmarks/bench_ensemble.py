@@ -6,15 +6,23 @@ split seed), four bundles trained the way a user would (`retinalens.train`):
 - single:       the default (EfficientNet-Lite0, bottleneck head chosen on validation);
 - single+flip:  the same with `--tta flip`;
 - ensemble:     `--ensemble efficientnet_lite0,efficientnet_lite1,mobilenet_v2` (one input, 224 px);
-- ensemble+flip: the same with `--tta flip`.
+- ensemble+flip: the same with `--tta flip`;
+- finetune+conv: `--ensemble efficientnet_lite0:finetune,efficientnet_lite0`, a fine-tuned Lite0 (classic
+  recipe, 8 epochs) and the default head on frozen Lite0 features, both cross-validated on the same 5
+  patient folds and averaged (the combination that won on bench_finetune_ablation's folds);
+- finetune:     that fine-tune alone, `--mode finetune --cv 5 --epochs 8 --batch-size 32`.
+
+The cross-validated rows also record their out-of-fold scores per fold (the ensemble's mean and each
+member alone, on the same folds): the rule that compares them reads those, never test.
 
 Each is evaluated on oct-kermany/test (`retinalens.evaluate`: accuracy with its patient-bootstrap CI,
 urgent-referral sensitivity / specificity at the threshold fitted on validation, DRUSEN recall), and
 timed on one scan at a time (`Model.predict`, median of 10 after a warm-up). Features are cached per
 backbone, so a second run costs only the heads and the test-time passes.
 
-`python benchmarks/bench_ensemble.py [--out FILE]` prints the JSON (and writes it); `run(shared_data)`
-returns it (`make bench`, section "ensemble").
+`python benchmarks/bench_ensemble.py [--rows a,b] [--out FILE] [--merge]` prints the JSON (and writes it;
+`--merge`: into benchmarks/results.json's "ensemble" section, row by row, keeping the rows not run);
+`run(shared_data)` returns it (`make bench`, section "ensemble").
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "single+flip": {"tta": "flip"},
     "ensemble": {"ensemble": ENSEMBLE},
     "ensemble+flip": {"ensemble": ENSEMBLE, "tta": "flip"},
+    "finetune+conv": {"ensemble": "efficientnet_lite0:finetune,efficientnet_lite0"},
+    "finetune": {"mode": "finetune", "cv": 5, "epochs": 8, "batch_size": 32},
 }
 LATENCY_RUNS = 10
 
@@ -51,6 +61,22 @@ def _latency_ms(bundle: Path, scan: Path) -> float:
         model.predict(scan)
         times.append(time.perf_counter() - t)
     return round(1000 * statistics.median(times), 1)
+
+
+def _cv_scores(bundle: Any) -> dict[str, Any]:
+    """Out-of-fold accuracy per fold: the bundle's (an ensemble's: its members' mean) and each member's."""
+    m = bundle.manifest
+    if m.training.cv is None:
+        return {}
+    v = m.validation
+    own = v if "fold_accuracy" in v else m.training.cv.candidate()
+    out = {"cv": {"k": m.training.cv.k, "folds_digest": m.training.cv.digest, "fold_accuracy": own["fold_accuracy"],
+                  "accuracy_mean": own["accuracy_mean"], "accuracy_sd": own["accuracy_sd"],
+                  "baseline_accuracy_mean": m.training.baseline["val_acc"]}}
+    if m.members:
+        out["cv"]["members"] = [{"mode": e.details.get("mode"), "head": e.head.kind,
+                                 "fold_accuracy": e.details["validation"].get("fold_accuracy")} for e in m.members]
+    return out
 
 
 def run(shared_data: Path, rows: list[str] | None = None) -> dict[str, Any]:
@@ -72,7 +98,8 @@ def run(shared_data: Path, rows: list[str] | None = None) -> dict[str, Any]:
                 "urgent_specificity": op.get("specificity"),
                 "drusen_recall": m["per_class"]["DRUSEN"]["recall"], "n_test": m["n_images"],
                 "train_s": round(train_s, 1), "latency_ms": _latency_ms(bundle.path, scan),
-            }
+                "load_average_1min_after": round(os.getloadavg()[0], 2),
+            } | _cv_scores(bundle)
             print(json.dumps({name: out["rows"][name]}), file=sys.stderr, flush=True)
     return out
 
@@ -82,11 +109,22 @@ def main() -> None:
     ap.add_argument("--data", default=os.environ.get("RETINALENS_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--merge", action="store_true", help="merge the rows into benchmarks/results.json")
     args = ap.parse_args()
     result = run(Path(args.data), args.rows.split(","))
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text)
+    if args.merge:
+        from run import machine
+
+        path = ROOT / "benchmarks" / "results.json"
+        res = json.loads(path.read_text())
+        section = res.setdefault("ensemble", {"data": result["data"], "rows": {}})
+        for name, row in result["rows"].items():
+            section["rows"][name] = row | {"machine": machine(), "command": "python benchmarks/bench_ensemble.py "
+                                           f"--rows {name} --merge"}
+        path.write_text(json.dumps(res, indent=2) + "\n")
     print(text)
 
 

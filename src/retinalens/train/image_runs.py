@@ -35,7 +35,7 @@ from ..models.heads import HeadConfig, head_probabilities
 from ..models.registry import Backbone
 from .cv import BASELINE_C, Candidate, CVResult, baseline_summary, cross_validate, make_folds
 from .distributed import World
-from .images import _fingerprint, config_fingerprint, train_on_images
+from .images import _fingerprint, config_fingerprint, load_saved, train_on_images
 from .recipes import get_recipe
 from .selection import _Data, _Trained
 from .trainer import TrainResult
@@ -145,21 +145,10 @@ def _fold_key(cfg: Any, data: _Data, fit_idx: list[int], held_idx: list[int]) ->
 
 def finished_step(done: Path, key: str, resume: bool, what: str) -> dict[str, Any] | None:
     """What a step of this run (a fold, an ensemble's member) saved when it finished, or None to run it.
-    `done` is written last, so it exists only for a finished step; `key` fingerprints the run's options
-    and data, and a saved step of any other run is refused (as train/images.py refuses a checkpoint)."""
-    if not done.is_file():
-        return None
-    if not resume:
-        raise RetinaLensError(f"{done.parent} holds the {what} of an interrupted run: pass --resume to continue "
-                              "it, or delete that folder to start over")
-    try:  # weights_only: tensors, numbers, strings and containers; nothing is unpickled that could run code
-        saved = torch.load(done, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise RetinaLensError(f"{done}: unreadable ({type(exc).__name__}); delete {done.parent} to start over") from None
-    if not isinstance(saved, dict) or saved.get("fingerprint") != key:
-        raise RetinaLensError(f"{done} was written by a run with other data, folds or options; delete "
-                              f"{done.parent} to start over")
-    console().print(f"resuming: {done.name.removesuffix('.done.pt')} finished before, kept")
+    `done` is written last, so it exists only for a finished step (images.load_saved checks it)."""
+    saved = load_saved(done, key, resume, what)
+    if saved is not None:
+        console().print(f"resuming: {done.name.removesuffix('.done.pt')} finished before, kept")
     return saved
 
 

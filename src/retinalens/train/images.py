@@ -316,21 +316,31 @@ def _fingerprint(d: dict[str, Any]) -> str:
 def _resume_point(ckpt: Path, key: str, resume: bool) -> dict[str, Any] | None:
     """The interrupted run's checkpoint to go on from, or None to start at epoch 1. A checkpoint is never
     silently overwritten, nor continued by a run with other data or options (`key`, their fingerprint)."""
-    if not ckpt.is_file():
+    saved = load_saved(ckpt, key, resume, "checkpoint")
+    if saved is None:
         if resume:
             console().print(f"no checkpoint at {ckpt}: starting from the first epoch")
         return None
-    if not resume:
-        raise RetinaLensError(f"{ckpt.parent} holds the checkpoint of an interrupted run: pass --resume to "
-                              "continue it, or delete that folder to start over")
-    try:  # weights_only: tensors, numbers, strings and containers; nothing is unpickled that could run code
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise RetinaLensError(f"{ckpt}: unreadable checkpoint ({type(exc).__name__}); delete it to start over") from None
-    if saved.get("fingerprint") != key:
-        raise RetinaLensError(f"{ckpt} was written by a run with other data, splits or options; "
-                              "delete that folder to start over")
     console().print(f"resuming after epoch {saved['epoch']} from {ckpt}")
+    return saved
+
+
+def load_saved(path: Path, key: str, resume: bool, what: str) -> dict[str, Any] | None:
+    """What a run saved to go on from (a checkpoint; a finished fold or member, train/image_runs.py), or
+    None when there is none. It is refused without --resume (never silently overwritten), and when
+    written by another run: `key` fingerprints the run's data and options."""
+    if not path.is_file():
+        return None
+    if not resume:
+        raise RetinaLensError(f"{path.parent} holds the {what} of an interrupted run: pass --resume to continue "
+                              "it, or delete that folder to start over")
+    try:  # weights_only: tensors, numbers, strings and containers; nothing is unpickled that could run code
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise RetinaLensError(f"{path}: unreadable ({type(exc).__name__}); delete {path.parent} to start over") from None
+    if not isinstance(saved, dict) or saved.get("fingerprint") != key:
+        raise RetinaLensError(f"{path} was written by a run with other data, folds, splits or options; "
+                              f"delete {path.parent} to start over")
     return saved
 
 
