@@ -124,5 +124,5 @@ def test_a_changed_run_does_not_reuse_a_finished_fold(data: Path, cache: Path, t
     (folder / "fold1").mkdir(exist_ok=True)
     torch.save({"probabilities": torch.zeros(1, 4), "history": [], "fingerprint": "another run"},
                folder / "fold1.done.pt")
-    with pytest.raises(RetinaLensError, match="written by a run with other data, folds, splits or options"):
+    with pytest.raises(RetinaLensError, match="written by a run with other data, splits or options"):
         train_bundle(build_run_config(data, cache=cache, resume=True, **OPTIONS), out, progress=False)

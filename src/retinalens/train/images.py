@@ -339,7 +339,7 @@ def load_saved(path: Path, key: str, resume: bool, what: str) -> dict[str, Any] 
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
         raise RetinaLensError(f"{path}: unreadable ({type(exc).__name__}); delete {path.parent} to start over") from None
     if not isinstance(saved, dict) or saved.get("fingerprint") != key:
-        raise RetinaLensError(f"{path} was written by a run with other data, folds, splits or options; "
+        raise RetinaLensError(f"{path} was written by a run with other data, splits or options; "
                               f"delete {path.parent} to start over")
     return saved
 
