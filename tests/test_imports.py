@@ -96,3 +96,10 @@ def test_demo_data_package_imports_nothing_of_retinalens():
                "print(sorted(m for m in set(sys.modules) - before if m.startswith('retinalens')))")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "['retinalens.demo']"
+
+
+def test_importing_the_prepare_command_loads_no_fundus_code():
+    r = python("import sys, retinalens.cli.prepare; "
+               "print(sorted(m for m in ('retinalens.data.fundus', 'scipy') if m in sys.modules))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
