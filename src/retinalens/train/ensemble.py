@@ -149,8 +149,7 @@ def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, prog
     bundles = []
     for j, run in enumerate(runs):
         folder, done = work / f"member{j}", work / f"member{j}.done.pt"
-        options = {n: v for n, v in resumable(run).items() if n != "resume"}
-        key_j = _fingerprint({"run": options, "splits": splits, "input": asdict(first.preprocessing)})
+        key_j = _fingerprint({"run": resumable(run), "splits": splits, "input": asdict(first.preprocessing)})
         saved = finished_step(done, key_j, cfg.resume, "members")
         if saved is not None:
             bundles.append(load_bundle(folder))

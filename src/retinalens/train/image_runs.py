@@ -169,9 +169,11 @@ def probabilities(backbone: Backbone, head: torch.nn.Module, head_config: HeadCo
 
 
 def resumable(cfg: Any) -> dict[str, Any]:
-    """The options a resumed run must share with the interrupted one (not where or how fast it runs)."""
+    """The options a resumed run must share with the interrupted one (not where or how fast it runs, nor
+    --resume itself)."""
     d = asdict(cfg)
     for section, key in (("extract", "cache"), ("extract", "workers"), ("images", "workers")):
         d[section].pop(key, None)
     d.pop("sign_key", None)
+    d.pop("resume", None)
     return d
