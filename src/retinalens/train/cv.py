@@ -120,10 +120,8 @@ class CVResult:
     curve: list[dict[str, float]] = field(default_factory=list)  # per epoch: mean held-out loss / accuracy
 
     def summary(self, y: np.ndarray) -> dict[str, Any]:
-        acc = np.asarray(self.fold_accuracy)
         out: dict[str, Any] = {"name": self.candidate.name, "head": self.candidate.head.kind,
-                               "accuracy_mean": float(acc.mean()), "accuracy_sd": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-                               "fold_accuracy": [float(a) for a in acc],
+                               **spread(self.fold_accuracy), "fold_accuracy": [float(a) for a in self.fold_accuracy],
                                "oof_accuracy": float((self.oof.argmax(1) == y).mean()), "oof_nll": nll(self.oof, y)}
         if self.candidate.c is not None:
             out["C"] = self.candidate.c
@@ -146,7 +144,7 @@ def cross_validate(candidate: Candidate, inputs: Inputs, y: np.ndarray, folds: F
             head, _ = fit_logistic(x[fit], y[fit], float(candidate.c), num_classes=num_classes,  # type: ignore[arg-type]
                                    feature_shape=feature_shape, seed=train.seed)
             oof[held] = head_probabilities(head, x[held])
-        return CVResult(candidate, oof, _fold_accuracy(oof, y, folds))
+        return CVResult(candidate, oof, fold_accuracy(oof, y, folds.fold))
     cfg = replace(train, head=candidate.head, early_stopping=0)
     per_fold: list[list[np.ndarray]] = []
     histories = []
@@ -167,11 +165,19 @@ def cross_validate(candidate: Candidate, inputs: Inputs, y: np.ndarray, folds: F
         oof[folds.split(f)[1]] = per_fold[f][best]
     fold_best = [int(min(range(len(h)), key=lambda e, h=h: h[e]["val_loss"] if train.monitor == "val_loss"
                          else -h[e]["val_acc"])) + 1 for h in histories]
-    return CVResult(candidate, oof, _fold_accuracy(oof, y, folds), best + 1, fold_best, curve)
+    return CVResult(candidate, oof, fold_accuracy(oof, y, folds.fold), best + 1, fold_best, curve)
 
 
-def _fold_accuracy(oof: np.ndarray, y: np.ndarray, folds: Folds) -> list[float]:
-    return [float((oof[held].argmax(1) == y[held]).mean()) for held in (folds.split(f)[1] for f in range(folds.k))]
+def fold_accuracy(oof: np.ndarray, y: np.ndarray, fold: np.ndarray) -> list[float]:
+    """Accuracy of out-of-fold probabilities within each fold present (fold[i]: the fold that held image i
+    out), in fold order: how every candidate, image-mode run and ensemble is scored."""
+    return [float((oof[fold == f].argmax(1) == y[fold == f]).mean()) for f in np.unique(fold)]
+
+
+def spread(fold_acc: Sequence[float]) -> dict[str, float]:
+    """Mean and sd (ddof 1; 0 for one fold) of fold accuracies: what the comparison rule reads."""
+    acc = np.asarray(fold_acc, dtype=float)
+    return {"accuracy_mean": float(acc.mean()), "accuracy_sd": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0}
 
 
 def select(results: Sequence[CVResult], y: np.ndarray) -> CVResult:

@@ -44,6 +44,7 @@ from ..models.registry import create_backbone, resolve_spec
 from ..predict.ensemble import ensemble_outputs
 from ..trust import fit_trust
 from ..trust.calibration import calibrated
+from .cv import fold_accuracy, spread
 from .image_runs import finished_step, resumable
 from .images import _fingerprint
 from .pipeline import RunConfig, train_bundle
@@ -238,11 +239,10 @@ def _combine(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig], bundles
 
 
 def _fold_scores(probs: np.ndarray, y: np.ndarray, folds: np.ndarray) -> dict[str, Any]:
-    """Accuracy per fold of out-of-fold probabilities, and its mean and sd over the folds (as train/cv.py
-    scores a candidate): what the rule comparing an ensemble with its members reads."""
-    acc = np.array([float((probs[folds == f].argmax(1) == y[folds == f]).mean()) for f in np.unique(folds)])
-    return {"fold_accuracy": acc.round(4).tolist(), "accuracy_mean": float(acc.mean()),
-            "accuracy_sd": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0}
+    """Accuracy per fold of out-of-fold probabilities, with its mean and sd, scored as train/cv.py scores
+    a candidate: what the rule comparing an ensemble with its members reads."""
+    acc = fold_accuracy(probs, y, folds)
+    return {"fold_accuracy": [round(a, 4) for a in acc], **spread(acc)}
 
 
 def _out_of_fold(bundles: list[Bundle], held_out: list[dict[str, Any]], data: _Data,

@@ -33,7 +33,7 @@ from ..features.cache import FeatureCache
 from ..features.extract import head_inputs
 from ..models.heads import HeadConfig, head_probabilities
 from ..models.registry import Backbone
-from .cv import BASELINE_C, Candidate, CVResult, baseline_summary, cross_validate, make_folds
+from .cv import BASELINE_C, Candidate, CVResult, baseline_summary, cross_validate, fold_accuracy, make_folds
 from .distributed import World
 from .images import _fingerprint, config_fingerprint, load_saved, train_on_images
 from .recipes import get_recipe
@@ -90,7 +90,7 @@ def train_images_cv(cfg: Any, data: _Data, cache: FeatureCache, idx: list[int], 
             atomic_torch_save(done, saved)
         oof[held] = saved["probabilities"].numpy()
         histories.append(saved["history"])
-        fold_acc.append(float((oof[held].argmax(1) == y[held]).mean()))
+        fold_acc += fold_accuracy(oof[held], y[held], folds.fold[held])
         say.print(f"fold {f + 1} of {k}: held-out accuracy {fold_acc[-1]:.3f}")
     epochs = cfg.train.epochs
     curve = [{"epoch": e + 1, "val_loss": float(np.mean([h[e]["val_loss"] for h in histories])),

@@ -134,7 +134,9 @@ def train_on_images(backbone: Backbone, head_config: HeadConfig, *, mode: str, p
     exactly train.epochs epochs, the last kept, `val_paths` only recorded (a cross-validation fold's; none for
     the refit on every training image)."""
     check_image_config(mode, images, train)
-    if len(y_train) < world.size or (select or len(y_val)) and len(y_val) < world.size:
+    # A validation split is needed to select an epoch; without selection (a fold, the refit) it may be empty.
+    needs_val = select or len(y_val) > 0
+    if len(y_train) < world.size or (needs_val and len(y_val) < world.size):
         raise RetinaLensError("training needs images in both the train and the validation split"
                               + (f", at least one per process ({world.size})" if world.size > 1 else ""))
     frozen = mode == "frozen"
