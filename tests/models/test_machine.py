@@ -1,5 +1,6 @@
 """The machine's precision choice (flags and a cached matmul probe), and the run-time settings that
-prediction and extraction apply (denormals flushed, threads) restored after them."""
+prediction and extraction apply (denormals flushed, threads) restored after them, and the cores a
+process may use."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from retinalens.models.machine import (
     CpuInfo, MatmulProbe, auto_cpu_precision, cached_probe, choose_cpu_precision, cpu_info, flush_denormal_enabled,
-    needs_probe, probe_path, runtime_settings,
+    needs_probe, probe_path, runtime_settings, usable_cores,
 )
 
 SAPPHIRE = frozenset("fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8".split())
@@ -117,3 +118,16 @@ def test_runtime_settings_leave_a_callers_own_flush_on() -> None:
             assert flush_denormal_enabled()  # asked not to flush: the caller's state is not touched
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_usable_cores_follows_a_container_quota(tmp_path):
+    cpu_max = tmp_path / "cpu.max"
+    unlimited = usable_cores(tmp_path / "absent")
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == unlimited  # no quota: the affinity mask
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: two threads may each get some of the time
+    assert usable_cores(cpu_max) == min(unlimited, 2)
+    cpu_max.write_text("50000 100000\n")
+    assert usable_cores(cpu_max) == 1
+    cpu_max.write_text("garbage")
+    assert usable_cores(cpu_max) == unlimited

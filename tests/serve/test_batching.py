@@ -10,7 +10,8 @@ import pytest
 
 from retinalens.errors import RetinaLensError
 from retinalens.serve.batching import Batcher
-from retinalens.serve.service import ServeConfig, usable_cores
+from retinalens.models.machine import usable_cores
+from retinalens.serve.service import ServeConfig
 
 
 class FakeModel:
@@ -70,19 +71,6 @@ def test_a_failing_model_call_fails_its_batch_only():
     failed = [k for k, a in enumerate(answers) if isinstance(a, RuntimeError)]
     assert 1 in failed and len(failed) <= 2  # the bad image's batch (at most 2 images), nothing else
     assert all(a == [{"label": r}] for a, r in zip(answers, "a?cde") if not isinstance(a, Exception))
-
-
-def test_usable_cores_follows_a_container_quota(tmp_path):
-    cpu_max = tmp_path / "cpu.max"
-    unlimited = usable_cores(tmp_path / "absent")
-    cpu_max.write_text("max 100000\n")
-    assert usable_cores(cpu_max) == unlimited  # no quota: the affinity mask
-    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: two threads may each get some of the time
-    assert usable_cores(cpu_max) == min(unlimited, 2)
-    cpu_max.write_text("50000 100000\n")
-    assert usable_cores(cpu_max) == 1
-    cpu_max.write_text("garbage")
-    assert usable_cores(cpu_max) == unlimited
 
 
 def test_thread_plan_splits_the_cores_among_the_model_calls(tmp_path):

@@ -13,7 +13,7 @@ from helpers import run_cli
 from retinalens.errors import RetinaLensError
 from retinalens.serve._deps import require
 from retinalens.serve.server import ServerProcess
-from retinalens.serve.service import usable_cores
+from retinalens.models.machine import usable_cores
 
 SECRET = "Doe_Jane_19550101_MRN4711"  # what a clinic's file names and image metadata look like: identifying
 

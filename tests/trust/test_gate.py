@@ -64,6 +64,37 @@ def test_unusable_scans_are_ungradable_with_the_reason(model, scans, tmp_path, h
         assert set(r["gate"]["scores"]) == {*ALL_STATISTICS, "distance"}
 
 
+def test_one_image_gets_its_statistics_beside_the_network_and_the_same_verdict(model, scans, tmp_path, monkeypatch):
+    """Model.predict (one image, one intra-op thread) computes the gate's image statistics on a second
+    thread while the network runs; a call on every core computes them after it. The same verdicts and
+    scores for a clean scan and for each kind of unusable one."""
+    import importlib
+    import threading
+
+    from retinalens.models.machine import usable_cores
+
+    predict_model = importlib.import_module("retinalens.predict.model")
+    where, real = [], predict_model.all_statistics
+
+    def recorded(*a, **k):
+        where.append(threading.current_thread().name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(predict_model, "all_statistics", recorded)
+    paths = [scans[0], *(corrupt(scans[0], tmp_path / f"{how}.png", how) for how in ("dark", "overexposed", "blurred"))]
+    for path in paths:
+        one = model.predict(path)
+        if usable_cores() > 1:
+            assert where.pop().startswith("retinalens-gate")
+        [serial] = model.predict_many([path], threads=usable_cores())
+        # The network's sums split differently over 1 and 2 threads: features agree to float32 rounding.
+        assert (one["label"], one["gate"]["ok"], one["gate"]["reason"]) == (serial["label"], serial["gate"]["ok"],
+                                                                           serial["gate"]["reason"])
+        assert one["gate"]["scores"] == pytest.approx(serial["gate"]["scores"], rel=1e-5)
+        assert one["probabilities"] == pytest.approx(serial["probabilities"], abs=1e-5)
+    assert [model.predict(p)["gate"]["reason"] for p in paths] == [None, "too_dark", "overexposed", "blurred"]
+
+
 def test_clean_scans_pass(model, scans):
     results = model.predict_many(scans)
     assert all(r["gate"]["ok"] for r in results), [r["gate"] for r in results if not r["gate"]["ok"]]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import platform
 import time
 from contextlib import contextmanager
@@ -146,6 +148,22 @@ def flush_denormal_enabled() -> bool:
     """Whether denormals are flushed now (torch has a setter, no getter): a denormal times one reads
     as zero only when the FPU treats denormal inputs as zero."""
     return float((torch.tensor([1e-39], dtype=torch.float32) * 1.0).item()) == 0.0
+
+
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its affinity mask (taskset, cpusets), and a container's CPU quota
+    (cgroup v2 `cpu.max`, e.g. `docker --cpus 2`), which the mask does not show."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 here, or a file we do not understand: the mask it is
+        pass
+    return cores
 
 
 @contextmanager

@@ -6,6 +6,7 @@ Backbone.encode path that built the training features.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,13 +19,13 @@ from ..data.images import ImageFiles, check_batching, image_batches
 from ..errors import RetinaLensError
 from ..trust.calibration import calibrated, positive_score
 from ..trust import NO_GATE, Gate
-from ..trust.statistics import SOURCE_STATISTICS, source_statistics
+from ..trust.statistics import SOURCE_STATISTICS, all_statistics, source_statistics
 from ..bundle.manifest import Manifest
 from ..bundle.network import head_input, tta_view
 from ..bundle.members import BundleMember
 from ..bundle.store import Bundle, load_bundle
 from ..models.heads import head_probabilities
-from ..models.machine import runtime_settings
+from ..models.machine import usable_cores, runtime_settings
 from ..models.registry import Backbone
 from .inputs import Input, expand_inputs
 
@@ -94,10 +95,18 @@ class Model:
     def assess(self, batch: torch.Tensor, source: torch.Tensor | np.ndarray | None) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """uint8 pixels (N, S, S, 3) and `measure` of their files (N, 3; None without a gate) -> (calibrated
         probabilities (N, K), one gate verdict each): what prediction and explanation both decide on."""
-        probs, pooled = self.probabilities_and_pooled(batch)
         if self.gate is None:
-            return probs, [{**NO_GATE, "scores": {}} for _ in range(len(batch))]
-        return probs, self.gate.check(batch, pooled, source)
+            return self.probabilities_and_pooled(batch)[0], [{**NO_GATE, "scores": {}} for _ in range(len(batch))]
+        if torch.get_num_threads() >= usable_cores():
+            probs, pooled = self.probabilities_and_pooled(batch)
+            return probs, self.gate.check(batch, pooled, source)
+        # The network leaves a core idle (one image runs on one thread): the gate's image statistics,
+        # which need no features, are computed there meanwhile (numpy and the traced graph both release
+        # the GIL). One scan, network + statistics: 17.1 -> 10.0 ms on 2 cores (measured).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retinalens-gate") as beside:
+            statistics = beside.submit(all_statistics, batch, source)
+            probs, pooled = self.probabilities_and_pooled(batch)
+            return probs, self.gate.check(batch, pooled, source, statistics.result())
 
     def decoding(self) -> dict[str, Any]:
         """How this model's inputs are decoded (ImageFiles' options): with a gate, each file's
@@ -129,7 +138,8 @@ class Model:
         results: list[dict[str, Any] | None] = [{"input": i.name, "error": i.error} if i.error else None for i in inputs]
         good: list[tuple[int, Input]] = [(k, i) for k, i in enumerate(inputs) if not i.error]
         if good:
-            dataset = ImageFiles([i.item for _, i in good], names=[i.name for _, i in good], **self.decoding())
+            dataset = ImageFiles([i.item for _, i in good], names=[i.name for _, i in good], **self.decoding(),
+                                 measure_beside=len(good) == 1 and workers == 0)
             order = list(range(len(good)))
             loader = image_batches(dataset, [order[i:i + batch_size] for i in range(0, len(order), batch_size)], workers)
             with runtime_settings(threads or self.threads), progress_bar(len(good), "predict", progress) as advance:

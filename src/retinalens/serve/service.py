@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import ImageDecodeError, RetinaLensError
 from ..bundle.card import model_card
+from ..models.machine import usable_cores
 from ..feedback.store import FeedbackStore, ModelVersion, UnknownAnalysis
 from .security import LOOPBACK_NAMES, host_name, is_loopback
 from .uploads import ImageTooLarge, display_name, sniff_image, without_metadata
@@ -80,22 +81,6 @@ class ServeConfig:
         each single-threaded, beats one call on every core for a server: OpenMP's spinning workers
         then never compete with decoding, HTTP and the other call (measured in the README)."""
         return max(1, usable_cores() // self.model_calls)
-
-
-def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """The cores this process may use: its affinity mask (taskset, cpusets), and a container's CPU quota
-    (cgroup v2 `cpu.max`, e.g. `docker --cpus 2`), which the mask does not show."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):  # no cgroup v2 here, or a file we do not understand: the mask it is
-        pass
-    return cores
 
 
 @dataclass

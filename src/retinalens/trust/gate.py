@@ -137,10 +137,6 @@ class Gate:
         zp = (torch.from_numpy(z) @ torch.from_numpy(self.precision)).numpy()
         return np.sqrt(np.clip(np.einsum("ij,ij->i", zp, z, dtype=np.float64), 0, None))
 
-    def scores(self, pixels: torch.Tensor | np.ndarray, pooled: np.ndarray | torch.Tensor,
-               source: torch.Tensor | np.ndarray | None = None) -> dict[str, np.ndarray]:
-        return all_statistics(pixels, source) | {"distance": self.distance(pooled)}
-
     def verdicts(self, scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         """One {"ok", "reason", "scores"} per row of `scores`."""
         n = len(next(iter(scores.values()))) if scores else 0
@@ -154,11 +150,14 @@ class Gate:
                 for i, r in enumerate(reasons)]
 
     def check(self, pixels: torch.Tensor | np.ndarray, pooled: np.ndarray | torch.Tensor,
-              source: torch.Tensor | np.ndarray | None = None) -> list[dict[str, Any]]:
+              source: torch.Tensor | np.ndarray | None = None,
+              statistics: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
         """uint8 pixels (N, S, S, 3), their pooled features (N, C) and the full-resolution statistics
         of their files (N, 3: statistics.source_statistics; None: not measured, those floors pass)
-        -> one verdict per image."""
-        return self.verdicts(self.scores(pixels, pooled, source))
+        -> one verdict per image. `statistics`: all_statistics(pixels, source) when the caller has
+        them already (prediction computes them while the network runs)."""
+        stats = all_statistics(pixels, source) if statistics is None else statistics
+        return self.verdicts(stats | {"distance": self.distance(pooled)})
 
 
 def summarize(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
