@@ -24,10 +24,10 @@ DEMO = Path(__file__).resolve().parents[2] / "src" / "retinalens" / "demo" / "da
 DEMO_SCANS = sorted(DEMO.rglob("*.jpeg"))
 
 
-def refused(data: bytes, name: str = "scan.jpeg") -> str | None:
+def refused(data: bytes, name: str = "scan.jpeg", concurrent: bool = False) -> str | None:
     """The one-line reason decode_image refuses `data`, or None when it decodes."""
     try:
-        decode_image(data, name=name)
+        decode_image(data, name=name, concurrent=concurrent)
     except ImageDecodeError as exc:
         assert "\n" not in str(exc) and str(exc).startswith(name), str(exc)
         return str(exc)
@@ -129,6 +129,26 @@ def test_extra_entropy_data_before_the_end_marker_is_refused() -> None:
     padded = data[:end] + b"\x5a\xa5" + data[end:]  # bytes libjpeg's bit buffer would swallow
     assert pillow_accepts(padded)
     assert "damaged image" in (refused(padded) or "")
+
+
+def test_the_end_check_on_a_second_thread_gives_the_same_pixels_and_reasons() -> None:
+    """decode_image(concurrent=True), a lone image's decode in `predict`: the same pixels for sound
+    scans and the same one-line reason for every corrupted, truncated and padded one."""
+    reasons = set()
+    for path in DEMO_SCANS[::40]:
+        data = path.read_bytes()
+        np.testing.assert_array_equal(np.asarray(decode_image(data, keep_grey=True, concurrent=True)),
+                                      np.asarray(decode_image(data, keep_grey=True)))
+        start, end = entropy_span(data)
+        damaged = [*_corruptions(data).values(), data[:end] + b"\x5a\xa5" + data[end:],
+                   *(data[:cut] for cut in range(start, end + 2, max(1, (end - start) // 10)))]
+        for bad in damaged:
+            reason = refused(bad)
+            assert refused(bad, concurrent=True) == reason
+            reasons.add(reason)
+    # Sound streams, the full decode's errors and the end check's were all compared.
+    assert None in reasons and any("Premature end" in r for r in reasons if r)
+    assert any("continues past the last block" in r for r in reasons if r)
 
 
 # -- PNG ---------------------------------------------------------------------------------------

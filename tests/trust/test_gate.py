@@ -65,9 +65,10 @@ def test_unusable_scans_are_ungradable_with_the_reason(model, scans, tmp_path, h
 
 
 def test_one_image_gets_its_statistics_beside_the_network_and_the_same_verdict(model, scans, tmp_path, monkeypatch):
-    """Model.predict (one image, one intra-op thread) computes the gate's image statistics on a second
-    thread while the network runs; a call on every core computes them after it. The same verdicts and
-    scores for a clean scan and for each kind of unusable one."""
+    """Model.predict (one image, one intra-op thread) computes the gate's file and image statistics on a
+    second thread while the network runs; a call on every core decodes through ImageFiles and computes
+    them after it. The same verdicts and scores for a clean scan and for each kind of unusable one, and
+    the same error for a damaged file."""
     import importlib
     import threading
 
@@ -93,6 +94,10 @@ def test_one_image_gets_its_statistics_beside_the_network_and_the_same_verdict(m
         assert one["gate"]["scores"] == pytest.approx(serial["gate"]["scores"], rel=1e-5)
         assert one["probabilities"] == pytest.approx(serial["probabilities"], abs=1e-5)
     assert [model.predict(p)["gate"]["reason"] for p in paths] == [None, "too_dark", "overexposed", "blurred"]
+    cut = tmp_path / "cut.jpeg"
+    cut.write_bytes(scans[0].read_bytes()[:-400])
+    assert "damaged image" in model.predict(cut)["error"]
+    assert model.predict(cut) == model.predict_many([cut], threads=usable_cores())[0]
 
 
 def test_clean_scans_pass(model, scans):

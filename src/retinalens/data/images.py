@@ -29,14 +29,10 @@ ImageItem = Union[Path, bytes]
 
 class ImageFiles(Dataset):
     def __init__(self, items: Sequence[ImageItem], preprocessing: Preprocessing, names: Sequence[str] | None = None,
-                 measure: Callable[[Image.Image], Sequence[float]] | None = None, n_measures: int = 0,
-                 measure_beside: bool = False) -> None:
-        """measure_beside: run `measure` on a second thread while the resize runs (Pillow releases the GIL),
-        for a lone image decoded in the caller, where a core would otherwise wait (about 1 ms of a
-        single-image predict, measured); batches are decoded in parallel already."""
+                 measure: Callable[[Image.Image], Sequence[float]] | None = None, n_measures: int = 0) -> None:
         self.items, self.pp = items, preprocessing
         self.names = names
-        self.measure, self.n_measures, self.measure_beside = measure, n_measures, measure_beside
+        self.measure, self.n_measures = measure, n_measures
 
     def __len__(self) -> int:
         return len(self.items)
@@ -47,11 +43,7 @@ class ImageFiles(Dataset):
             if self.measure is None:
                 return self.pp.load(self.items[i], name=name), i, ""
             img = decode_image(self.items[i], name=name, keep_grey=True)  # Preprocessing.load, keeping the image
-            if not self.measure_beside:
-                return self.pp.pixels(img), i, "", torch.tensor(self.measure(img), dtype=torch.float64)
-            with ThreadPoolExecutor(max_workers=1) as beside:
-                measured = beside.submit(self.measure, img)
-                return self.pp.pixels(img), i, "", torch.tensor(measured.result(), dtype=torch.float64)
+            return self.pp.pixels(img), i, "", torch.tensor(self.measure(img), dtype=torch.float64)
         except ImageDecodeError as exc:
             blank = torch.zeros(self.pp.size, self.pp.size, 3, dtype=torch.uint8)
             if self.measure is None:

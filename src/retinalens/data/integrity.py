@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 import struct
 import zlib
 
@@ -90,14 +91,28 @@ def _jpeg_eoi(data: bytes) -> int | None:
     return next((start for marker, start, _ in jpeg_segments(data) if marker == 0xD9), None)
 
 
-def check_jpeg(data: bytes, mode: str, want_pixels: bool = True) -> np.ndarray | None:
+def check_jpeg(data: bytes, mode: str, want_pixels: bool = True, concurrent: bool = False) -> np.ndarray | None:
     """ImageDecodeError "damaged image (...)" unless libjpeg decodes `data` without a warning and
     the entropy-coded data ends exactly where the image does. With `want_pixels`, for an L or RGB
     JPEG returns its full-size pixels (libjpeg-turbo's default decode, the pixels Pillow gives:
-    compared on every scan and photo of the shared data), else None."""
+    compared on every scan and photo of the shared data), else None. `concurrent`: the end check
+    decodes on a second thread meanwhile (both decodes release the GIL), for a caller with a core
+    idle: a lone image to predict, whose two decodes then cost about one."""
     full = want_pixels and mode in ("L", "RGB")
     colorspace = "RGB" if mode == "RGB" else "CMYK" if mode == "CMYK" else "GRAY"
-    pixels = _strict_jpeg(data, colorspace, 1 if full else 8)  # 1/8: only the entropy decoding costs
+    if concurrent:
+        with ThreadPoolExecutor(max_workers=1) as beside:
+            end = beside.submit(_check_end, data, colorspace)
+            pixels = _strict_jpeg(data, colorspace, 1 if full else 8)  # its error first, as in the serial order
+            end.result()
+    else:
+        pixels = _strict_jpeg(data, colorspace, 1 if full else 8)  # 1/8: only the entropy decoding costs
+        _check_end(data, colorspace)
+    return pixels[..., 0] if full and mode == "L" else pixels if full else None
+
+
+def _check_end(data: bytes, colorspace: str) -> None:
+    """Raises "damaged image (...)" unless the entropy-coded data needs its last byte (module notes)."""
     eoi = _jpeg_eoi(data)
     if eoi is None:
         raise damaged("no end-of-image marker")
@@ -105,7 +120,7 @@ def check_jpeg(data: bytes, mode: str, want_pixels: bool = True) -> np.ndarray |
     try:
         _strict_jpeg(data[:cut] + data[eoi:], "GRAY" if colorspace == "RGB" else colorspace)
     except ImageDecodeError:
-        return pixels[..., 0] if full and mode == "L" else pixels if full else None
+        return
     raise damaged("entropy-coded data continues past the last block")
 
 

@@ -6,7 +6,7 @@ Backbone.encode path that built the training features.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,7 +16,8 @@ from PIL import Image
 
 from .._console import progress_bar
 from ..data.images import ImageFiles, check_batching, image_batches
-from ..errors import RetinaLensError
+from ..data.decode import decode_image
+from ..errors import ImageDecodeError, RetinaLensError
 from ..trust.calibration import calibrated, positive_score
 from ..trust import NO_GATE, Gate
 from ..trust.statistics import SOURCE_STATISTICS, all_statistics, source_statistics
@@ -137,18 +138,50 @@ class Model:
         inputs = expand_inputs(list(sources))
         results: list[dict[str, Any] | None] = [{"input": i.name, "error": i.error} if i.error else None for i in inputs]
         good: list[tuple[int, Input]] = [(k, i) for k, i in enumerate(inputs) if not i.error]
-        if good:
-            dataset = ImageFiles([i.item for _, i in good], names=[i.name for _, i in good], **self.decoding(),
-                                 measure_beside=len(good) == 1 and workers == 0)
+        if not good:
+            return [r for r in results if r is not None]
+        with runtime_settings(threads or self.threads), progress_bar(len(good), "predict", progress) as advance:
+            if len(good) == 1 and workers == 0 and self.gate is not None and torch.get_num_threads() < usable_cores():
+                results[good[0][0]] = self._alone(good[0][1])
+                advance(1)
+                return [r for r in results if r is not None]
+            dataset = ImageFiles([i.item for _, i in good], names=[i.name for _, i in good], **self.decoding())
             order = list(range(len(good)))
-            loader = image_batches(dataset, [order[i:i + batch_size] for i in range(0, len(order), batch_size)], workers)
-            with runtime_settings(threads or self.threads), progress_bar(len(good), "predict", progress) as advance:
-                for x, idx, errors, *source in loader:
-                    names = [good[i][1].name for i in idx.tolist()]
-                    for i, r in zip(idx.tolist(), self.batch_results(x, names, errors, *source)):
-                        results[good[i][0]] = r
-                    advance(len(idx))
+            for x, idx, errors, *source in image_batches(
+                    dataset, [order[i:i + batch_size] for i in range(0, len(order), batch_size)], workers):
+                names = [good[i][1].name for i in idx.tolist()]
+                for i, r in zip(idx.tolist(), self.batch_results(x, names, errors, *source)):
+                    results[good[i][0]] = r
+                advance(len(idx))
         return [r for r in results if r is not None]
+
+    def _alone(self, item: Input) -> dict[str, Any]:
+        """One gated image while a core is idle (`predict`): what ImageFiles and `assess` compute for it
+        (decode_image, Preprocessing.pixels, the network, the gate), with the gate's file and image
+        statistics on a second thread while this one resizes and runs the network (numpy, Pillow and
+        the traced graph release the GIL): a batch decoded ahead hides the file statistics, a lone
+        image would wait for them."""
+        try:
+            img = decode_image(item.item, name=item.name, keep_grey=True, concurrent=True)  # type: ignore[arg-type]
+        except ImageDecodeError as exc:
+            return {"input": item.name, "error": str(exc)}
+        pixels: Future[torch.Tensor] = Future()
+
+        def statistics() -> dict[str, np.ndarray]:
+            source = torch.tensor([source_statistics(img)], dtype=torch.float64)
+            return all_statistics(pixels.result(), source)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retinalens-gate") as beside:
+            stats = beside.submit(statistics)
+            try:
+                x = self.bundle.preprocessing.pixels(img)[None]
+            except BaseException as exc:  # the statistics thread must not wait for pixels that never come
+                pixels.set_exception(exc)
+                raise
+            pixels.set_result(x)
+            probs, pooled = self.probabilities_and_pooled(x)
+            [gate] = self.gate.check(x, pooled, statistics=stats.result())  # type: ignore[union-attr]
+        return image_result(self.bundle, item.name, probs[0], gate)
 
 
 def image_result(bundle: Bundle, name: str, probs: np.ndarray, gate: dict[str, Any]) -> dict[str, Any]:
