@@ -1,8 +1,9 @@
 """The speed targets of a quiet machine, in one short run (`python benchmarks/run.py --only speed`).
 
 On a default bundle trained on oct-kermany/train (trained here first), measured on oct-kermany/test:
-single-image `load(B).predict(path)` (median / p95 of 50, after 3 warm-up calls) and where its time
-goes (strict decode, the gate's file statistics); the bundle's own runtime against fp32 PyTorch and
+single-image `load(B).predict(path)` (median / p95 of 200, after 3 warm-up calls) and its parts one at
+a time (decode, resize, network, the gate's statistics that run beside them), and alternating call by
+call with the batch path on every core; the bundle's own runtime against fp32 PyTorch and
 onnxruntime on the same pixels (bench_export.measure); InceptionV3 extraction in bf16 and fp32 on 100
 scans against the original Keras loop run just before on the same scans, with the share of the
 arithmetic limit (matmul probe). `RETINALENS_KERAS_PYTHON` names the Keras environment.
@@ -23,8 +24,8 @@ import retinalens
 from retinalens.bundle.store import load_bundle
 from retinalens.data.decode import decode_image
 from retinalens.data.hashing import sha256_files
-from retinalens.models.machine import measure_matmul
-from retinalens.trust.statistics import source_statistics
+from retinalens.models.machine import measure_matmul, runtime_settings, usable_cores
+from retinalens.trust.statistics import all_statistics, source_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +41,20 @@ def _median_ms(fn, n: int = 50) -> tuple[float, float]:
     return round(statistics.median(ts), 1), round(float(np.percentile(ts, 95)), 1)
 
 
+def _alternating(calls: dict[str, Any], n: int = 150) -> dict[str, float]:
+    """Median ms of each call, the calls taking turns one by one: this virtual machine's speed moves by up
+    to 2x within minutes, so only calls made side by side compare."""
+    for fn in calls.values():
+        fn()
+    ts: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(n):
+        for k, fn in calls.items():
+            t = time.perf_counter()
+            fn()
+            ts[k].append((time.perf_counter() - t) * 1000)
+    return {k: round(statistics.median(v), 1) for k, v in ts.items()}
+
+
 def run(shared: Path) -> dict[str, Any]:
     import run as bench  # benchmarks/run.py: the Keras loop, the extraction bench, the machine record
     from bench_export import measure
@@ -52,11 +67,23 @@ def run(shared: Path) -> dict[str, Any]:
         retinalens.train(oct_root, work / "bundle", cache=work / "cache")
         model, bundle = retinalens.load(work / "bundle"), load_bundle(work / "bundle")
         scan = files[0]
-        median, p95 = _median_ms(lambda: model.predict(scan))
+        median, p95 = _median_ms(lambda: model.predict(scan), 200)
         img = decode_image(scan, keep_grey=True)
-        out["single_image_predict_ms"] = {"scan_px": list(img.size), "median": median, "p95": p95,
-                                          "of_which_decode_ms": _median_ms(lambda: decode_image(scan, keep_grey=True))[0],
-                                          "of_which_gate_file_statistics_ms": _median_ms(lambda: source_statistics(img))[0]}
+        x = bundle.preprocessing.pixels(img)[None]
+        lead = model.bundle.members[0]
+        with runtime_settings(1):  # the parts one at a time, on predict's one thread
+            parts = {"decode": lambda: decode_image(scan, keep_grey=True),
+                     "decode_with_the_end_check_beside": lambda: decode_image(scan, keep_grey=True, concurrent=True),
+                     "resize": lambda: bundle.preprocessing.pixels(img), "network": lambda: lead.backbone.encode(x, lead.precision),
+                     "gate_file_statistics": lambda: source_statistics(img), "gate_image_statistics": lambda: all_statistics(x)}
+            parts_ms = {k: _median_ms(fn)[0] for k, fn in parts.items()}
+        out["single_image_predict_ms"] = {
+            "scan_px": list(img.size), "median": median, "p95": p95, "calls": 200, "parts_ms": parts_ms,
+            "how": "decode (the end check beside it), resize and network on the caller's thread; the gate's file and "
+                   "image statistics on a second thread meanwhile (Model._alone)",
+            "alternating_with_the_batch_path": _alternating({
+                "predict": lambda: model.predict(scan),
+                "predict_many_on_every_core": lambda: model.predict_many([scan], threads=usable_cores())})}
         out["runtimes_on_the_same_pixels"] = measure(bundle, files, work, 50)
     probe = measure_matmul(size=2048, budget_s=1.0)
     rates = {"fp32": probe.fp32_gflops, "bf16": probe.bf16_gflops}
