@@ -101,9 +101,10 @@ class Model:
         if torch.get_num_threads() >= usable_cores():
             probs, pooled = self.probabilities_and_pooled(batch)
             return probs, self.gate.check(batch, pooled, source)
-        # The network leaves a core idle (one image runs on one thread): the gate's image statistics,
+        # The network leaves a core idle (the web server's one-thread calls): the gate's image statistics,
         # which need no features, are computed there meanwhile (numpy and the traced graph both release
-        # the GIL). One scan, network + statistics: 17.1 -> 10.0 ms on 2 cores (measured).
+        # the GIL). One scan, network + statistics: 17.1 -> 10.0 ms on 2 cores (measured); `_alone` also
+        # moves a lone image's file statistics there.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retinalens-gate") as beside:
             statistics = beside.submit(all_statistics, batch, source)
             probs, pooled = self.probabilities_and_pooled(batch)
