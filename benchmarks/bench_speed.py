@@ -3,7 +3,7 @@
 On a default bundle trained on oct-kermany/train (trained here first), measured on oct-kermany/test:
 single-image `load(B).predict(path)` (median / p95 of 200, after 3 warm-up calls) and its parts one at
 a time (decode, resize, network, the gate's statistics that run beside them), and alternating call by
-call with the batch path on every core; the bundle's own runtime against fp32 PyTorch and
+call with the serial path (`predict_many` of the one image on one thread, which the web server takes); the bundle's own runtime against fp32 PyTorch and
 onnxruntime on the same pixels (bench_export.measure); InceptionV3 extraction in bf16 and fp32 on 100
 scans against the original Keras loop run just before on the same scans, with the share of the
 arithmetic limit (matmul probe). `RETINALENS_KERAS_PYTHON` names the Keras environment.
@@ -24,7 +24,7 @@ import retinalens
 from retinalens.bundle.store import load_bundle
 from retinalens.data.decode import decode_image
 from retinalens.data.hashing import sha256_files
-from retinalens.models.machine import measure_matmul, runtime_settings, usable_cores
+from retinalens.models.machine import measure_matmul, runtime_settings
 from retinalens.trust.statistics import all_statistics, source_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,9 +81,10 @@ def run(shared: Path) -> dict[str, Any]:
             "scan_px": list(img.size), "median": median, "p95": p95, "calls": 200, "parts_ms": parts_ms,
             "how": "decode (the end check beside it), resize and network on the caller's thread; the gate's file and "
                    "image statistics on a second thread meanwhile (Model._alone)",
-            "alternating_with_the_batch_path": _alternating({
+            # predict_many on one thread is the previous predict: everything serial on the caller's thread.
+            "alternating_with_the_serial_path": _alternating({
                 "predict": lambda: model.predict(scan),
-                "predict_many_on_every_core": lambda: model.predict_many([scan], threads=usable_cores())})}
+                "predict_many_one_thread": lambda: model.predict_many([scan], threads=1)})}
         out["runtimes_on_the_same_pixels"] = measure(bundle, files, work, 50)
     probe = measure_matmul(size=2048, budget_s=1.0)
     rates = {"fp32": probe.fp32_gflops, "bf16": probe.bf16_gflops}

@@ -96,19 +96,10 @@ class Model:
     def assess(self, batch: torch.Tensor, source: torch.Tensor | np.ndarray | None) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """uint8 pixels (N, S, S, 3) and `measure` of their files (N, 3; None without a gate) -> (calibrated
         probabilities (N, K), one gate verdict each): what prediction and explanation both decide on."""
+        probs, pooled = self.probabilities_and_pooled(batch)
         if self.gate is None:
-            return self.probabilities_and_pooled(batch)[0], [{**NO_GATE, "scores": {}} for _ in range(len(batch))]
-        if torch.get_num_threads() >= usable_cores():
-            probs, pooled = self.probabilities_and_pooled(batch)
-            return probs, self.gate.check(batch, pooled, source)
-        # The network leaves a core idle (the web server's one-thread calls): the gate's image statistics,
-        # which need no features, are computed there meanwhile (numpy and the traced graph both release
-        # the GIL). One scan, network + statistics: 17.1 -> 10.0 ms on 2 cores (measured); `_alone` also
-        # moves a lone image's file statistics there.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retinalens-gate") as beside:
-            statistics = beside.submit(all_statistics, batch, source)
-            probs, pooled = self.probabilities_and_pooled(batch)
-            return probs, self.gate.check(batch, pooled, source, statistics.result())
+            return probs, [{**NO_GATE, "scores": {}} for _ in range(len(batch))]
+        return probs, self.gate.check(batch, pooled, source)
 
     def decoding(self) -> dict[str, Any]:
         """How this model's inputs are decoded (ImageFiles' options): with a gate, each file's
@@ -126,7 +117,7 @@ class Model:
     def predict(self, source: str | Path | bytes) -> dict[str, Any]:
         """One image (path, URL or bytes) -> {input, label, probabilities, referral, p_referral, refer, gate}
         or {input, error}. gate = {ok, reason, scores}: when not ok, label, referral and refer are None."""
-        results = self.predict_many([source], threads=self.threads or SINGLE_IMAGE_THREADS)
+        results = self._predict([source], BATCH_SIZE, 0, False, self.threads or SINGLE_IMAGE_THREADS, spare_core=True)
         if len(results) != 1:
             raise RetinaLensError(f"{source} holds {len(results)} images: use predict_many")
         return results[0]
@@ -135,6 +126,12 @@ class Model:
                      progress: bool = False, threads: int | None = None) -> list[dict[str, Any]]:
         """Many images / folders / URLs. Bad inputs get an `error` entry; the rest still complete.
         threads: intra-op threads for this call (default: the Model's, else torch's), restored after."""
+        return self._predict(sources, batch_size, workers, progress, threads, spare_core=False)
+
+    def _predict(self, sources: Sequence[str | Path | bytes], batch_size: int, workers: int, progress: bool,
+                 threads: int | None, spare_core: bool) -> list[dict[str, Any]]:
+        """predict_many; `spare_core`: the caller leaves the other cores idle (`predict`, not the web server's
+        or Ray's calls, which fill every core themselves), so a lone gated image may use one (`_alone`)."""
         check_batching(batch_size, workers)
         inputs = expand_inputs(list(sources))
         results: list[dict[str, Any] | None] = [{"input": i.name, "error": i.error} if i.error else None for i in inputs]
@@ -142,7 +139,8 @@ class Model:
         if not good:
             return [r for r in results if r is not None]
         with runtime_settings(threads or self.threads), progress_bar(len(good), "predict", progress) as advance:
-            if len(good) == 1 and workers == 0 and self.gate is not None and torch.get_num_threads() < usable_cores():
+            if spare_core and len(good) == 1 and workers == 0 and self.gate is not None \
+                    and torch.get_num_threads() < usable_cores():
                 results[good[0][0]] = self._alone(good[0][1])
                 advance(1)
                 return [r for r in results if r is not None]
@@ -161,7 +159,8 @@ class Model:
         (decode_image, Preprocessing.pixels, the network, the gate), with the gate's file and image
         statistics on a second thread while this one resizes and runs the network (numpy, Pillow and
         the traced graph release the GIL): a batch decoded ahead hides the file statistics, a lone
-        image would wait for them."""
+        image would wait for them. Only where the core is really idle: two one-thread calls side by
+        side (the web server's) each with a second thread ran 22% fewer images/s (measured)."""
         try:
             img = decode_image(item.item, name=item.name, keep_grey=True, concurrent=True)  # type: ignore[arg-type]
         except ImageDecodeError as exc:
