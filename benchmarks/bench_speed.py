@@ -1,11 +1,12 @@
 """The speed targets of a quiet machine, in one short run (`python benchmarks/run.py --only speed`).
 
 On a default bundle trained on oct-kermany/train (trained here first), measured on oct-kermany/test:
-single-image `load(B).predict(path)` (median / p95 of 200, after 3 warm-up calls) and its parts one at
-a time (decode, resize, network, the gate's statistics that run beside them), and alternating call by
-call with the serial path (`predict_many` of the one image on one thread, which the web server takes); the bundle's own runtime against fp32 PyTorch and
-onnxruntime on the same pixels (bench_export.measure); InceptionV3 extraction in bf16 and fp32 on 100
-scans against the original Keras loop run just before on the same scans, with the share of the
+single-image `load(B).predict(path)` (median / p95 of 200, after 3 warm-up calls), its parts one at a
+time (decode, resize, network, the gate's statistics that run beside them), and the same call
+alternating, call by call, with the serial path (`predict_many` of the one image on one thread, which
+the web server takes); the bundle's own runtime against fp32 PyTorch and onnxruntime on the same
+pixels (bench_export.measure); InceptionV3 extraction in bf16 and fp32 on 100 scans against the
+original Keras loop run just before on the same scans, with the share of the
 arithmetic limit (matmul probe). `RETINALENS_KERAS_PYTHON` names the Keras environment.
 """
 

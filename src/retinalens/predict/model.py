@@ -117,7 +117,8 @@ class Model:
     def predict(self, source: str | Path | bytes) -> dict[str, Any]:
         """One image (path, URL or bytes) -> {input, label, probabilities, referral, p_referral, refer, gate}
         or {input, error}. gate = {ok, reason, scores}: when not ok, label, referral and refer are None."""
-        results = self._predict([source], BATCH_SIZE, 0, False, self.threads or SINGLE_IMAGE_THREADS, spare_core=True)
+        results = self._predict([source], batch_size=BATCH_SIZE, workers=0, progress=False,
+                                threads=self.threads or SINGLE_IMAGE_THREADS, spare_core=True)
         if len(results) != 1:
             raise RetinaLensError(f"{source} holds {len(results)} images: use predict_many")
         return results[0]
@@ -126,12 +127,14 @@ class Model:
                      progress: bool = False, threads: int | None = None) -> list[dict[str, Any]]:
         """Many images / folders / URLs. Bad inputs get an `error` entry; the rest still complete.
         threads: intra-op threads for this call (default: the Model's, else torch's), restored after."""
-        return self._predict(sources, batch_size, workers, progress, threads, spare_core=False)
+        return self._predict(sources, batch_size=batch_size, workers=workers, progress=progress, threads=threads,
+                             spare_core=False)
 
-    def _predict(self, sources: Sequence[str | Path | bytes], batch_size: int, workers: int, progress: bool,
+    def _predict(self, sources: Sequence[str | Path | bytes], *, batch_size: int, workers: int, progress: bool,
                  threads: int | None, spare_core: bool) -> list[dict[str, Any]]:
-        """predict_many; `spare_core`: the caller leaves the other cores idle (`predict`, not the web server's
-        or Ray's calls, which fill every core themselves), so a lone gated image may use one (`_alone`)."""
+        """predict_many; `spare_core`: the caller (`predict`, decoding in this thread) leaves the other cores
+        idle, unlike the web server's or Ray's calls, which fill every core themselves, so a lone gated
+        image may use one (`_alone`)."""
         check_batching(batch_size, workers)
         inputs = expand_inputs(list(sources))
         results: list[dict[str, Any] | None] = [{"input": i.name, "error": i.error} if i.error else None for i in inputs]
@@ -139,8 +142,7 @@ class Model:
         if not good:
             return [r for r in results if r is not None]
         with runtime_settings(threads or self.threads), progress_bar(len(good), "predict", progress) as advance:
-            if spare_core and len(good) == 1 and workers == 0 and self.gate is not None \
-                    and torch.get_num_threads() < usable_cores():
+            if spare_core and len(good) == 1 and self.gate is not None and torch.get_num_threads() < usable_cores():
                 results[good[0][0]] = self._alone(good[0][1])
                 advance(1)
                 return [r for r in results if r is not None]
@@ -168,7 +170,7 @@ class Model:
         pixels: Future[torch.Tensor] = Future()
 
         def statistics() -> dict[str, np.ndarray]:
-            source = torch.tensor([source_statistics(img)], dtype=torch.float64)
+            source = torch.tensor([self.measure(img)], dtype=torch.float64)  # type: ignore[misc]  (gated)
             return all_statistics(pixels.result(), source)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retinalens-gate") as beside:
