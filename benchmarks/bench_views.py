@@ -9,7 +9,8 @@ itself makes, and asks whether one view is enough:
   the whole scan where none is found), resized to 224 px high with its aspect kept, then three
   224x224 tiles (left, centre, right) side by side: one 224x672 input, a 7x21 map;
 - bandtiles-mean: the same tiles' maps averaged position by position (one 7x7 map);
-- the mean of two heads' probabilities: two views, and (the control) two seeds of one view.
+- the mean of several heads' probabilities: two views (seed 0 each, or seeds 0-2 each), and (the
+  control) two or three seeds of one view.
 
 Folds: a default bundle is trained first (`retinalens.train`, seed 0), and its `splits.json` folds
 are used: patient-grouped, stratified, near-duplicate pairs kept together, exactly what `train`
@@ -48,7 +49,7 @@ from retinalens.data.hashing import sha256_files
 from retinalens.evaluate.metrics import classification_metrics
 from retinalens.models.heads import HeadConfig, head_probabilities
 from retinalens.models.registry import create_backbone
-from retinalens.train.cv import Candidate, Folds, cross_validate, refit
+from retinalens.train.cv import Candidate, Folds, cross_validate, fold_accuracy, refit, spread
 from retinalens.train.trainer import TrainConfig
 from retinalens.trust.calibration import calibrated, fit_calibration, positive_score, referral_threshold
 
@@ -75,8 +76,10 @@ def bandtiles(img: Image.Image, fallbacks: list[str], name: str) -> Image.Image:
     return out
 
 
-def features(bb: Any, paths: list[Path], fallbacks: list[str]) -> dict[str, dict[str, np.ndarray]]:
-    """view -> {"spatial": (N, H, W, C) float16, "pooled": (N, C)}: the traced bf16 backbone's output."""
+def features(bbs: dict[str, Any], paths: list[Path], fallbacks: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """view -> {"spatial": (N, H, W, C) float16, "pooled": (N, C)}: the traced bf16 backbone's output.
+    Each view has its own backbone object, so each graph is traced on its own input shape."""
+    bb = bbs["squash"]
     pixels: dict[str, list[torch.Tensor]] = {"squash": [], "bandtiles": []}
     for p in paths:
         img = decode_image(p, keep_grey=True)
@@ -84,17 +87,13 @@ def features(bb: Any, paths: list[Path], fallbacks: list[str]) -> dict[str, dict
         pixels["bandtiles"].append(torch.from_numpy(np.array(bandtiles(img, fallbacks, p.name).convert("RGB"))))
     out = {}
     for view, px in pixels.items():
-        sp, po = zip(*[bb.encode(torch.stack(px[a:a + 16]), "bf16") for a in range(0, len(px), 16)])
+        sp, po = zip(*[bbs[view].encode(torch.stack(px[a:a + 16]), "bf16") for a in range(0, len(px), 16)])
         out[view] = {"spatial": torch.cat(sp).numpy(), "pooled": torch.cat(po).numpy()}
     s = out["bandtiles"]["spatial"]
     n, h, w, c = s.shape
     mean = s.astype(np.float32).reshape(n, h, TILES, w // TILES, c).mean(axis=2).astype(np.float16)
     out["bandtiles-mean"] = {"spatial": mean, "pooled": out["bandtiles"]["pooled"]}
     return out
-
-
-def fold_acc(p: np.ndarray, y: np.ndarray, fold: np.ndarray) -> np.ndarray:
-    return np.array([(p[fold == f].argmax(1) == y[fold == f]).mean() for f in range(int(fold.max()) + 1)])
 
 
 def test_scores(oof: np.ndarray, test: np.ndarray, y: np.ndarray, fold: np.ndarray, y_test: np.ndarray,
@@ -108,7 +107,7 @@ def test_scores(oof: np.ndarray, test: np.ndarray, y: np.ndarray, fold: np.ndarr
     u = m["urgent_referral"]
     return {"test_accuracy": round(m["accuracy"], 4), "test_accuracy_ci": [round(v, 4) for v in m["accuracy_ci"]],
             "urgent_threshold": round(threshold, 4), "urgent_sensitivity": round(u["sensitivity"], 4),
-            "urgent_sensitivity_ci": u["sensitivity_ci"], "urgent_specificity": round(u["specificity"], 4),
+            "urgent_sensitivity_ci": [round(v, 4) for v in u["sensitivity_ci"]], "urgent_specificity": round(u["specificity"], 4),
             "drusen_recall": round(m["per_class"]["DRUSEN"]["recall"], 4), "temperature": round(cal["temperature"], 3)}
 
 
@@ -128,11 +127,11 @@ def run(shared: Path) -> dict[str, Any]:
     folds = Folds(fold, int(fold.max()) + 1)
     y = np.array([classes.index(s.label) for s in samples])
     y_test = np.array([classes.index(s.label) for s in test_ds.samples])
-    bb = create_backbone()
+    bbs = {"squash": create_backbone(), "bandtiles": create_backbone()}
     fallbacks: list[str] = []
     t = time.perf_counter()
-    feats = features(bb, [s.path for s in samples], fallbacks)
-    test_feats = features(bb, [s.path for s in test_ds.samples], fallbacks)
+    feats = features(bbs, [s.path for s in samples], fallbacks)
+    test_feats = features(bbs, [s.path for s in test_ds.samples], fallbacks)
     feature_s = time.perf_counter() - t
     heads: dict[str, Any] = {}
     for view in feats:
@@ -151,21 +150,20 @@ def run(shared: Path) -> dict[str, Any]:
         "squash seeds 0 + 1 (control: two heads, one view)": ["squash seed 0", "squash seed 1"],
         "squash seeds 0 + 1 + 2": ["squash seed 0", "squash seed 1", "squash seed 2"],
         "squash + bandtiles, seeds 0-2 each": [f"{v} seed {s}" for v in ("squash", "bandtiles") for s in SEEDS]}
-    default = fold_acc(heads["squash seed 0"]["r"].oof, y, fold)
+    default = np.array(fold_accuracy(heads["squash seed 0"]["r"].oof, y, fold))
     rows: dict[str, Any] = {}
     for name, members in rows_of.items():
         oof = np.mean([heads[m]["r"].oof for m in members], axis=0)
-        acc = fold_acc(oof, y, fold)
-        gain = acc - default
-        rows[name] = {"fold_accuracy": acc.round(4).tolist(), "cv_mean": round(float(acc.mean()), 4),
-                      "cv_sd": round(float(acc.std(ddof=1)), 4), "gain_per_fold": gain.round(4).tolist(),
+        acc = np.array(fold_accuracy(oof, y, fold))
+        gain, s = acc - default, spread(acc)
+        mean_gain, se_gain = float(gain.mean()), float(gain.std(ddof=1) / np.sqrt(len(gain)))
+        rows[name] = {"fold_accuracy": acc.round(4).tolist(), "cv_mean": round(s["accuracy_mean"], 4),
+                      "cv_sd": round(s["accuracy_sd"], 4), "gain_per_fold": gain.round(4).tolist(),
                       "folds_won": int((gain > 0).sum()), "folds_lost": int((gain < 0).sum()),
-                      "gain_mean": round(float(gain.mean()), 4),
-                      "gain_se": round(float(gain.std(ddof=1) / np.sqrt(len(gain))), 4),
+                      "gain_mean": round(mean_gain, 4), "gain_se": round(se_gain, 4),
                       "epochs": [heads[m]["r"].epochs for m in members],
                       "cv_seconds": round(sum(heads[m]["seconds"] for m in members), 1)}
-        rows[name]["wins"] = (name != "squash seed 0" and rows[name]["folds_won"] >= 4
-                              and rows[name]["gain_mean"] > rows[name]["gain_se"])
+        rows[name]["wins"] = name != "squash seed 0" and rows[name]["folds_won"] >= 4 and mean_gain > se_gain
     winners = [n for n in rows if rows[n]["wins"]]
     best = max(winners, key=lambda n: rows[n]["cv_mean"]) if winners else None
     patients = [s.patient for s in test_ds.samples]
