@@ -40,29 +40,35 @@ K, SEED, TARGET = 5, 0, 0.95
 URGENT = ["CNV", "DME"]
 
 
-def _row(r, inputs, y, y_test, test_inputs, folds, classes, test_patients, seconds_cv, shape, cfg) -> dict[str, Any]:
-    t = time.perf_counter()
-    final = refit(r, inputs, y, num_classes=len(classes), feature_shape=shape, train=cfg)
-    seconds_refit = time.perf_counter() - t
-    cal = fit_calibration(r.oof, y, folds.fold)
-    oof = calibrated(r.oof, cal["temperature"])
+def test_scores(oof: np.ndarray, test_probs: np.ndarray, y: np.ndarray, fold: np.ndarray, y_test: np.ndarray,
+                classes: list[str], test_patients: list[str]) -> dict[str, Any]:
+    """The temperature and the urgent threshold fitted on out-of-fold probabilities, then the test
+    probabilities (uncalibrated, as the head gives them) scored once with them."""
+    cal = fit_calibration(oof, y, fold)
     is_pos = np.isin(y, [classes.index(c) for c in URGENT])
-    threshold = referral_threshold(positive_score(oof, classes, URGENT), is_pos, TARGET)
-    probs = calibrated(head_probabilities(final.head, test_inputs(r.candidate.head.input_kind)), cal["temperature"])
-    m = classification_metrics(y_test, probs, classes, test_patients, positive_classes=URGENT, n_boot=1000, seed=0,
-                               threshold=threshold["threshold"])
-    s = r.summary(y)
+    threshold = referral_threshold(positive_score(calibrated(oof, cal["temperature"]), classes, URGENT), is_pos, TARGET)
+    m = classification_metrics(y_test, calibrated(test_probs, cal["temperature"]), classes, test_patients,
+                               positive_classes=URGENT, n_boot=1000, seed=0, threshold=threshold["threshold"])
     u = m["urgent_referral"]
-    return {"cv_accuracy_mean": round(s["accuracy_mean"], 4), "cv_accuracy_sd": round(s["accuracy_sd"], 4),
-            "oof_nll": round(s["oof_nll"], 4), **({"epochs": r.epochs} if r.epochs else {}),
-            "test_accuracy": round(m["accuracy"], 4), "test_accuracy_ci": [round(v, 4) for v in m["accuracy_ci"]],
+    return {"test_accuracy": round(m["accuracy"], 4), "test_accuracy_ci": [round(v, 4) for v in m["accuracy_ci"]],
             "urgent_threshold": round(threshold["threshold"], 4),
             "urgent_sensitivity": round(u["sensitivity"], 4), "urgent_sensitivity_ci": u["sensitivity_ci"],
             "urgent_specificity": round(u["specificity"], 4), "urgent_specificity_ci": u["specificity_ci"],
             "drusen_recall": round(m["per_class"]["DRUSEN"]["recall"], 4),
             "drusen_recall_ci": m["per_class"]["DRUSEN"]["recall_ci"],
             "temperature": round(cal["temperature"], 3), "temperature_kept": cal["kept"],
-            "oof_nll_before_after_T": [round(cal["nll_before"], 4), round(cal["nll_after"], 4)],
+            "oof_nll_before_after_T": [round(cal["nll_before"], 4), round(cal["nll_after"], 4)]}
+
+
+def _row(r, inputs, y, y_test, test_inputs, folds, classes, test_patients, seconds_cv, shape, cfg) -> dict[str, Any]:
+    t = time.perf_counter()
+    final = refit(r, inputs, y, num_classes=len(classes), feature_shape=shape, train=cfg)
+    seconds_refit = time.perf_counter() - t
+    probs = head_probabilities(final.head, test_inputs(r.candidate.head.input_kind))
+    s = r.summary(y)
+    return {"cv_accuracy_mean": round(s["accuracy_mean"], 4), "cv_accuracy_sd": round(s["accuracy_sd"], 4),
+            "oof_nll": round(s["oof_nll"], 4), **({"epochs": r.epochs} if r.epochs else {}),
+            **test_scores(r.oof, probs, y, folds.fold, y_test, classes, test_patients),
             "seconds_cv": round(seconds_cv, 1), "seconds_refit": round(seconds_refit, 1)}
 
 

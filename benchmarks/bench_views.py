@@ -46,33 +46,25 @@ import retinalens
 from retinalens.data.decode import decode_image
 from retinalens.data.discover import discover
 from retinalens.data.hashing import sha256_files
-from retinalens.evaluate.metrics import classification_metrics
 from retinalens.models.heads import HeadConfig, head_probabilities
 from retinalens.models.registry import create_backbone
 from retinalens.train.cv import Candidate, Folds, cross_validate, fold_accuracy, refit, spread
 from retinalens.train.trainer import TrainConfig
-from retinalens.trust.calibration import calibrated, fit_calibration, positive_score, referral_threshold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_preprocessing import retinal_band  # noqa: E402  (the band finder measured there)
+from bench_cv import test_scores  # noqa: E402  (the out-of-fold fit and the one test scoring, shared)
+from bench_preprocessing import banded, tiles  # noqa: E402  (the band finder and tiles measured there)
 
 ROOT = Path(__file__).resolve().parents[1]
-SEEDS, TILES, SIZE, TARGET = (0, 1, 2), 3, 224, 0.95
-URGENT = ["CNV", "DME"]
+SEEDS, TILES, SIZE = (0, 1, 2), 3, 224
 CONV = Candidate(HeadConfig(kind="conv"))
 
 
 def bandtiles(img: Image.Image, fallbacks: list[str], name: str) -> Image.Image:
-    band = retinal_band(img)
-    if band is None:
-        fallbacks.append(name)
-    else:
-        img = img.crop((0, band[0], img.width, band[1]))
-    w = max(SIZE, round(img.width * SIZE / img.height))
-    strip = img.resize((w, SIZE), Image.Resampling.BICUBIC)
+    """bench_preprocessing's band-then-tiles crops, pasted side by side into one input."""
     out = Image.new(img.mode, (TILES * SIZE, SIZE))
-    for k, x in enumerate(np.linspace(0, w - SIZE, TILES).round().astype(int)):
-        out.paste(strip.crop((x, 0, x + SIZE, SIZE)), (k * SIZE, 0))
+    for k, tile in enumerate(banded(tiles(SIZE, TILES), fallbacks)(img, name)):
+        out.paste(tile, (k * SIZE, 0))
     return out
 
 
@@ -94,21 +86,6 @@ def features(bbs: dict[str, Any], paths: list[Path], fallbacks: list[str]) -> di
     mean = s.astype(np.float32).reshape(n, h, TILES, w // TILES, c).mean(axis=2).astype(np.float16)
     out["bandtiles-mean"] = {"spatial": mean, "pooled": out["bandtiles"]["pooled"]}
     return out
-
-
-def test_scores(oof: np.ndarray, test: np.ndarray, y: np.ndarray, fold: np.ndarray, y_test: np.ndarray,
-                classes: list[str], test_patients: list[str]) -> dict[str, Any]:
-    """Calibration and the urgent threshold fitted out of fold, then test scored once."""
-    cal = fit_calibration(oof, y, fold)
-    threshold = referral_threshold(positive_score(calibrated(oof, cal["temperature"]), classes, URGENT),
-                                   np.isin(y, [classes.index(c) for c in URGENT]), TARGET)["threshold"]
-    m = classification_metrics(y_test, calibrated(test, cal["temperature"]), classes, test_patients,
-                               positive_classes=URGENT, n_boot=1000, seed=0, threshold=threshold)
-    u = m["urgent_referral"]
-    return {"test_accuracy": round(m["accuracy"], 4), "test_accuracy_ci": [round(v, 4) for v in m["accuracy_ci"]],
-            "urgent_threshold": round(threshold, 4), "urgent_sensitivity": round(u["sensitivity"], 4),
-            "urgent_sensitivity_ci": [round(v, 4) for v in u["sensitivity_ci"]], "urgent_specificity": round(u["specificity"], 4),
-            "drusen_recall": round(m["per_class"]["DRUSEN"]["recall"], 4), "temperature": round(cal["temperature"], 3)}
 
 
 def run(shared: Path) -> dict[str, Any]:
