@@ -10,7 +10,14 @@ split seed), four bundles trained the way a user would (`retinalens.train`):
 - finetune+conv: `--ensemble efficientnet_lite0:finetune,efficientnet_lite0`, a fine-tuned Lite0 (classic
   recipe, 8 epochs) and the default head on frozen Lite0 features, both cross-validated on the same 5
   patient folds and averaged (the combination that won on bench_finetune_ablation's folds);
-- finetune:     that fine-tune alone, `--mode finetune --cv 5 --epochs 8 --batch-size 32`.
+- finetune:     that fine-tune alone, `--mode finetune --cv 5 --epochs 8 --batch-size 32`;
+- two-view:     `--resize squash+band`, a conv head on the squashed scan and one on its retinal band in
+  3 tiles (data/retinal_band.py), averaged (bench_views.py measured the pair on cached features);
+- two-view-seeds: the same with `--seeds 0,1,2` (six heads).
+
+Every cross-validated row run with `single` on the same folds is compared with it by the rule fixed in
+bench_views.py: it replaces the default when it beats it on at least 4 of 5 folds with a mean gain above
+sd(gains)/sqrt(5) (`vs_single`; read from CV only, never test).
 
 The cross-validated rows also record their out-of-fold scores per fold (the ensemble's mean and each
 member alone, on the same folds): the rule that compares them reads those, never test.
@@ -37,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import retinalens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +57,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "ensemble+flip": {"ensemble": ENSEMBLE, "tta": "flip"},
     "finetune+conv": {"ensemble": "efficientnet_lite0:finetune,efficientnet_lite0"},
     "finetune": {"mode": "finetune", "cv": 5, "epochs": 8, "batch_size": 32},
+    "two-view": {"resize": "squash+band"},
+    "two-view-seeds": {"resize": "squash+band", "seeds": "0,1,2"},
 }
 LATENCY_RUNS = 10
 
@@ -101,7 +112,22 @@ def run(shared_data: Path, rows: list[str] | None = None) -> dict[str, Any]:
                 "load_average_1min_after": round(os.getloadavg()[0], 2),
             } | _cv_scores(bundle)
             print(json.dumps({name: out["rows"][name]}), file=sys.stderr, flush=True)
+    for row in out["rows"].values():
+        if "single" in out["rows"] and row is not out["rows"]["single"]:
+            row |= _vs_single(row, out["rows"]["single"])
     return out
+
+
+def _vs_single(row: dict[str, Any], single: dict[str, Any]) -> dict[str, Any]:
+    """bench_views.py's rule against `single`, on the same folds (same digest), from CV only."""
+    if "cv" not in row or "cv" not in single or row["cv"]["folds_digest"] != single["cv"]["folds_digest"]:
+        return {}
+    # an ensemble's fold accuracies are stored to 4 decimals: both at 4, so an equal fold is a tie
+    gain = np.round(row["cv"]["fold_accuracy"], 4) - np.round(single["cv"]["fold_accuracy"], 4)
+    mean, se = float(gain.mean()), float(gain.std(ddof=1) / np.sqrt(len(gain)))
+    won, lost = int((gain > 0).sum()), int((gain < 0).sum())
+    return {"vs_single": {"gain_per_fold": gain.round(4).tolist(), "gain_mean": round(mean, 4), "gain_se": round(se, 4),
+                          "folds_won": won, "folds_lost": lost, "wins": won >= 4 and mean > se}}
 
 
 def main() -> None:

@@ -11,7 +11,8 @@ scan are averaged):
 - tiles224: resized to 224 px high with the aspect kept, three 224x224 tiles (left, centre, right);
 - band224 / bandtiles224: first cropped to the retinal band (below), then squashed or tiled.
 
-The band is found from the image itself: the bright, column-wise top and bottom of the tissue,
+The band is found from the image itself (`retinalens.data.retinal_band`, where the product's
+`resize="squash+band"` input uses it): the bright, column-wise top and bottom of the tissue,
 robust to tilt (per-column extents, 5th/95th percentiles across columns), to the white padding some
 scans carry (saturated rows and columns are ignored) and to speckle (a blurred copy is used), with a
 margin of 15% of the scan height each way. A crop shorter than 25% of the height or a scan where no
@@ -39,38 +40,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from retinalens.data.decode import decode_image
 from retinalens.data.discover import discover
+from retinalens.data.retinal_band import MARGIN, MIN_BAND, retinal_band
 from retinalens.evaluate.metrics import classification_metrics
 from retinalens.models.registry import create_backbone
 from retinalens.train.cv import make_folds
 
 ROOT = Path(__file__).resolve().parents[1]
-MARGIN, MIN_BAND = 0.15, 0.25
-
-
-def retinal_band(img: Image.Image) -> tuple[int, int] | None:
-    """(top, bottom) rows of the retinal band with the margin, or None where none is found."""
-    small = img.convert("L").reduce(4)
-    a = np.asarray(small.filter(ImageFilter.GaussianBlur(2)), dtype=np.float32)
-    raw = np.asarray(small, dtype=np.float32)
-    a[raw >= 250] = 0  # white padding is not tissue
-    cols = a[:, (raw < 250).mean(axis=0) > 0.5]
-    if cols.shape[1] < 8:
-        return None
-    level = np.percentile(cols, 50) + 0.5 * (np.percentile(cols, 99) - np.percentile(cols, 50))
-    bright = cols > level
-    has = bright.any(axis=0)
-    if has.mean() < 0.3:
-        return None
-    tops = bright.argmax(axis=0)[has]
-    bottoms = (bright.shape[0] - 1 - bright[::-1].argmax(axis=0))[has]
-    h = img.height
-    top = max(0, int(np.percentile(tops, 5) * 4 - MARGIN * h))
-    bottom = min(h, int(np.percentile(bottoms, 95) * 4 + 4 + MARGIN * h))
-    return (top, bottom) if bottom - top >= MIN_BAND * h else None
 
 
 def squash(size: int) -> Callable[[Image.Image], list[Image.Image]]:

@@ -44,6 +44,12 @@ class ExtractConfig:
     # preprocessing). None: the backbone's own (the registry's: Lite0 224), for OCT and fundus alike: a
     # larger input did not beat it on the fundus cross-validation (benchmarks/bench_fundus_cv.py).
     input_size: int | None = None
+    # How a scan becomes the input (data/transforms.RESIZES): "squash", the whole image to size x size;
+    # "squash+band" (OCT), the squash and the retinal band in 3 aspect-kept tiles beside it, size x 4 size
+    # (data/retinal_band.py; README "The two-view input"): `train` makes it an ensemble of one network per
+    # view (train/ensemble.py), bottleneck members only.
+    resize: str = "squash"
+    view: str = "whole"  # the part of the input a network reads; set per member by train/ensemble.py
 
 
 # --input-size bounds: below 64 px the stride-32 backbones give a 2x2 map; above 1024 px one photo's

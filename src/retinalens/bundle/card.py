@@ -73,7 +73,8 @@ def model_card(document: dict[str, Any] | None, *, local_paths: bool = False) ->
         "backbone": {k: backbone.get(k) for k in _BACKBONE_FIELDS} if isinstance(backbone, dict) else backbone,
         "precision": (m.get("features") or {}).get("precision"),
         "head": m.get("head"),
-        "ensemble": {"members": [f"{(e.get('backbone') or {}).get('name')} seed {e.get('seed')}" for e in m.get("members") or []],
+        "ensemble": {"members": [f"{(e.get('backbone') or {}).get('name')} seed {e.get('seed')}" + _view_text(e)
+                                 for e in m.get("members") or []],
                      "views": (m.get("tta") or {}).get("views")} if m.get("members") or m.get("tta") else None,
         "training_data": {"dataset": dataset_name(training["data"]) if training.get("data") else None,
                           "layout": training.get("layout"), "splits": training.get("splits"),
@@ -320,9 +321,17 @@ def split_counts(splits: dict | None) -> str | None:
 
 
 def backbone_text(b: dict) -> str:
-    size = (b.get("preprocessing") or {}).get("size")
-    return f"{b.get('name')}" + (f", {size} px" if size else "") + (f", weights: {b['weights_source']}"
-                                                                   if b.get("weights_source") else "")
+    pp = b.get("preprocessing") or {}
+    size, resize, view = pp.get("size"), pp.get("resize", "squash"), pp.get("view", "whole")
+    return (f"{b.get('name')}" + (f", {size} px" if size else "")
+            + (f", input {resize} (the squash and the retinal band's tiles), view {view}" if resize == "squash+band" else "")
+            + (f", weights: {b['weights_source']}" if b.get("weights_source") else ""))
+
+
+def _view_text(member: dict) -> str:
+    """' view band': the part of the two-view input a member reads (nothing for the whole input)."""
+    view = ((member.get("backbone") or {}).get("preprocessing") or {}).get("view", "whole")
+    return "" if view == "whole" else f" view {view}"
 
 
 def _ensemble_text(ensemble: dict | None) -> str | None:

@@ -51,6 +51,12 @@ class BackboneInfo:
     weights_source: str
     preprocessing: Preprocessing
 
+    @property
+    def label(self) -> str:
+        """`efficientnet_lite0`, with the part of the two-view input it reads (`... view band`)."""
+        view = self.preprocessing.view
+        return self.name if view == "whole" else f"{self.name} view {view}"
+
 
 @dataclass(frozen=True)
 class Member:
@@ -329,6 +335,8 @@ def _validate_members(d: dict[str, Any], where: str) -> None:
     problem = None
     if views[0] != "identity":
         problem = "the first test-time view must be 'identity' (the gate reads its features)"
+    elif views != ["identity"] and d["backbone"]["preprocessing"].get("resize", "squash") != "squash":
+        problem = "test-time views (flip, crop) take a squashed input only"
     elif members:
         names = [m["files"][k] for m in members for k in ("backbone", "head")]
         first, pp = members[0], d["backbone"]["preprocessing"]

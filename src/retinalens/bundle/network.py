@@ -83,6 +83,8 @@ def tta_view(view: str, pixels: torch.Tensor) -> torch.Tensor:
     resized back to S bilinearly and rounded, so every path feeds the backbone whole grey levels)."""
     if view == "identity":
         return pixels
+    if pixels.shape[1] != pixels.shape[2]:  # the two-view input: a flip or crop would mix its views
+        raise ValueError(f"test-time view {view!r} takes a square input, got {tuple(pixels.shape)}")
     if view == "flip":
         return pixels.flip(2)
     if view == "crop":

@@ -120,6 +120,10 @@ def train(
     input_size: Optional[int] = typer.Option(None, "--input-size", help=f"Pixels a side fed to the backbone "
                                              f"({MIN_INPUT_SIZE}-{MAX_INPUT_SIZE}), kept in the bundle. Default: the "
                                              "backbone's own (Lite0 224)."),
+    resize: str = config_option(ExtractConfig, "resize",
+                                help="How a scan becomes the input: squash (the whole image to a square) | "
+                                     "squash+band (OCT: the squash and the retinal band in 3 tiles beside it; "
+                                     "bottleneck mode)."),
     cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
     nproc: int = typer.Option(1, "--nproc", help="frozen | finetune: train on N processes (torchrun, PyTorch DDP; "
@@ -146,7 +150,8 @@ def train(
                        warmup_epochs=warmup_epochs, augment=augment, device=device, resume=resume,
                        recipe=recipe, batchnorm=batchnorm,
                        target_sensitivity=target_sensitivity, sign_key=sign_key, cv=cv, ensemble=ensemble,
-                       seeds=seeds, tta=tta, member_epochs=member_epochs, input_size=input_size)
+                       seeds=seeds, tta=tta, member_epochs=member_epochs, input_size=input_size,
+                       resize=resize)
     if bundle is not None:  # None: a rank of torchrun's other than 0, which writes the bundle
         console().print(f"[green]bundle written:[/] {markup_safe(bundle.path)}", highlight=False, soft_wrap=True)
 

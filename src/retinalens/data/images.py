@@ -45,7 +45,7 @@ class ImageFiles(Dataset):
             img = decode_image(self.items[i], name=name, keep_grey=True)  # Preprocessing.load, keeping the image
             return self.pp.pixels(img), i, "", torch.tensor(self.measure(img), dtype=torch.float64)
         except ImageDecodeError as exc:
-            blank = torch.zeros(self.pp.size, self.pp.size, 3, dtype=torch.uint8)
+            blank = torch.zeros(*self.pp.shape, 3, dtype=torch.uint8)
             if self.measure is None:
                 return blank, i, str(exc)
             return blank, i, str(exc), torch.full((self.n_measures,), float("nan"), dtype=torch.float64)

@@ -81,7 +81,7 @@ def evaluate_bundle(bundle: Bundle, data: str | Path, *, split: str | None = "te
     metrics["overlap_with_training"] = _overlap(bundle, {b.sample.path for b in bscans}, ds.samples, hashes)
     metrics["model"] = {"path": str(bundle.path), "backbone": bundle.manifest.backbone.name,
                         "head": bundle.head_config.kind,
-                        "members": [m.backbone.name for m in bundle.manifest.ensemble()], "tta": list(bundle.views)}
+                        "members": [m.backbone.label for m in bundle.manifest.ensemble()], "tta": list(bundle.views)}
     if metrics["overlap_with_training"]:
         console().print(f"[yellow]warning: {metrics['overlap_with_training']} evaluation image(s) were in the model's "
                         "train/validation data; these metrics are optimistic[/]")

@@ -8,7 +8,9 @@
 The prediction (label, probabilities) comes from the same path as `Model.predict`; the heat map
 from pytorch-grad-cam on an fp32 eager copy of the bundle (see `net.py`). An ensemble's map is the
 mean of its members' maps (each already resized by pytorch-grad-cam to the model input, so maps of
-backbones with different feature-map sizes average pixel for pixel), on the identity view. `BaseExplainer` holds
+backbones with different feature-map sizes average pixel for pixel), on the identity view; a network
+that reads one view of the two-view input (`resize="squash+band"`) maps only that view's columns, and
+`Preprocessing.place_heatmap` puts each view's part back on the scan pixels it shows. `BaseExplainer` holds
 everything but the CAM method, which a subclass picks in `create_cam`, as pytorch-grad-cam's
 BaseCAM subclasses pick their channel weights.
 """
@@ -27,6 +29,7 @@ from PIL import Image
 from torch import nn
 
 from ..data.decode import decode_image
+from ..data.transforms import resize_heatmap
 from ..errors import RetinaLensError
 from ..predict.inputs import expand_inputs
 from .net import ExplainNet, enable_grad_on_output, target_layer
@@ -114,34 +117,38 @@ class BaseExplainer:
         return self.classes.index(name)
 
     def heatmaps(self, pixels: torch.Tensor, class_indices: list[int] | None = None) -> np.ndarray:
-        """uint8 pixels (N, S, S, 3) from Preprocessing.load -> heat maps float32 (N, S, S) in [0, 1],
-        each for its class in `class_indices` (default: the predicted class)."""
+        """uint8 pixels (N, H, W, 3) from Preprocessing.load -> heat maps float32 (N, H, W) in [0, 1] over
+        the model input, each for its class in `class_indices` (default: the predicted class)."""
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        size = self.model.bundle.preprocessing.size
-        if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8 or tuple(pixels.shape[1:]) != (size, size, 3):
+        h, w = self.model.bundle.preprocessing.shape
+        if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8 or tuple(pixels.shape[1:]) != (h, w, 3):
             got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-            raise RetinaLensError(f"heatmaps takes uint8 pixels (N, {size}, {size}, 3), got {got}")
+            raise RetinaLensError(f"heatmaps takes uint8 pixels (N, {h}, {w}, 3), got {got}")
         if len(pixels) == 0:
-            return np.zeros((0, size, size), dtype=np.float32)
+            return np.zeros((0, h, w), dtype=np.float32)
         if class_indices is None:
             class_indices = np.argmax(self.model.probabilities(pixels), axis=1).tolist()
         if len(class_indices) != len(pixels) or not all(0 <= int(k) < len(self.classes) for k in class_indices):
             raise RetinaLensError(f"need one class index in 0..{len(self.classes) - 1} per image "
                                   f"(got {list(class_indices)} for {len(pixels)} images)")
         targets = [ClassifierOutputTarget(int(k)) for k in class_indices]
-        member_maps = []
+        # Each member's map lands on the input columns it reads (its view); where several read a
+        # column (every member of an ordinary ensemble reads all), the maps there are averaged.
+        total, readers = np.zeros((len(pixels), h, w), dtype=np.float64), np.zeros(w)
         # inference_mode(False): a caller inside torch.inference_mode still gets gradients here.
         with torch.inference_mode(False), torch.enable_grad():
             x = pixels.permute(0, 3, 1, 2).float()
             for net, layer, reshape, _ in self._open():
                 maps = None
+                a, b = net.columns
                 with self.create_cam(net, [layer], reshape) as cam:  # hooks released on exit
-                    maps = cam(input_tensor=x, targets=targets)
+                    maps = cam(input_tensor=x[..., a:b], targets=targets)
                 if maps is None:  # pytorch-grad-cam's __exit__ swallows an IndexError; never return nothing
                     raise RuntimeError("Grad-CAM produced no heat map")
-                member_maps.append(np.clip(np.nan_to_num(maps, nan=0.0), 0.0, 1.0))
-        return np.mean(member_maps, axis=0).astype(np.float32)
+                total[:, :, a:b] += np.clip(np.nan_to_num(maps, nan=0.0), 0.0, 1.0)
+                readers[a:b] += 1
+        return (total / np.maximum(readers, 1)).astype(np.float32)
 
     def explain(self, source: str | Path | bytes, target_class: str | None = None) -> Explanation:
         """One image (path, URL or bytes) -> Explanation. An unreadable image raises RetinaLensError."""
@@ -169,18 +176,18 @@ class BaseExplainer:
         measure = self.model.measure
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start:start + batch_size]
-            decoded: list[tuple[str, Image.Image, torch.Tensor, list[float]] | dict[str, Any]] = []
+            decoded: list[tuple[str, Image.Image, torch.Tensor, list[float], Image.Image] | dict[str, Any]] = []
             for inp in chunk:
                 try:
                     if inp.error:
                         raise RetinaLensError(inp.error)
-                    image = decode_image(inp.item, name=inp.name, keep_grey=True)
-                    pixels = self.model.bundle.preprocessing.pixels(image)
-                    measured = list(measure(image)) if measure else []  # before any thumbnail
-                    image = image.convert("RGB")
+                    decoded_image = decode_image(inp.item, name=inp.name, keep_grey=True)
+                    pixels = self.model.bundle.preprocessing.pixels(decoded_image)
+                    measured = list(measure(decoded_image)) if measure else []  # before any thumbnail
+                    image = decoded_image.convert("RGB")
                     if max_side:
                         image.thumbnail((max_side, max_side))
-                    decoded.append((inp.name, image, pixels, measured))
+                    decoded.append((inp.name, image, pixels, measured, decoded_image))
                 except RetinaLensError as exc:
                     decoded.append({"input": inp.name, "error": str(exc)})
             good = [d for d in decoded if not isinstance(d, dict)]
@@ -192,15 +199,17 @@ class BaseExplainer:
                 explained = [int(np.argmax(probs[j])) if target is None else target for j in keep]
                 maps = dict(zip(keep, self.heatmaps(batch[keep], explained))) if keep else {}
                 chosen = dict(zip(keep, explained))
-                made = iter([self._explanation(name, image, maps[j], probs[j], chosen[j]) if j in maps else
+                made = iter([self._explanation(name, image, maps[j], probs[j], chosen[j], full) if j in maps else
                              {"input": name, "ungradable": gates[j]["reason"], "gate": gates[j]}
-                             for j, (name, image, _, _) in enumerate(good)])
+                             for j, (name, image, _, _, full) in enumerate(good)])
             for d in decoded:
                 yield d if isinstance(d, dict) else next(made)
 
     def _explanation(self, name: str, image: Image.Image, heat: np.ndarray, probs: np.ndarray,
-                     explained: int) -> Explanation:
-        heatmap = resize_heatmap(heat, image.size)
+                     explained: int, decoded: Image.Image) -> Explanation:
+        # The input's map onto the decoded image (the two-view input's parts each onto the pixels they
+        # show, found from that image), then to the shown image's size (a thumbnail under max_side).
+        heatmap = resize_heatmap(self.model.bundle.preprocessing.place_heatmap(heat, decoded), image.size)
         return Explanation(input=name, label=self.classes[int(np.argmax(probs))], class_name=self.classes[explained],
                            heatmap=heatmap, overlay=overlay_heatmap(image, heatmap),
                            probabilities={c: float(p) for c, p in zip(self.classes, probs)}, image=image)
@@ -217,14 +226,6 @@ class Explainer(BaseExplainer):
         from pytorch_grad_cam import GradCAM
 
         return GradCAM(model=net, target_layers=layers, reshape_transform=reshape_transform)
-
-
-def resize_heatmap(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A (S, S) map -> (H, W) for an image of PIL size (W, H), bilinear, still in [0, 1]."""
-    if heat.shape[::-1] == tuple(size):
-        return heat.astype(np.float32)
-    resized = Image.fromarray(heat.astype(np.float32)).resize(size, Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
 def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Image.Image:

@@ -8,6 +8,7 @@ on: a shared Model serving predictions in other threads never sees them).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -22,6 +23,11 @@ class ExplainNet(nn.Module):
 
     def __init__(self, net: Network) -> None:
         super().__init__()
+        # The explainer hands each network only its view's columns of the input (a view of the two-view
+        # input; all of it otherwise), because pytorch-grad-cam sizes its map to the tensor it is given;
+        # so this (private) network reads the whole of what it gets.
+        self.columns = net.preprocessing.columns
+        net = Network(net.features, net.head, replace(net.preprocessing, view="whole"), net.head_config)
         self.net = net
         self.features, self.head, self.pp = net.features, net.head, net.preprocessing
 
@@ -45,10 +51,10 @@ def target_layer(net: ExplainNet) -> tuple[nn.Module, Callable[[torch.Tensor], t
     works for any timm or registry backbone without a per-architecture table)."""
     if isinstance(net.head, ConvHead):
         return net.head.conv, nhwc_to_nchw
-    return last_map_module(net.features, net.pp.size), None
+    return last_map_module(net.features, net.pp.view_shape), None
 
 
-def last_map_module(model: nn.Module, size: int) -> nn.Module:
+def last_map_module(model: nn.Module, shape: tuple[int, int]) -> nn.Module:
     finished: list[nn.Module] = []
 
     def record(module: nn.Module, _args: object, out: object) -> None:
@@ -58,7 +64,7 @@ def last_map_module(model: nn.Module, size: int) -> nn.Module:
     handles = [m.register_forward_hook(record) for name, m in model.named_modules() if name]
     try:
         with torch.no_grad():
-            model.forward_features(torch.zeros(1, 3, size, size))
+            model.forward_features(torch.zeros(1, 3, *shape))
     finally:
         for h in handles:
             h.remove()

@@ -54,8 +54,7 @@ def check_output_path(out: Path, fmt: str) -> None:
 
 def _sample(bundle: Bundle, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     # Batch 2, not 1: nothing in the traced graph can silently specialise on a batch of one.
-    size = bundle.preprocessing.size
-    return torch.zeros(2, size, size, 3, dtype=dtype)
+    return torch.zeros(2, *bundle.preprocessing.shape, 3, dtype=dtype)
 
 
 def onnx_bytes(bundle: Bundle) -> tuple[bytes, dict[str, Any]]:
@@ -69,7 +68,7 @@ def onnx_bytes(bundle: Bundle) -> tuple[bytes, dict[str, Any]]:
                           dynamic_axes={name: {0: "N"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
     proto = onnx.load_from_string(buf.getvalue())
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    proto.doc_string = f"RetinaLens model: uint8 {INPUT_NAME} (N,S,S,3) -> probabilities (N,K), pooled (N,C)"
+    proto.doc_string = f"RetinaLens model: uint8 {INPUT_NAME} (N,H,W,3) -> probabilities (N,K), pooled (N,C)"
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString(), meta
 
@@ -91,14 +90,14 @@ def write_coreml(bundle: Bundle, out: Path) -> dict[str, Any]:
     import numpy as np
 
     meta = export_metadata(bundle, "coreml", input_dtype="float32")
-    size = bundle.preprocessing.size
+    h, w = bundle.preprocessing.shape
     with converting("Core ML", bundle):
         batch = torch.export.Dim("N", min=1, max=1024)
         program = torch.export.export(DeployableModel(bundle), (_sample(bundle, torch.float32),),
                                       dynamic_shapes={INPUT_NAME: {0: batch}}).run_decompositions({})
         ml = ct.convert(program, convert_to="mlprogram", compute_precision=ct.precision.FLOAT32,
                         minimum_deployment_target=ct.target.macOS13,
-                        inputs=[ct.TensorType(name=INPUT_NAME, shape=(ct.RangeDim(1, 1024, 1), size, size, 3),
+                        inputs=[ct.TensorType(name=INPUT_NAME, shape=(ct.RangeDim(1, 1024, 1), h, w, 3),
                                               dtype=np.float32)],
                         outputs=[ct.TensorType(name=name) for name in OUTPUT_NAMES])
         ml.user_defined_metadata[METADATA_KEY] = json.dumps(meta, sort_keys=True)

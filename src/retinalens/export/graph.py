@@ -52,10 +52,20 @@ class DeployableModel(nn.Module):
         return self.net(pixels)
 
 
+_INPUT_MEANING = {  # what a consumer must feed, by preprocessing resize mode (data/transforms.RESIZES)
+    "squash": "RGB pixels 0-255, decoded and resized to size x size as Preprocessing.load does (resize 'squash', "
+              "the given interpolation); normalisation is inside the graph",
+    "squash+band": "RGB pixels 0-255 as Preprocessing.load makes them (resize 'squash+band', "
+                   "retinalens.data.retinal_band): the scan squashed to size x size, then its retinal band, found "
+                   "from the image outside the graph, in 3 aspect-kept size x size tiles, side by side; "
+                   "normalisation is inside the graph"}
+
+
 def export_metadata(bundle: Bundle, fmt: str, input_dtype: str = "uint8") -> dict[str, Any]:
     """Everything a consumer needs besides the graph: classes, pixels contract, referral, provenance."""
     m = bundle.manifest
-    size = bundle.preprocessing.size
+    pp = bundle.preprocessing
+    h, w = pp.shape
     c = int(m.feature_shape[0])
     return {
         "retinalens_export": EXPORT_VERSION,
@@ -64,9 +74,7 @@ def export_metadata(bundle: Bundle, fmt: str, input_dtype: str = "uint8") -> dic
         "referral": bundle.referral,
         "positive_classes": bundle.positive_classes,
         "preprocessing": bundle.preprocessing.to_dict(),
-        "input": {"name": INPUT_NAME, "dtype": input_dtype, "shape": ["N", size, size, 3],
-                  "meaning": "RGB pixels 0-255, decoded and resized to size x size as Preprocessing.load does "
-                             "(resize 'squash', the given interpolation); normalisation is inside the graph"},
+        "input": {"name": INPUT_NAME, "dtype": input_dtype, "shape": ["N", h, w, 3], "meaning": _INPUT_MEANING[pp.resize]},
         "outputs": {"probabilities": ["N", len(bundle.classes)], "pooled": ["N", c]},
         "temperature": graph_temperature(bundle),
         "backbone": {"name": m.backbone.name, "timm_name": m.backbone.timm_name,

@@ -50,11 +50,11 @@ _RECIPES: dict[str, Any] = {"fp16": _FP16, "int8-weights": _INT8_CONV_WEIGHTS}
 def litert_bytes(bundle: Bundle, quantize: str = "none") -> tuple[bytes, dict[str, Any]]:
     """The bundle as one .tflite flatbuffer (and its metadata for the sidecar)."""
     litert_torch = require("litert_torch", "LiteRT export", extra="tflite")
-    size = bundle.preprocessing.size
+    h, w = bundle.preprocessing.shape
     meta = export_metadata(bundle, "tflite") | {"quantization": quantize, "batch": 1}
-    meta["input"] = meta["input"] | {"shape": [1, size, size, 3]}
+    meta["input"] = meta["input"] | {"shape": [1, h, w, 3]}
     with converting("LiteRT", bundle), tempfile.TemporaryDirectory(prefix="retinalens-litert-") as tmp:
-        model = litert_torch.convert(DeployableModel(bundle).eval(), (torch.zeros(1, size, size, 3, dtype=torch.uint8),))
+        model = litert_torch.convert(DeployableModel(bundle).eval(), (torch.zeros(1, h, w, 3, dtype=torch.uint8),))
         path = Path(tmp) / "model.tflite"
         model.export(str(path))
         if quantize != "none":

@@ -51,9 +51,9 @@ class OnnxModel:
 
     def run(self, pixels: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels
-        size = self.metadata["preprocessing"]["size"]
-        if x.dtype != np.uint8 or x.shape[1:] != (size, size, 3):
-            raise ValueError(f"the model takes uint8 (N, {size}, {size}, 3) pixels, got {x.shape} {x.dtype}")
+        h, w = self.metadata["input"]["shape"][1:3]
+        if x.dtype != np.uint8 or x.shape[1:] != (h, w, 3):
+            raise ValueError(f"the model takes uint8 (N, {h}, {w}, 3) pixels, got {x.shape} {x.dtype}")
         probs, pooled = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(x)})
         return probs.astype(np.float64), pooled
 

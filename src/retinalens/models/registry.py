@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import MAX_INPUT_SIZE, MIN_INPUT_SIZE
-from ..data.transforms import Preprocessing
+from ..data.transforms import RESIZES, VIEWS, Preprocessing
 from ..errors import RetinaLensError
 from ._efficientnet_lite import is_original_lite_checkpoint, rename_lite_keys
 from .eyenet import EyeNet
@@ -35,6 +35,16 @@ def check_input_size(size: object) -> int:
         raise RetinaLensError(f"--input-size must be a whole number of pixels from {MIN_INPUT_SIZE} to "
                               f"{MAX_INPUT_SIZE}, got {size!r}")
     return size
+
+
+def check_resize(resize: object, view: object = "whole") -> str:
+    """A resize mode of data/transforms.RESIZES (and a view of it: "whole" or one of VIEWS[resize]), or
+    one clear error."""
+    if resize not in RESIZES:
+        raise RetinaLensError(f"--resize must be one of {', '.join(RESIZES)}, got {resize!r}")
+    if view != "whole" and view not in VIEWS[str(resize)]:
+        raise RetinaLensError(f"resize {resize} has the views {', '.join(VIEWS[str(resize)])}, not {view!r}")
+    return str(resize)
 
 
 @dataclass(frozen=True)
@@ -274,19 +284,22 @@ class Backbone(nn.Module):
     def feature_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the spatial maps at the preprocessing size (one dry run, then remembered)."""
         if self._feature_shape is None:
-            size = self.preprocessing.size
             with torch.inference_mode():
-                c, h, w = self.model.forward_features(torch.zeros(1, 3, size, size)).shape[1:]
+                c, h, w = self.model.forward_features(torch.zeros(1, 3, *self.preprocessing.view_shape)).shape[1:]
             self._feature_shape = (int(c), int(h), int(w))
         return self._feature_shape
 
-    def set_input_size(self, size: int) -> None:
-        """Feed the backbone size x size pixels (the same resize and normalisation). The traced graphs
-        and the feature shape belong to the old size, so they are dropped with it."""
-        check_input_size(size)
-        if size != self.preprocessing.size:
+    def set_input(self, size: int | None = None, resize: str | None = None, view: str | None = None) -> None:
+        """Feed the backbone size x size pixels, another resize mode (data/transforms.RESIZES) or one view
+        of it, with the same normalisation; None keeps what it is. The traced graphs and the feature
+        shape belong to the old input, so they are dropped with it."""
+        old = self.preprocessing
+        resize, view = resize or old.resize, view or old.view
+        check_resize(resize, view)
+        pp = replace(old, size=old.size if size is None else check_input_size(size), resize=resize, view=view)
+        if pp != self.preprocessing:
             with self._lock:
-                self.preprocessing = replace(self.preprocessing, size=size)
+                self.preprocessing = pp
                 self._compiled, self._feature_shape = {}, None
 
     def describe(self) -> dict[str, object]:
@@ -295,17 +308,19 @@ class Backbone(nn.Module):
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | Path | None = None, pretrained: bool = True,
-                    seed: int = 0, input_size: int | None = None) -> Backbone:
+                    seed: int = 0, input_size: int | None = None, resize: str | None = None,
+                    view: str | None = None) -> Backbone:
     """Build a frozen backbone. `weights`: a local file (timm or original keys); `pretrained=False`:
-    random weights (seeded, for timing); `input_size`: pixels a side (None: the model's own)."""
+    random weights (seeded, for timing); `input_size`: pixels a side (None: the model's own); `resize`:
+    how an image becomes the input (data/transforms.RESIZES; None: squash), `view`: the part of it read."""
     if input_size is not None:
         check_input_size(input_size)  # before the weights are read
+    check_resize(resize or "squash", view or "whole")
     spec = resolve_spec(name)
     with torch.random.fork_rng(devices=[]):  # seeded random init hashes the same every time,
         torch.manual_seed(seed)               # without touching the caller's RNG state
         model, source = create_timm_model(spec, weights, pretrained)
     bb = Backbone(spec.name, spec.timm_name, model, source)
-    if input_size is not None:
-        bb.set_input_size(input_size)
+    bb.set_input(input_size, resize, view)
     return bb
 

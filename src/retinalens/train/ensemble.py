@@ -15,7 +15,9 @@ probabilities of that average:
 The gate reads the first member's identity-view features, so it is the first member's gate, refitted.
 
 Members share one input: the first backbone's size and resampling (each normalises with its own mean
-and std), so that an image is decoded once and the exported graph has one input.
+and std), so that an image is decoded once and the exported graph has one input. `--resize squash+band`
+is an ensemble too: every backbone and seed once per view of the two-view input (data/retinal_band.py),
+each member reading its view's columns of that one input.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ..bundle.network import VIEWS
 from ..bundle.signature import configured_key
 from ..bundle.store import CURVES, CURVES_PNG, Bundle, check_output_folder, load_bundle, positive_classes_for, save_bundle
 from ..config import AUTO_HEAD, EnsembleConfig, given
+from ..data.transforms import VIEWS as INPUT_VIEWS
 from ..errors import RetinaLensError
 from ..evaluate.metrics import classification_metrics
 from ..features.extract import open_cache
@@ -47,7 +50,7 @@ from ..trust.calibration import calibrated
 from .cv import fold_accuracy, spread
 from .image_runs import finished_step, resumable
 from .images import _fingerprint
-from .pipeline import RunConfig, train_bundle
+from .pipeline import RunConfig, check_input, train_bundle
 from .selection import _Data, cv_folds, prepare_data
 
 MAX_MEMBERS = 16  # the manifest schema's bound
@@ -94,20 +97,29 @@ def member_runs(cfg: RunConfig, ens: EnsembleConfig, k: int | None = None) -> li
     for entry in ens.backbones or (cfg.extract.backbone,):
         name, mode = member_spec(entry)
         for s in ens.seeds or (cfg.train.seed,):
-            run = replace(cfg, extract=replace(cfg.extract, backbone=name), train=replace(cfg.train, seed=s),
-                          **given(cv=k))
-            if mode != "bottleneck":
-                run = replace(run, mode=mode, train=replace(run.train, epochs=ens.member_epochs,
-                                                            batch_size=ens.member_batch_size,
-                                                            head=replace(run.train.head, kind=AUTO_HEAD)))
-            runs.append(run)
+            for view in INPUT_VIEWS.get(cfg.extract.resize, ("whole",)):  # the two-view input: a network per view
+                run = replace(cfg, extract=replace(cfg.extract, backbone=name, view=view),
+                              train=replace(cfg.train, seed=s), **given(cv=k))
+                if mode != "bottleneck":
+                    run = replace(run, mode=mode, train=replace(run.train, epochs=ens.member_epochs,
+                                                                batch_size=ens.member_batch_size,
+                                                                head=replace(run.train.head, kind=AUTO_HEAD)))
+                runs.append(run)
     return runs
 
 
+def member_label(run: RunConfig) -> str:
+    """`efficientnet_lite0 (bottleneck) seed 0`, and the view of the input it reads when not the whole."""
+    view = f" view {run.extract.view}" if run.extract.view != "whole" else ""
+    return f"{run.extract.backbone} ({run.mode}) seed {run.train.seed}{view}"
+
+
 def check_ensemble(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig]) -> None:
+    for r in runs:
+        check_input(r, ens.tta)
     if len(runs) > MAX_MEMBERS:
         raise RetinaLensError(f"an ensemble holds at most {MAX_MEMBERS} members, got {len(runs)}")
-    if len({(r.extract.backbone, r.mode, r.train.seed) for r in runs}) != len(runs):
+    if len({(r.extract.backbone, r.mode, r.train.seed, r.extract.view) for r in runs}) != len(runs):
         raise RetinaLensError("--ensemble and --seeds name the same member twice")
     if cfg.mode != "bottleneck":
         raise RetinaLensError(f"ensembles take --mode bottleneck; a member trains on images as NAME:finetune in "
@@ -133,7 +145,7 @@ def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, prog
     key = configured_key(cfg.sign_key)
     say = console()
     first = create_backbone(runs[0].extract.backbone, weights=cfg.extract.weights, pretrained=cfg.extract.pretrained,
-                            input_size=cfg.extract.input_size)
+                            input_size=cfg.extract.input_size, resize=cfg.extract.resize)
     data = prepare_data(cfg, first.preprocessing)  # one screened split for every member
     k = 0 if len(ens.tta) > 1 else cv_folds(cfg, len(data.splits.train) + len(data.splits.val))
     if len(ens.tta) > 1 and cfg.cv is None:
@@ -156,7 +168,7 @@ def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, prog
             bundles.append(load_bundle(folder))
             held_out.append({n: v.numpy() if hasattr(v, "numpy") else v for n, v in saved["held_out"].items()})
             continue
-        say.print(f"[bold]member {j + 1} of {len(runs)}:[/] {run.extract.backbone} ({run.mode}), seed {run.train.seed}")
+        say.print(f"[bold]member {j + 1} of {len(runs)}:[/] {member_label(run)}")
         held_out.append({})
         bundles.append(train_bundle(run, folder, progress=progress, data=data, input_like=first.preprocessing,
                                     out_of_fold=held_out[j]))
@@ -213,7 +225,7 @@ def _combine(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig], bundles
                        | ({"epochs": run.train.epochs} if run.mode != "bottleneck" else {}))
     say = console()
     say.print("validation accuracy: " + ", ".join(
-        f"{r.extract.backbone} ({r.mode}) seed {r.train.seed} {b.manifest.validation.get('accuracy', float('nan')):.3f}"
+        f"{member_label(r)} {b.manifest.validation.get('accuracy', float('nan')):.3f}"
         for r, b in zip(runs, bundles)) + f"; ensemble ({', '.join(ens.tta)}) {m['accuracy']:.3f}"
         + (" (fold accuracy {accuracy_mean:.3f} ± {accuracy_sd:.3f})".format(**_fold_scores(val_raw, y_val, folds))
            if folds is not None else ""))

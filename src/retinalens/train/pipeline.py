@@ -21,7 +21,7 @@ import numpy as np
 from .._console import console
 from ..config import (AUTO_HEAD, MODE_EPOCHS, ExtractConfig, ImageTrainConfig, RunConfigBase, SplitConfig, default, given,
                       str_or_none)
-from ..data.transforms import Preprocessing
+from ..data.transforms import VIEWS, Preprocessing
 from ..errors import RetinaLensError
 from ..evaluate.metrics import classification_metrics
 from ..features.cache import FeatureCache
@@ -31,7 +31,7 @@ from ..bundle.card import write_model_card
 from ..bundle.signature import configured_key
 from ..bundle.store import Bundle, check_output_folder, load_bundle, positive_classes_for, save_bundle
 from ..models.heads import HEADS, HeadConfig, check_head_config, head_probabilities
-from ..models.registry import DEFAULT_BACKBONE, Backbone, create_backbone, resolve_precision, resolve_spec
+from ..models.registry import DEFAULT_BACKBONE, Backbone, check_resize, create_backbone, resolve_precision, resolve_spec
 from .distributed import World, barrier, check_world, from_main, process_group, torchrun_world
 from .images import balance_options, check_image_config, training_device
 from .image_runs import checkpoint_dir, train_images, train_images_cv
@@ -66,7 +66,8 @@ def build_run_config(data: str | Path, *, mode: str | None = None, backbone: str
                      augment: str | None = None, device: str | None = None, resume: bool | None = None,
                      recipe: str | None = None, batchnorm: str | None = None,
                      target_sensitivity: float | None = None, sign_key: str | Path | None = None,
-                     cv: int | None = None, input_size: int | None = None, **train_options: Any) -> RunConfig:
+                     cv: int | None = None, input_size: int | None = None, resize: str | None = None,
+                     **train_options: Any) -> RunConfig:
     """`train`'s options, as the CLI spells them, to a RunConfig: the one place this is done (the CLI
     and `retinalens.train` both come here). An option left out or None keeps its dataclass default
     (retinalens/config.py); `epochs` defaults by mode (MODE_EPOCHS). `seed` seeds the split and the
@@ -83,7 +84,7 @@ def build_run_config(data: str | Path, *, mode: str | None = None, backbone: str
                                 sign_key=str_or_none(sign_key), cv=cv),
         extract=ExtractConfig(**given(backbone=backbone, weights=str_or_none(weights), pretrained=pretrained,
                                       precision=precision, workers=workers, cache=str_or_none(cache),
-                                      input_size=input_size)),
+                                      input_size=input_size, resize=resize)),
         split=SplitConfig(**given(val_fraction=val_fraction, seed=seed)),
         train=replace(run_train, head=replace(run_train.head, **given(kind=head, hidden=hidden)), **train_options,
                       **given(epochs=epochs or MODE_EPOCHS.get(mode), seed=seed, class_weights=weighted)),
@@ -127,7 +128,7 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     # The pretrained backbone: the bottleneck's extractor, the image modes' starting point, and the
     # baseline's features (a from-scratch model is measured against the default backbone's).
     pretrained = create_backbone(DEFAULT_BACKBONE if scratch else x.backbone, weights=None if scratch else x.weights,
-                                 pretrained=x.pretrained, input_size=x.input_size)
+                                 pretrained=x.pretrained, input_size=x.input_size, resize=x.resize, view=x.view)
     if input_like is not None:
         pretrained.preprocessing = replace(pretrained.preprocessing, size=input_like.size,
                                            interpolation=input_like.interpolation, resize=input_like.resize)
@@ -142,8 +143,15 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
         cfg.mode == "frozen" and image_head.input_kind == "spatial")
     with process_group(world, training_device(cfg.mode, cfg.images, pretrained, world)):
         cache, report = _extract(data, pretrained, x, precision, spatial, progress, world)
+        # Near-duplicates are judged on the whole scan's features, on which the rule's thresholds were
+        # measured (data/near_duplicates.py): a network reading the band view of the two-view input takes
+        # them from the squash view's (on the band's, scans of two patients and classes met the rule).
+        whole = VIEWS[x.resize][0]
+        dups = cache if pretrained.preprocessing.view in ("whole", whole) else _extract(
+            data, create_backbone(x.backbone, weights=x.weights, pretrained=x.pretrained, input_size=x.input_size,
+                                  resize=x.resize, view=whole), x, precision, False, False, world)[0]
         # Near-duplicates found once, on rank 0, whose cache is whole; every rank trains on its data.
-        data = from_main(world, drop_near_duplicates(data, cache, cross_validated=bool(k)) if world.main else None)
+        data = from_main(world, drop_near_duplicates(data, dups, cross_validated=bool(k)) if world.main else None)
         # The samples the cache could read: rank 0's list, for ranks whose cache (on another machine) is partial.
         idx = from_main(world, {n: data.index(n, cache) for n in ("train", "val", "test")} if world.main else None)
         y = {n: data.labels(ix) for n, ix in idx.items()}
@@ -180,6 +188,16 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     return bundle
 
 
+def check_input(cfg: RunConfig, tta: tuple[str, ...] = ("identity",)) -> None:
+    """--resize (and a member's view of it) against the mode, the task and test-time views."""
+    check_resize(cfg.extract.resize, cfg.extract.view)
+    if cfg.extract.resize != "squash" and (cfg.mode != "bottleneck" or len(tta) > 1):
+        raise RetinaLensError(f"--resize {cfg.extract.resize} trains bottleneck members only and takes no --tta "
+                              "(a flip, a crop and the image modes' augmentations take a squashed input)")
+    if cfg.extract.resize == "squash+band" and cfg.task:  # the retinal band is an OCT B-scan's
+        raise RetinaLensError(f"--resize squash+band is for OCT B-scans: it cannot go with --task {cfg.task}")
+
+
 def _check(cfg: RunConfig, out: Path) -> None:
     """Everything that can be wrong with the options is found before minutes of work, not after."""
     check_output_folder(out)
@@ -191,6 +209,7 @@ def _check(cfg: RunConfig, out: Path) -> None:
         raise RetinaLensError(f"--target-sensitivity must be in (0, 1], got {cfg.target_sensitivity}")
     resolve_precision(cfg.extract.precision)
     spec = resolve_spec(cfg.extract.backbone)
+    check_input(cfg)
     if cfg.mode == "bottleneck":
         check_head_config(cfg.train.head, ("auto", *HEADS))
         if spec.from_scratch:
