@@ -3,7 +3,8 @@
 On ../shared/data/oct-kermany (train -> test, the same patient split for every row: the default
 split seed), four bundles trained the way a user would (`retinalens.train`):
 
-- single:       the default (EfficientNet-Lite0, bottleneck head chosen on validation);
+- single:       one network on the squashed scan (`--resize squash`; EfficientNet-Lite0, bottleneck
+                head chosen out of fold), the OCT default until two-view replaced it;
 - single+flip:  the same with `--tta flip`;
 - ensemble:     `--ensemble efficientnet_lite0,efficientnet_lite1,mobilenet_v2` (one input, 224 px);
 - ensemble+flip: the same with `--tta flip`;
@@ -11,8 +12,9 @@ split seed), four bundles trained the way a user would (`retinalens.train`):
   recipe, 8 epochs) and the default head on frozen Lite0 features, both cross-validated on the same 5
   patient folds and averaged (the combination that won on bench_finetune_ablation's folds);
 - finetune:     that fine-tune alone, `--mode finetune --cv 5 --epochs 8 --batch-size 32`;
-- two-view:     `--resize squash+band`, a conv head on the squashed scan and one on its retinal band in
-  3 tiles (data/retinal_band.py), averaged (bench_views.py measured the pair on cached features);
+- two-view:     the OCT default (`--resize auto`, here squash+band), a conv head on the squashed scan and
+  one on its retinal band in 3 tiles (data/retinal_band.py), averaged (bench_views.py measured the pair
+  on cached features);
 - two-view-seeds: the same with `--seeds 0,1,2` (six heads).
 
 Every cross-validated row run with `single` on the same folds is compared with it by the rule fixed in
@@ -51,14 +53,14 @@ import retinalens
 ROOT = Path(__file__).resolve().parents[1]
 ENSEMBLE = "efficientnet_lite0,efficientnet_lite1,mobilenet_v2"
 ROWS: dict[str, dict[str, Any]] = {
-    "single": {},
+    "single": {"resize": "squash"},  # one network on the squash (the OCT default before two-view)
     "single+flip": {"tta": "flip"},
-    "ensemble": {"ensemble": ENSEMBLE},
+    "ensemble": {"ensemble": ENSEMBLE, "resize": "squash"},
     "ensemble+flip": {"ensemble": ENSEMBLE, "tta": "flip"},
     "finetune+conv": {"ensemble": "efficientnet_lite0:finetune,efficientnet_lite0"},
     "finetune": {"mode": "finetune", "cv": 5, "epochs": 8, "batch_size": 32},
-    "two-view": {"resize": "squash+band"},
-    "two-view-seeds": {"resize": "squash+band", "seeds": "0,1,2"},
+    "two-view": {},  # the OCT default, --resize auto: squash+band
+    "two-view-seeds": {"seeds": "0,1,2"},
 }
 LATENCY_RUNS = 10
 

@@ -139,7 +139,8 @@ def _bundle(shared_data: Path | None, work: Path) -> tuple[Path, str, list[Path]
     else:
         data, what = DEMO_DATA / "train", "default pipeline on the bundled demo scans; requests: demo test scans"
         scans = sorted((DEMO_DATA / "test").rglob("*.jpeg"))
-    bundle = retinalens.train(data, work / "bundle", cache=work / "cache", progress=False)
+    # one network (--resize squash), as the README's serving figures were measured
+    bundle = retinalens.train(data, work / "bundle", cache=work / "cache", progress=False, resize="squash")
     return bundle.path, what, scans
 
 

@@ -70,7 +70,7 @@ def _trust_figures(bundle: Any, metrics: dict[str, Any]) -> dict[str, Any]:
 
 def bench_oct(shared: Path, work: Path) -> dict[str, Any]:
     oct_root = shared / "oct-kermany"
-    bundle = retinalens.train(oct_root, work / "oct-bundle", cache=work / "cache")
+    bundle = retinalens.train(oct_root, work / "oct-bundle", cache=work / "cache", resize="squash")  # one network
     metrics = retinalens.evaluate(bundle, oct_root, split="test", cache=work / "cache", n_boot=1000)
     model = Model(bundle, runtime="torch")
     out = {"data": "trained on oct-kermany/train (val carved by patient), evaluated on oct-kermany/test",

@@ -66,7 +66,8 @@ def small_run_config(data: Path, cache: Path, *, head: str = "conv", epochs: int
     from retinalens.train.trainer import TrainConfig
 
     # cv=0: one carved validation split, which these tests inspect (tests/train/test_cv.py: the CV default)
-    return RunConfig(data=str(data), extract=ExtractConfig(cache=str(cache), workers=0),
+    # resize "squash": one network (the OCT default, auto, would train one per view: tests/export/test_two_view.py)
+    return RunConfig(data=str(data), extract=ExtractConfig(cache=str(cache), workers=0, resize="squash"),
                      train=TrainConfig(head=HeadConfig(kind=head), epochs=epochs, seed=seed), cv=0)
 
 

@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 
 from helpers import cli_env
-from retinalens.config import default
+from retinalens.config import EnsembleConfig, default
 from retinalens.errors import RetinaLensError
 from retinalens.train.pipeline import RunConfig, build_run_config, run_config_from_dict
 
@@ -64,9 +64,10 @@ def test_the_cli_trains_with_the_apis_defaults(tmp_path):
     default the CLI shows is the one the API leaves in place."""
     from retinalens.cli.main import main
 
-    with mock.patch("retinalens.api.train_bundle", return_value=SimpleNamespace(path=tmp_path / "b")) as tb:
+    # --resize auto (the default) goes through train_ensemble, which resolves it against the data
+    with mock.patch("retinalens.train.ensemble.train_ensemble", return_value=SimpleNamespace(path=tmp_path / "b")) as tb:
         assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "b"), "-q"]) == 0
-    assert tb.call_args.args[0] == build_run_config(tmp_path / "data")
+    assert tb.call_args.args[0] == build_run_config(tmp_path / "data") and tb.call_args.args[1] == EnsembleConfig()
     assert build_run_config("d") == RunConfig(data="d")  # and nothing given is the dataclasses' defaults
 
 

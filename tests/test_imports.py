@@ -74,7 +74,7 @@ assert first is retinalens.train is api.train, retinalens.train
 assert retinalens.extract is api.extract and retinalens.evaluate is api.evaluate, retinalens.evaluate
 assert pipeline is __import__("sys").modules["retinalens.train.pipeline"]
 with mock.patch("retinalens.api.train_bundle", return_value="bundle") as tb:
-    assert retinalens.train("DATA", "OUT", epochs=3) == "bundle"  # callable, through the real builder
+    assert retinalens.train("DATA", "OUT", epochs=3, resize="squash") == "bundle"  # callable, through the real builder
 assert tb.call_args.args[0].train.epochs == 3 and tb.call_args.args[0].data == "DATA"
 with mock.patch("retinalens.train.pipeline.train_bundle", return_value="patched"):  # a dotted target into it
     assert pipeline.train_bundle() == "patched"

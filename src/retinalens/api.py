@@ -82,7 +82,7 @@ def train(data: str | Path, out: str | Path, *, progress: bool = False, ensemble
     ens = ensemble_config(ensemble, seeds, tta, member_epochs)
     cfg = build_run_config(data, **options)
     if ens == EnsembleConfig() and cfg.extract.resize == "squash":  # one network, seen once (the two-view
-        # input, --resize squash+band, is a network per view: an ensemble, train/ensemble.py)
+        # input, --resize squash+band or auto on OCT, is a network per view: an ensemble, train/ensemble.py)
         return train_bundle(cfg, out, progress=progress)
     return train_ensemble(cfg, ens, out, progress=progress)
 

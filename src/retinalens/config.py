@@ -26,6 +26,7 @@ MODE_EPOCHS = {"bottleneck": 60, "frozen": 20, "finetune": 15, "scratch": 30}
 CV_AUTO_FOLDS = 5
 CV_AUTO_MAX_IMAGES = 5000
 AUTO_HEAD = "auto"  # train's --head: conv and logreg both (bottleneck), or each image mode's own head
+AUTO_RESIZE = "auto"  # train's --resize: the two-view input for OCT B-scans where it fits, else the squash
 DEMO_OUT = "demo-out"  # demo's --out: the cache, bundle, report and predictions of the bundled sample
 EXPLAIN_OUT = "heatmaps"  # explain's --out: the folder of the overlay PNGs
 
@@ -47,8 +48,10 @@ class ExtractConfig:
     # How a scan becomes the input (data/transforms.RESIZES): "squash", the whole image to size x size;
     # "squash+band" (OCT), the squash and the retinal band in 3 aspect-kept tiles beside it, size x 4 size
     # (data/retinal_band.py; README "The two-view input"): `train` makes it an ensemble of one network per
-    # view (train/ensemble.py), bottleneck members only.
-    resize: str = "squash"
+    # view (train/ensemble.py), bottleneck members only. "auto" (train only; saved resolved): squash+band
+    # for OCT B-scans where the run can take it, as it won on train's own folds; squash otherwise
+    # (train/pipeline.resolve_resize).
+    resize: str = AUTO_RESIZE
     view: str = "whole"  # the part of the input a network reads; set per member by train/ensemble.py
 
 

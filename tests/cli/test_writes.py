@@ -29,13 +29,14 @@ def test_explain_writes_outputs_for_250_byte_names(small_bundle, oct_pool, tmp_p
 def test_a_full_disk_in_train_is_exit_2_and_the_cache_is_kept(small_dataset, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     with small_tmpfs(tmp_path / "disk", "size=2m") as disk:  # room for less than the backbone's weights
-        r = run_cli("train", small_dataset, "--out", disk / "model", "--head", "logreg", "-q",
+        # one network (--resize squash): the whole run's features come before the first write that fails
+        r = run_cli("train", small_dataset, "--out", disk / "model", "--head", "logreg", "--resize", "squash", "-q",
                     RETINALENS_CACHE=str(cache))
         assert_clean_error(r, f"cannot write {disk / 'model'}", "no space left on the device")
         assert "internal error" not in r.stderr
         assert list(disk.iterdir()) == []  # no half bundle, no temp folder
     assert "extracted" in r.stderr and len(list(cache.rglob(CACHE_MANIFEST))) == 1
-    again = run_cli("train", small_dataset, "--out", tmp_path / "model", "--head", "logreg", "-q",
+    again = run_cli("train", small_dataset, "--out", tmp_path / "model", "--head", "logreg", "--resize", "squash", "-q",
                     RETINALENS_CACHE=str(cache))
     assert again.returncode == 0, again.stderr
     assert "extracted" not in again.stderr  # every image's features came from the cache the failed run wrote

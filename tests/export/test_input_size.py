@@ -22,7 +22,9 @@ SIZE = 288  # neither Lite0's own 224 nor the fundus default
 @pytest.fixture(scope="module")
 def sized_bundle(small_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("sized")
-    return retinalens.train(small_dataset, out / "model", input_size=SIZE, head="logreg", cv=0, cache=out / "cache")
+    # one network on the squash, at SIZE (the two-view input at a size: tests/export/test_two_view.py's input)
+    return retinalens.train(small_dataset, out / "model", input_size=SIZE, head="logreg", cv=0, cache=out / "cache",
+                            resize="squash")
 
 
 def test_the_bundle_records_the_size_and_predict_sees_the_training_pixels(sized_bundle, small_dataset, oct_images):

@@ -1,4 +1,4 @@
-"""`train --resize squash+band`: the OCT two-view input carried in the bundle's preprocessing, so that
+"""`train --resize squash+band` (the OCT default, `--resize auto`): the OCT two-view input carried in the bundle's preprocessing, so that
 training, prediction, explanation and export feed the network the same 224x896 pixels (real scans, a
 real bundle), and the options it cannot go with are refused before any work."""
 
@@ -28,8 +28,8 @@ SHAPE = (224, 896)
 @pytest.fixture(scope="module")
 def two_view_bundle(small_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_view")
-    return retinalens.train(small_dataset, out / "model", resize="squash+band", head="conv", epochs=8, cv=0,
-                            cache=out / "cache")
+    # No --resize: the default (auto) takes the two-view input for OCT scans of the four classes.
+    return retinalens.train(small_dataset, out / "model", head="conv", epochs=8, cv=0, cache=out / "cache")
 
 
 def test_the_bundle_records_the_input_and_predict_sees_the_training_pixels(two_view_bundle, small_dataset, oct_images):

@@ -158,3 +158,21 @@ def test_an_interrupted_ensemble_resumes_from_its_finished_members(ens, data: Pa
     for a, b in zip(resumed.members, ens.members):
         sa, sb = a.head.state_dict(), b.head.state_dict()
         assert all(torch.equal(sa[n], sb[n]) for n in sa)
+
+
+def test_a_run_that_fails_before_any_member_is_written_leaves_no_members_folder(data: Path, tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    import retinalens
+    from retinalens.train import ensemble as module
+
+    views = []
+
+    def disk_full(run, folder, **kwargs):  # the members folder made, then the first write fails
+        views.append(run.extract.view)
+        (folder.parent / "empty").mkdir(parents=True)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "train_bundle", disk_full)
+    with pytest.raises(OSError):  # the CLI makes it one clear error (tests/cli/test_writes.py)
+        retinalens.train(data, tmp_path / "model", cv=0, workers=0, cache=tmp_path / "cache")  # two views: 2 members
+    assert views == ["squash"] and list(tmp_path.glob("model*")) == []  # nothing to resume: no folder asks for it

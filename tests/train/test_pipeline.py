@@ -10,7 +10,8 @@ from retinalens.data.discover import discover
 from retinalens.data.hashing import sha256_files
 from retinalens.errors import RetinaLensError
 from retinalens.predict.model import Model
-from retinalens.train.pipeline import run_config_from_dict
+from retinalens.train.ensemble import ensemble_config, two_view_fits
+from retinalens.train.pipeline import build_run_config, resolve_resize, run_config_from_dict
 
 
 def test_bundle_manifest_describes_the_run(small_bundle):
@@ -103,3 +104,26 @@ def test_unknown_head_is_a_clear_error(tmp_path, small_dataset, feature_cache):
     with pytest.raises(RetinaLensError, match="unknown head"):
         train_small_bundle(small_dataset, tmp_path / "x", feature_cache, head="transformer", epochs=1)
     assert not (tmp_path / "x").exists()
+
+
+def _resolved(cfg, ens=None) -> str:
+    return resolve_resize(cfg, two_view_fits(cfg, ens or ensemble_config())).extract.resize
+
+
+def test_resize_auto_takes_the_two_view_input_for_oct_scans_where_the_run_can(tmp_path, small_dataset, make_png):
+    cfg = build_run_config(small_dataset)
+    assert cfg.extract.resize == "auto"
+    assert _resolved(cfg) == "squash+band"
+    assert resolve_resize(cfg).extract.resize == "squash"  # a single network (train_bundle) has one view
+    # Runs that cannot take it: image modes, test-time views, an image-mode member.
+    assert _resolved(build_run_config(small_dataset, mode="frozen")) == "squash"
+    assert _resolved(cfg, ensemble_config(tta="flip")) == "squash"
+    assert _resolved(cfg, ensemble_config("efficientnet_lite0,efficientnet_lite0:finetune")) == "squash"
+    assert _resolved(cfg, ensemble_config(seeds="0,1")) == "squash+band"
+    # Labels that are not the four OCT classes: a DR task, or other class folders.
+    assert _resolved(build_run_config(small_dataset, task="referable")) == "squash"
+    for i, name in enumerate(("healthy", "amd")):
+        make_png(tmp_path / "other" / name / f"{name}-{i}-1.png", i)
+    assert _resolved(build_run_config(tmp_path / "other")) == "squash"
+    # A choice given is kept as given.
+    assert _resolved(build_run_config(small_dataset, resize="squash")) == "squash"

@@ -77,6 +77,35 @@ def test_retrain_adds_feedback_to_train_only_and_compares_on_the_parents_splits(
     assert json.loads((target / "retrain_report.json").read_text())["promoted"] == report["promoted"]
 
 
+def test_retrain_of_the_two_view_default_retrains_each_view_on_the_parents_splits(tmp_path, small_dataset):
+    cache = tmp_path / "cache"
+    parent = retinalens.train(small_dataset, tmp_path / "v1", head="logreg", cv=0, cache=cache)  # OCT: two views
+    assert [m.preprocessing.view for m in parent.members] == ["squash", "band"]
+    model = retinalens.load(parent.path)
+    new = [(f, c.name) for c in sorted((DEMO_DATA / "train").iterdir()) for f in sorted(c.glob("*.jpeg"))[12:14]]
+    db = tmp_path / "fb" / "feedback.db"
+    with _store(db) as store:
+        for f, label in new:
+            _confirm(store, model, f, label)
+
+    report = retrain(parent.path, db, tmp_path / "v2", cache=cache, progress=False)
+
+    assert report["feedback"]["added"] == len(new)
+    child = retinalens.load_bundle(report["bundle"])
+    assert [m.preprocessing.view for m in child.members] == ["squash", "band"]  # both views again
+    assert child.manifest.lineage.version == 2
+    assert child.manifest.lineage.parent["manifest_sha256"] == sha256_file(parent.path / "manifest.json")
+    before = json.loads((parent.path / "splits.json").read_text())["sha256"]
+    after = json.loads((child.path / "splits.json").read_text())["sha256"]
+    assert after["val"] == before["val"] and after["test"] == before["test"]
+    assert set(after["train"]) - set(before["train"]) == {sha256_file(f) for f, _ in new}
+    # Compared as the bundles predict: the members' mean, as the ensemble's own validation score was taken.
+    val = report["compared"]["val"]
+    assert val["candidate"]["accuracy"] == pytest.approx(child.manifest.validation["accuracy"], abs=1e-9)
+    assert val["parent"]["accuracy"] == pytest.approx(parent.manifest.validation["accuracy"], abs=1e-9)
+    assert report["promoted"] == (val["candidate"]["accuracy"] >= val["parent"]["accuracy"])
+
+
 def test_retrain_reads_feedback_from_postgresql(tmp_path, small_bundle, feature_cache, postgres_db, capsys):
     from retinalens.feedback.store import FeedbackStore
 

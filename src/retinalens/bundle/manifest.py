@@ -144,6 +144,7 @@ class Training:
     baseline: dict[str, float] | None = None  # the logistic-regression baseline on the same split
     config: dict[str, Any] | None = None  # the run's config, as config.json holds it
     cv: CrossValidation | None = None  # cross-validated selection (format 2; None: one validation split)
+    ensemble: dict[str, Any] | None = None  # train/ensemble.py: EnsembleConfig's fields and n_members
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ class Manifest:
                 training=Training(tr.get("data"), tr.get("layout"), tr.get("mode"), dict(tr.get("splits") or {}),
                                   tr.get("best_epoch"), tr.get("epochs_run"), tr.get("extract_failures"),
                                   tuple(tr.get("screened") or ()), tr.get("head_selection"), tr.get("baseline_logistic_regression"), tr.get("config"),
-                                  CrossValidation.from_dict(tr["cv"]) if tr.get("cv") else None),
+                                  CrossValidation.from_dict(tr["cv"]) if tr.get("cv") else None, tr.get("ensemble")),
                 validation=dict(d.get("validation") or {}), metrics=dict(d.get("metrics") or {}),
                 lineage=Lineage(int(lin.get("version", 1)), lin.get("parent"), lin.get("feedback")),
                 library_versions=dict(d.get("library_versions") or {}), files=dict(d["files"]),

@@ -50,6 +50,11 @@ READ = (CONFIG, SPLITS, CURVES, CURVES_PNG)  # the side files commands read: has
 OCT_REFERRAL = {"CNV": "urgent", "DME": "urgent", "DRUSEN": "routine", "NORMAL": "observation"}
 
 
+def is_oct(classes: list[str]) -> bool:
+    """Labels that are Kermany's four OCT classes (the manifest's task "oct")."""
+    return set(classes) == set(OCT_REFERRAL)
+
+
 def default_referral(classes: list[str]) -> dict[str, str | None]:
     return {c: OCT_REFERRAL.get(c.upper()) for c in classes}
 
@@ -206,7 +211,7 @@ def save_bundle(out: str | Path, *, backbone: Backbone, head: nn.Module, head_co
         manifest = {
             "format": BUNDLE_FORMAT,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "task": task.name if task else ("oct" if set(classes) == set(OCT_REFERRAL) else "classes"),
+            "task": task.name if task else ("oct" if is_oct(classes) else "classes"),
             "classes": classes,
             "referral": referral or default_referral(classes),
             # the referral decision that evaluation reports as sensitivity / specificity / AUC

@@ -121,9 +121,10 @@ def train(
                                              f"({MIN_INPUT_SIZE}-{MAX_INPUT_SIZE}), kept in the bundle. Default: the "
                                              "backbone's own (Lite0 224)."),
     resize: str = config_option(ExtractConfig, "resize",
-                                help="How a scan becomes the input: squash (the whole image to a square) | "
-                                     "squash+band (OCT: the squash and the retinal band in 3 tiles beside it; "
-                                     "bottleneck mode)."),
+                                help="How a scan becomes the input: auto (squash+band for OCT B-scans of "
+                                     "CNV/DME/DRUSEN/NORMAL in bottleneck mode, else squash) | squash (the whole "
+                                     "image to a square) | squash+band (OCT: the squash and the retinal band in "
+                                     "3 tiles beside it; bottleneck mode)."),
     cache: Optional[Path] = CacheOpt, precision: str = PrecisionOpt, workers: int = WorkersOpt,
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, quiet: bool = QuietOpt,
     nproc: int = typer.Option(1, "--nproc", help="frozen | finetune: train on N processes (torchrun, PyTorch DDP; "

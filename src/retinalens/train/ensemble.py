@@ -39,7 +39,7 @@ from ..bundle.network import VIEWS
 from ..bundle.signature import configured_key
 from ..bundle.store import CURVES, CURVES_PNG, Bundle, check_output_folder, load_bundle, positive_classes_for, save_bundle
 from ..config import AUTO_HEAD, EnsembleConfig, given
-from ..data.transforms import VIEWS as INPUT_VIEWS
+from ..data.transforms import VIEWS as INPUT_VIEWS, Preprocessing
 from ..errors import RetinaLensError
 from ..evaluate.metrics import classification_metrics
 from ..features.extract import open_cache
@@ -50,7 +50,8 @@ from ..trust.calibration import calibrated
 from .cv import fold_accuracy, spread
 from .image_runs import finished_step, resumable
 from .images import _fingerprint
-from .pipeline import RunConfig, check_input, train_bundle
+from .distributed import torchrun_world
+from .pipeline import RunConfig, check_input, resolve_resize, train_bundle
 from .selection import _Data, cv_folds, prepare_data
 
 MAX_MEMBERS = 16  # the manifest schema's bound
@@ -63,6 +64,12 @@ def member_spec(entry: str) -> tuple[str, str]:
     if mode and mode not in MEMBER_MODES:
         raise RetinaLensError(f"--ensemble {entry!r}: a member's mode is one of {', '.join(MEMBER_MODES)}")
     return name, mode or "bottleneck"
+
+
+def saved_ensemble_config(saved: dict[str, Any]) -> EnsembleConfig:
+    """The EnsembleConfig a bundle's manifest recorded (training.ensemble), to train it again."""
+    fields = {f: saved[f] for f in asdict(EnsembleConfig()) if f in saved}
+    return EnsembleConfig(**{f: tuple(v) if isinstance(v, list) else v for f, v in fields.items()})
 
 
 def ensemble_config(backbones: str | Sequence[str] | None = None, seeds: str | Sequence[int] | None = None,
@@ -131,9 +138,19 @@ def check_ensemble(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig]) -
             raise RetinaLensError(f"'{r.extract.backbone}' has no pretrained weights: it cannot be an ensemble member")
 
 
-def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, progress: bool = True) -> Bundle:
-    """Train every member on one split (or the same folds) and write them as one bundle (see the module's notes)."""
+def two_view_fits(cfg: RunConfig, ens: EnsembleConfig) -> bool:
+    """Whether `--resize auto` may take the two-view input: bottleneck members only, no test-time views
+    (check_input's rule), one process (an ensemble is not trained under torchrun)."""
+    modes = {cfg.mode, *(member_spec(e)[1] for e in ens.backbones or ())}
+    return modes == {"bottleneck"} and len(ens.tta) == 1 and torchrun_world().size == 1
+
+
+def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, progress: bool = True,
+                   data: _Data | None = None, lineage: dict[str, Any] | None = None) -> Bundle:
+    """Train every member on one split (or the same folds) and write them as one bundle (see the module's
+    notes). `data` and `lineage` as for train_bundle (retraining keeps its parent's splits)."""
     out = Path(out).expanduser()
+    cfg = resolve_resize(cfg, two_view_fits(cfg, ens))
     runs = member_runs(cfg, ens)
     if len(runs) == 1 and len(ens.tta) == 1:  # one network seen once: a plain bundle (of that backbone, seed)
         return train_bundle(runs[0], out, progress=progress)
@@ -146,7 +163,7 @@ def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, prog
     say = console()
     first = create_backbone(runs[0].extract.backbone, weights=cfg.extract.weights, pretrained=cfg.extract.pretrained,
                             input_size=cfg.extract.input_size, resize=cfg.extract.resize)
-    data = prepare_data(cfg, first.preprocessing)  # one screened split for every member
+    data = data or prepare_data(cfg, first.preprocessing)  # one screened split for every member
     k = 0 if len(ens.tta) > 1 else cv_folds(cfg, len(data.splits.train) + len(data.splits.val))
     if len(ens.tta) > 1 and cfg.cv is None:
         say.print("test-time views: the members and their average are fitted on one validation split (out-of-fold "
@@ -158,11 +175,26 @@ def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, prog
     if work.is_dir() and not cfg.resume:
         raise RetinaLensError(f"{work} holds the members of an interrupted run: pass --resume to continue it, "
                               "or delete that folder to start over")
+    try:
+        bundles, held_out = _train_members(cfg, runs, work, splits, first.preprocessing, data, progress)
+    except BaseException:
+        if work.is_dir() and not any(p.is_file() for p in work.rglob("*")):
+            shutil.rmtree(work, ignore_errors=True)  # nothing written (a full disk, say): nothing to resume
+        raise
+    bundle = _combine(cfg, ens, runs, bundles, data, out, key, held_out if k else None, lineage)
+    shutil.rmtree(work, ignore_errors=True)  # the bundle holds every member now
+    return bundle
+
+
+def _train_members(cfg: RunConfig, runs: list[RunConfig], work: Path, splits: dict[str, Any],
+                   input_like: Preprocessing, data: _Data, progress: bool) -> tuple[list[Bundle], list[dict[str, Any]]]:
+    """Each member trained (or, with --resume, read back from `work`), with its out-of-fold probabilities."""
+    say = console()
     held_out: list[dict[str, Any]] = []  # each member's out-of-fold probabilities (under CV)
     bundles = []
     for j, run in enumerate(runs):
         folder, done = work / f"member{j}", work / f"member{j}.done.pt"
-        key_j = _fingerprint({"run": resumable(run), "splits": splits, "input": asdict(first.preprocessing)})
+        key_j = _fingerprint({"run": resumable(run), "splits": splits, "input": asdict(input_like)})
         saved = finished_step(done, key_j, cfg.resume, "members")
         if saved is not None:
             bundles.append(load_bundle(folder))
@@ -170,13 +202,11 @@ def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, prog
             continue
         say.print(f"[bold]member {j + 1} of {len(runs)}:[/] {member_label(run)}")
         held_out.append({})
-        bundles.append(train_bundle(run, folder, progress=progress, data=data, input_like=first.preprocessing,
+        bundles.append(train_bundle(run, folder, progress=progress, data=data, input_like=input_like,
                                     out_of_fold=held_out[j]))
         atomic_torch_save(done, {"fingerprint": key_j, "held_out": {
             n: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for n, v in held_out[j].items()}})
-    bundle = _combine(cfg, ens, runs, bundles, data, out, key, held_out if k else None)
-    shutil.rmtree(work, ignore_errors=True)  # the bundle holds every member now
-    return bundle
+    return bundles, held_out
 
 
 def _member_file(k: int, what: str) -> str:
@@ -184,7 +214,8 @@ def _member_file(k: int, what: str) -> str:
 
 
 def _combine(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig], bundles: list[Bundle], data: _Data,
-             out: Path, key: bytes | None, held_out: list[dict[str, Any]] | None) -> Bundle:
+             out: Path, key: bytes | None, held_out: list[dict[str, Any]] | None,
+             lineage: dict[str, Any] | None = None) -> Bundle:
     lead = bundles[0]
     classes, task = data.ds.classes, data.task
     # Each member with its own temperature (a single bundle's calibration is its network's).
@@ -233,7 +264,7 @@ def _combine(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig], bundles
         "training": lead_doc.get("training", {}) | {"ensemble": asdict(ens) | {"n_members": len(runs)}},
         "validation": {k: m[k] for k in ("accuracy", "accuracy_ci", "roc_auc_macro", "n_images", "n_patients")}
         | {"source": where} | (_fold_scores(val_raw, y_val, folds) if folds is not None else {}),
-        "metrics": {}, "lineage": lead_doc.get("lineage", {"version": 1, "parent": None}),
+        "metrics": {}, "lineage": lineage or lead_doc.get("lineage", {"version": 1, "parent": None}),
         "members": entries, "tta": {"views": list(ens.tta)},
     } | trust
     files = {name: (lead.path / name).read_bytes() for name in ("config.json", "splits.json", CURVES, CURVES_PNG)

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from .._console import console
-from ..config import (AUTO_HEAD, MODE_EPOCHS, ExtractConfig, ImageTrainConfig, RunConfigBase, SplitConfig, default, given,
+from ..config import (AUTO_HEAD, AUTO_RESIZE, MODE_EPOCHS, ExtractConfig, ImageTrainConfig, RunConfigBase, SplitConfig, default, given,
                       str_or_none)
+from ..data.discover import discover
 from ..data.transforms import VIEWS, Preprocessing
 from ..errors import RetinaLensError
 from ..evaluate.metrics import classification_metrics
@@ -29,7 +30,7 @@ from ..features.extract import ExtractReport, extract_features, head_inputs, ope
 from ..trust import fit_trust
 from ..bundle.card import write_model_card
 from ..bundle.signature import configured_key
-from ..bundle.store import Bundle, check_output_folder, load_bundle, positive_classes_for, save_bundle
+from ..bundle.store import Bundle, check_output_folder, is_oct, load_bundle, positive_classes_for, save_bundle
 from ..models.heads import HEADS, HeadConfig, check_head_config, head_probabilities
 from ..models.registry import DEFAULT_BACKBONE, Backbone, check_resize, create_backbone, resolve_precision, resolve_spec
 from .distributed import World, barrier, check_world, from_main, process_group, torchrun_world
@@ -120,6 +121,7 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     Under torchrun every rank calls this; rank 0 returns the bundle it wrote, the others None
     (train/distributed.py)."""
     out, world = Path(out).expanduser(), torchrun_world()
+    cfg = resolve_resize(cfg)  # one network: "auto" is the squash here (the two-view input is train_ensemble's)
     _check(cfg, out)
     check_world(cfg.mode, cfg.train.batch_size, world.size)
     x = cfg.extract
@@ -186,6 +188,18 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     if cfg.mode != "bottleneck":
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the bundle holds everything now
     return bundle
+
+
+def resolve_resize(cfg: RunConfig, two_view: bool = False) -> RunConfig:
+    """--resize auto made concrete, and saved so in config.json: the two-view input (squash+band) when
+    the run can take it (`two_view`: train/ensemble.two_view_fits) and the data are OCT B-scans of the
+    four Kermany classes with no --task, since it beat the squash on train's own folds (README "The
+    two-view input, through `train`"); the squash otherwise: fundus photos, other labels, image modes."""
+    if cfg.extract.resize != AUTO_RESIZE:
+        return cfg
+    oct_scans = two_view and not cfg.task and is_oct(
+        discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir).classes)
+    return replace(cfg, extract=replace(cfg.extract, resize="squash+band" if oct_scans else "squash"))
 
 
 def check_input(cfg: RunConfig, tta: tuple[str, ...] = ("identity",)) -> None:

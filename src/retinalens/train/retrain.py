@@ -1,6 +1,7 @@
 """Retraining with clinicians' feedback: `retinalens retrain BUNDLE --feedback DB --out NEW`.
 
-The candidate is the parent's run again (its config.json), on the parent's data plus the images a
+The candidate is the parent's run again (its config.json; an ensemble of bottleneck members, such as
+the OCT default's two views, with its members again), on the parent's data plus the images a
 clinician confirmed or corrected that pass the parent's quality gate. The validation and test splits
 are the parent's, image for image (splits.json), so the two models are compared on the same images;
 feedback goes to train only, and an image already in validation or test is never added. The
@@ -27,6 +28,9 @@ from ..feedback.store import FeedbackStore
 from ..evaluate.metrics import classification_metrics
 from ..evaluate.run import bundle_probabilities
 from ..bundle.store import Bundle, check_output_folder, is_bundle, load_bundle
+from ..config import EnsembleConfig
+from ..predict.ensemble import ensemble_outputs
+from .ensemble import saved_ensemble_config, train_ensemble
 from .pipeline import RunConfig, run_config_from_dict, train_bundle
 from .selection import _Data, prepare_data
 
@@ -48,9 +52,7 @@ def retrain(bundle_path: str | Path, feedback: str | Path, out: str | Path, *, i
     out = Path(out).expanduser()
     check_output_folder(out)
     parent = load_bundle(bundle_path)
-    if parent.is_ensemble:  # its members would each need the feedback, and the ensemble refitting on it
-        raise RetinaLensError(f"{bundle_path}: retraining an ensemble bundle is not supported; train it again "
-                              "with the feedback images added to the data")
+    ens = _parent_ensemble(parent)
     cfg = _parent_config(parent, cache)
     base = prepare_data(cfg)
     with FeedbackStore(feedback, images_dir) as store:
@@ -71,7 +73,8 @@ def retrain(bundle_path: str | Path, feedback: str | Path, out: str | Path, *, i
                "feedback": {"images_added": len(fb.added), "left_out": len(fb.left_out)}}
     candidate_dir = out.with_name(f"{out.name}.candidate")
     shutil.rmtree(candidate_dir, ignore_errors=True)
-    candidate = train_bundle(cfg, candidate_dir, progress=progress, data=data, lineage=lineage)
+    candidate = (train_ensemble(cfg, ens, candidate_dir, progress=progress, data=data, lineage=lineage) if ens else
+                 train_bundle(cfg, candidate_dir, progress=progress, data=data, lineage=lineage))
 
     compared = {split: {"parent": _split_metrics(parent, data, split, cfg, progress),
                         "candidate": _split_metrics(candidate, data, split, cfg, progress)} for split in ("val", "test")}
@@ -89,6 +92,18 @@ def retrain(bundle_path: str | Path, feedback: str | Path, out: str | Path, *, i
     return report
 
 
+def _parent_ensemble(parent: Bundle) -> EnsembleConfig | None:
+    """How the parent's members were made (None: one network). Members trained on images are not
+    retrained: their run's own options are not kept (the lead member's config.json is saved)."""
+    if not parent.is_ensemble:
+        return None
+    saved = parent.manifest.training.ensemble
+    if not saved or {m.details.get("mode") for m in parent.manifest.members} != {"bottleneck"}:
+        raise RetinaLensError(f"{parent.path}: retraining an ensemble with members trained on images is not "
+                              "supported; train it again with the feedback images added to the data")
+    return saved_ensemble_config(saved)
+
+
 def _parent_config(parent: Bundle, cache: str | Path | None) -> RunConfig:
     try:
         cfg = run_config_from_dict(parent.run_config())
@@ -96,7 +111,8 @@ def _parent_config(parent: Bundle, cache: str | Path | None) -> RunConfig:
         raise RetinaLensError(f"{parent.path}: cannot read the run's config to retrain it ({type(exc).__name__})") from None
     if not Path(cfg.data).exists():
         raise RetinaLensError(f"{parent.path} was trained on {cfg.data}, which is not here: retraining needs it")
-    extract = replace(cfg.extract, cache=str(cache)) if cache else cfg.extract
+    # An ensemble's config.json is its lead member's, which names its view: the run's is the whole input.
+    extract = replace(cfg.extract, view="whole", **({"cache": str(cache)} if cache else {}))
     return replace(cfg, extract=extract, resume=False)
 
 
@@ -163,14 +179,21 @@ def _near_duplicates(fb: Feedback, base: _Data, parent: Bundle, cache: str | Pat
 
 def _promoted(parent: Bundle, candidate: Bundle, compared: dict[str, Any]) -> tuple[bool, str]:
     """The promotion decision and its rule: validation accuracy, or for cross-validated bundles (which
-    have no validation split) the chosen head's mean CV accuracy (test is reported, never used)."""
-    cv_parent, cv_candidate = parent.manifest.training.cv, candidate.manifest.training.cv
-    if cv_parent is not None and cv_candidate is not None:
-        new, old = cv_candidate.candidate()["accuracy_mean"], cv_parent.candidate()["accuracy_mean"]
+    have no validation split) the mean CV accuracy (test is reported, never used)."""
+    new, old = _cv_accuracy(candidate), _cv_accuracy(parent)
+    if new is not None and old is not None:
         return new >= old, ("promoted when the mean cross-validated accuracy is not lower than the parent's "
                             "(test is reported, never used)")
     return (compared["val"]["candidate"]["accuracy"] >= compared["val"]["parent"]["accuracy"],
             "promoted when validation accuracy is not lower than the parent's (test is reported, never used)")
+
+
+def _cv_accuracy(bundle: Bundle) -> float | None:
+    """The mean CV accuracy: an ensemble's, of its members' mean out of fold; else the chosen head's."""
+    m = bundle.manifest
+    if bundle.is_ensemble and "fold_accuracy" in m.validation:
+        return float(m.validation["accuracy_mean"])
+    return m.training.cv.candidate()["accuracy_mean"] if m.training.cv is not None else None
 
 
 def _with_feedback(base: _Data, fb: Feedback, parent: Bundle) -> _Data:
@@ -192,7 +215,11 @@ def _split_metrics(bundle: Bundle, data: _Data, split: str, cfg: RunConfig, prog
     if not idx:
         return {"accuracy": None, "n_images": 0}
     paths, hashes = [data.ds.samples[i].path for i in idx], [data.hashes[i] for i in idx]
-    _, _, keep, probs = bundle_probabilities(bundle, paths, hashes, cfg.extract.cache, progress=progress)
+    if bundle.is_ensemble:  # every member through the prediction path (its members' caches are per view)
+        keep, probs, _, _ = ensemble_outputs(bundle.members, bundle.views, paths, workers=cfg.extract.workers,
+                                             progress=progress)
+    else:
+        _, _, keep, probs = bundle_probabilities(bundle, paths, hashes, cfg.extract.cache, progress=progress)
     y = data.labels([idx[j] for j in keep])
     m = classification_metrics(y, probs, bundle.classes, [data.ds.samples[idx[j]].patient for j in keep],
                                positive_classes=bundle.positive_classes or None, n_boot=200, seed=0)
