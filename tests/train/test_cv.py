@@ -172,7 +172,14 @@ def test_evaluate_on_the_training_data_scores_the_bundles_own_test_split(cv_bund
     assert everything["n_images"] == m["data"]["scored"]["n_in_data"] and everything["overlap_with_training"] > 0
 
 
-def test_cv_needs_zero_or_two_folds_or_more(tmp_path, small_dataset):
+def test_cv_needs_zero_or_two_folds_or_more(tmp_path, small_dataset, monkeypatch):
     """(The image modes cross-validate too: tests/train/test_image_runs.py.)"""
+    import retinalens
+    from retinalens.train import ensemble
+
     with pytest.raises(RetinaLensError, match="--cv must be 0"):
         train_bundle(build_run_config(small_dataset, cv=-1), tmp_path / "m", progress=False)
+    # The OCT default (two views, an ensemble) checks it too, before the images are screened.
+    monkeypatch.setattr(ensemble, "prepare_data", lambda *a, **k: pytest.fail("screened before the check"))
+    with pytest.raises(RetinaLensError, match="--cv must be 0"):
+        retinalens.train(small_dataset, tmp_path / "m", cv=-1)

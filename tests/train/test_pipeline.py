@@ -120,10 +120,13 @@ def test_resize_auto_takes_the_two_view_input_for_oct_scans_where_the_run_can(tm
     assert _resolved(cfg, ensemble_config(tta="flip")) == "squash"
     assert _resolved(cfg, ensemble_config("efficientnet_lite0,efficientnet_lite0:finetune")) == "squash"
     assert _resolved(cfg, ensemble_config(seeds="0,1")) == "squash+band"
+    assert _resolved(cfg, ensemble_config(seeds=",".join(map(str, range(9))))) == "squash"  # 18 > 16 members
+    assert _resolved(build_run_config(small_dataset, backbone="vit_small_patch16_224")) == "squash"  # square only
     # Labels that are not the four OCT classes: a DR task, or other class folders.
     assert _resolved(build_run_config(small_dataset, task="referable")) == "squash"
     for i, name in enumerate(("healthy", "amd")):
         make_png(tmp_path / "other" / name / f"{name}-{i}-1.png", i)
     assert _resolved(build_run_config(tmp_path / "other")) == "squash"
-    # A choice given is kept as given.
+    # A choice given is kept as given, and a bundle's config.json from before --resize reads back as the squash.
     assert _resolved(build_run_config(small_dataset, resize="squash")) == "squash"
+    assert _resolved(run_config_from_dict({"data": str(small_dataset), "extract": {}})) == "squash"

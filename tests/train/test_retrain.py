@@ -88,9 +88,12 @@ def test_retrain_of_the_two_view_default_retrains_each_view_on_the_parents_split
         for f, label in new:
             _confirm(store, model, f, label)
 
+    stale = tmp_path / "v2.candidate.members"  # an earlier retrain's members, stopped half way
+    stale.mkdir()
+    (stale / "member0.done.pt").write_bytes(b"from an earlier try")
     report = retrain(parent.path, db, tmp_path / "v2", cache=cache, progress=False)
 
-    assert report["feedback"]["added"] == len(new)
+    assert report["feedback"]["added"] == len(new) and not stale.exists()  # retrain starts afresh (no --resume)
     child = retinalens.load_bundle(report["bundle"])
     assert [m.preprocessing.view for m in child.members] == ["squash", "band"]  # both views again
     assert child.manifest.lineage.version == 2

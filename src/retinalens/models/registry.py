@@ -98,6 +98,12 @@ def resolve_spec(name: str) -> BackboneSpec:
     raise RetinaLensError(f"unknown backbone '{name}': use one of {known}, or any timm model name")
 
 
+def takes_any_shape(name: str) -> bool:
+    """The registry's pretrained convolutional backbones take a non-square input (the two-view input);
+    any timm model need not (a vision transformer's patch grid is fixed to its square size)."""
+    return name in _REGISTRY and not _REGISTRY[name].from_scratch
+
+
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     """Content hash of a state dict, independent of the file it came from."""
     from safetensors.torch import save

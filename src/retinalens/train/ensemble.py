@@ -43,7 +43,7 @@ from ..data.transforms import VIEWS as INPUT_VIEWS, Preprocessing
 from ..errors import RetinaLensError
 from ..evaluate.metrics import classification_metrics
 from ..features.extract import open_cache
-from ..models.registry import create_backbone, resolve_spec
+from ..models.registry import create_backbone, resolve_spec, takes_any_shape
 from ..predict.ensemble import ensemble_outputs
 from ..trust import fit_trust
 from ..trust.calibration import calibrated
@@ -51,7 +51,7 @@ from .cv import fold_accuracy, spread
 from .image_runs import finished_step, resumable
 from .images import _fingerprint
 from .distributed import torchrun_world
-from .pipeline import RunConfig, check_input, resolve_resize, train_bundle
+from .pipeline import RunConfig, check_input, check_run, resolve_resize, train_bundle
 from .selection import _Data, cv_folds, prepare_data
 
 MAX_MEMBERS = 16  # the manifest schema's bound
@@ -140,9 +140,13 @@ def check_ensemble(cfg: RunConfig, ens: EnsembleConfig, runs: list[RunConfig]) -
 
 def two_view_fits(cfg: RunConfig, ens: EnsembleConfig) -> bool:
     """Whether `--resize auto` may take the two-view input: bottleneck members only, no test-time views
-    (check_input's rule), one process (an ensemble is not trained under torchrun)."""
-    modes = {cfg.mode, *(member_spec(e)[1] for e in ens.backbones or ())}
-    return modes == {"bottleneck"} and len(ens.tta) == 1 and torchrun_world().size == 1
+    (check_input's rule), the registry's own backbones (which take a non-square input), room for a member
+    per view, one process (an ensemble is not trained under torchrun)."""
+    members = [member_spec(e) for e in ens.backbones or (cfg.extract.backbone,)]
+    n = len(members) * len(ens.seeds or (cfg.train.seed,))
+    return ({cfg.mode, *(mode for _, mode in members)} == {"bottleneck"} and len(ens.tta) == 1
+            and all(takes_any_shape(name) for name, _ in members) and 2 * n <= MAX_MEMBERS
+            and torchrun_world().size == 1)
 
 
 def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, progress: bool = True,
@@ -153,8 +157,10 @@ def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, prog
     cfg = resolve_resize(cfg, two_view_fits(cfg, ens))
     runs = member_runs(cfg, ens)
     if len(runs) == 1 and len(ens.tta) == 1:  # one network seen once: a plain bundle (of that backbone, seed)
-        return train_bundle(runs[0], out, progress=progress)
+        return train_bundle(runs[0], out, progress=progress, data=data, lineage=lineage)
     check_ensemble(cfg, ens, runs)
+    for run in runs:  # every member's options, as given (--cv, --head, ...), before minutes of screening
+        check_run(run, out)
     if len(ens.tta) > 1 and cfg.cv is not None and cfg.cv > 1:
         raise RetinaLensError(f"--tta with --cv {cfg.cv}: out-of-fold probabilities come from cached features, "
                               "which hold no flipped or cropped views; use --cv 0 (one validation split)")

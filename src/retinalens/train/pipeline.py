@@ -51,7 +51,8 @@ class RunConfig(RunConfigBase):
 def run_config_from_dict(d: dict[str, Any]) -> RunConfig:
     """A RunConfig back from a bundle's config.json (older bundles lack the image-mode fields)."""
     d = {"cv": 0} | dict(d)  # bundles from before cross-validation chose on one validation split
-    return RunConfig(**d | {"extract": ExtractConfig(**d.get("extract", {})), "split": SplitConfig(**d.get("split", {})),
+    extract = {"resize": "squash"} | d.get("extract", {})  # and from before --resize squashed every image
+    return RunConfig(**d | {"extract": ExtractConfig(**extract), "split": SplitConfig(**d.get("split", {})),
                             "train": TrainConfig.from_dict(d.get("train", {})),
                             "images": ImageTrainConfig(**d.get("images", {}))})
 
@@ -122,7 +123,7 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     (train/distributed.py)."""
     out, world = Path(out).expanduser(), torchrun_world()
     cfg = resolve_resize(cfg)  # one network: "auto" is the squash here (the two-view input is train_ensemble's)
-    _check(cfg, out)
+    check_run(cfg, out)
     check_world(cfg.mode, cfg.train.batch_size, world.size)
     x = cfg.extract
     precision = resolve_precision(x.precision)
@@ -212,7 +213,7 @@ def check_input(cfg: RunConfig, tta: tuple[str, ...] = ("identity",)) -> None:
         raise RetinaLensError(f"--resize squash+band is for OCT B-scans: it cannot go with --task {cfg.task}")
 
 
-def _check(cfg: RunConfig, out: Path) -> None:
+def check_run(cfg: RunConfig, out: Path) -> None:
     """Everything that can be wrong with the options is found before minutes of work, not after."""
     check_output_folder(out)
     configured_key(cfg.sign_key)  # a missing or short key file fails now, not after training

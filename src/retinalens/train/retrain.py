@@ -72,7 +72,8 @@ def retrain(bundle_path: str | Path, feedback: str | Path, out: str | Path, *, i
                           "version": version},
                "feedback": {"images_added": len(fb.added), "left_out": len(fb.left_out)}}
     candidate_dir = out.with_name(f"{out.name}.candidate")
-    shutil.rmtree(candidate_dir, ignore_errors=True)
+    for stale in (candidate_dir, candidate_dir.with_name(f"{candidate_dir.name}.members")):  # an earlier try's
+        shutil.rmtree(stale, ignore_errors=True)
     candidate = (train_ensemble(cfg, ens, candidate_dir, progress=progress, data=data, lineage=lineage) if ens else
                  train_bundle(cfg, candidate_dir, progress=progress, data=data, lineage=lineage))
 
