@@ -110,6 +110,19 @@ def test_train_and_extract_take_the_clis_defaults(tmp_path, small_dataset, featu
     store, report = retinalens.extract(small_dataset / "test", cache=tmp_path / "c")
     assert f"cache: {store.dir} ({len(store)} images)" in r.stderr
     assert report.n_extracted == 0 and report.n_cached == len(store) == 16  # the CLI's run had cached them all
+    # OCT scans of the four classes: both views of the default's two-view input, a cache each
+    assert "view band of the squash+band input: extracted 16 image(s)" in r.stderr.replace("\n", " ")
+    assert "view band of the squash+band input: extracted 0 image(s)" in " ".join(report.notes)
+
+
+def test_extract_caches_every_view_the_default_train_reads(tmp_path, small_dataset):
+    cache = tmp_path / "cache"
+    r = run_cli("extract", small_dataset, "--cache", cache, "-q")
+    assert r.returncode == 0, r.stderr
+    again = run_cli("train", small_dataset, "--out", tmp_path / "b", "--cache", cache, "--head", "logreg", "-q")
+    assert again.returncode == 0, again.stderr
+    assert "extracted" not in again.stderr  # both members' features came from extract's caches
+    assert [m.preprocessing.view for m in retinalens.load_bundle(tmp_path / "b").members] == ["squash", "band"]
 
 
 def test_backbones_lists_what_the_cli_lists():

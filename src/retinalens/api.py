@@ -43,29 +43,46 @@ def extract(data: str | Path, *, backbone: str | None = None, weights: str | Pat
             batch_size: int | None = None, workers: int | None = None, shard: tuple[int, int] | None = None,
             spatial: bool | None = None, patient_regex: str | None = None, images_dir: str | Path | None = None,
             engine: str | None = None, address: str | None = None, ray_workers: int | None = None,
-            progress: bool = False) -> tuple[FeatureCache, ExtractReport]:
+            resize: str | None = None, progress: bool = False) -> tuple[FeatureCache, ExtractReport]:
     """`retinalens extract`: cache the features of every image of a dataset (defaults: ExtractConfig's,
-    ExtractOptions' and EngineConfig's). engine "ray": on a Ray cluster (`address`), into the same cache."""
+    ExtractOptions' and EngineConfig's). engine "ray": on a Ray cluster (`address`), into the same cache.
+    `resize` as train's (auto: what a default train of DATA reads, so OCT scans' two views, one cache
+    each); returns the first view's cache, and the other views' extraction among the report's notes."""
+    from .data.transforms import VIEWS
+    from .train.ensemble import two_view_fits
+    from .train.pipeline import RunConfig, resolve_resize
+
     run_on = engine_config(engine, address, ray_workers)
     x = ExtractConfig(**given(backbone=backbone, weights=str_or_none(weights), pretrained=pretrained,
-                              cache=str_or_none(cache), precision=precision, batch_size=batch_size, workers=workers))
+                              cache=str_or_none(cache), precision=precision, batch_size=batch_size, workers=workers,
+                              resize=resize))
     o = ExtractOptions(**given(shard=shard, spatial=spatial))
     ds = discover(data, patient_regex=patient_regex, images_dir=images_dir)
-    bb = create_backbone(x.backbone, weights=x.weights, pretrained=x.pretrained)
+    run = RunConfig(data=str(data), extract=x, **given(patient_regex=patient_regex, images_dir=str_or_none(images_dir)))
+    x = resolve_resize(run, two_view_fits(run, EnsembleConfig())).extract
     prec = resolve_precision(x.precision)
-    store = open_cache(x.cache, bb, prec, spatial=o.spatial)
     paths = [s.path for s in ds.samples]
-    if run_on.engine == "ray":
-        from .engines.ray_extract import extract_features_ray
+    hashes = sha256_files(paths)
+    caches, reports = [], []
+    for view in VIEWS[x.resize]:  # ("whole",) for the squash; a cache per view, as train's members read them
+        bb = create_backbone(x.backbone, weights=x.weights, pretrained=x.pretrained, resize=x.resize, view=view)
+        caches.append(open_cache(x.cache, bb, prec, spatial=o.spatial))
+        if run_on.engine == "ray":
+            from .engines.ray_extract import extract_features_ray
 
-        report = extract_features_ray(paths, sha256_files(paths), bb, store, engine=run_on, precision=prec,
-                                      batch_size=x.batch_size, chunk_size=x.chunk_size, shard=o.shard,
-                                      weights=x.weights, pretrained=x.pretrained, progress=progress)
-    else:
-        report = extract_features(paths, sha256_files(paths), bb, store, precision=prec, batch_size=x.batch_size,
-                                  chunk_size=x.chunk_size, workers=x.workers, shard=o.shard, progress=progress)
+            reports.append(extract_features_ray(paths, hashes, bb, caches[-1], engine=run_on, precision=prec,
+                                                batch_size=x.batch_size, chunk_size=x.chunk_size, shard=o.shard,
+                                                weights=x.weights, pretrained=x.pretrained, progress=progress))
+        else:
+            reports.append(extract_features(paths, hashes, bb, caches[-1], precision=prec, batch_size=x.batch_size,
+                                            chunk_size=x.chunk_size, workers=x.workers, shard=o.shard,
+                                            progress=progress))
+    report = reports[0]
+    report.notes += [f"view {view} of the {x.resize} input: extracted {r.n_extracted} image(s) at {r.images_per_s:.1f} "
+                     f"img/s, {r.n_cached} already cached, into {c.dir}"
+                     for view, c, r in zip(VIEWS[x.resize][1:], caches[1:], reports[1:])]
     report.failures += [(d["path"], d["reason"]) for d in ds.skipped]  # a FIFO, a folder named *.jpeg, ...
-    return store, report
+    return caches[0], report
 
 
 def train(data: str | Path, out: str | Path, *, progress: bool = False, ensemble: str | Sequence[str] | None = None,

@@ -96,7 +96,7 @@ def test_bad_bundles_are_clear_errors(tmp_path, small_bundle, small_dataset):
 
 def test_bundle_backbone_must_match_the_cache(tmp_path, small_bundle, small_dataset):
     cache = tmp_path / "c"
-    r = cli("extract", small_dataset / "test", "--cache", cache, "--random-weights", "-q")
+    r = cli("extract", small_dataset / "test", "--cache", cache, "--random-weights", "--resize", "squash", "-q")
     assert r.returncode == 0, r.stderr
     [leaf] = [p for p in cache.iterdir() if p.is_dir()]
     assert_clean_error(cli("evaluate", small_bundle.path, small_dataset, "--cache", leaf), "feature cache")
@@ -124,11 +124,11 @@ def test_ctrl_c_says_so_and_keeps_the_work(tmp_path, oct_root):
     import time
 
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    # 748 scans are three cache chunks: interrupted after the first is committed, mid-way through the rest
+    # 748 scans are three cache chunks (one view: the squash): interrupted after the first is committed, mid-way through the rest
     # SIGINT at its default in the child: a suite started in the background (`pytest &`) ignores it, and
     # Python keeps an ignored SIGINT ignored, so Ctrl-C would never reach the command.
     proc = subprocess.Popen([sys.executable, "-m", "retinalens.cli.main", "extract", str(oct_root),
-                             "--cache", str(tmp_path / "c")], stderr=subprocess.PIPE, text=True, env=env,
+                             "--cache", str(tmp_path / "c"), "--resize", "squash"], stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((tmp_path / "c").glob("*/chunk-*.json")):
@@ -137,5 +137,5 @@ def test_ctrl_c_says_so_and_keeps_the_work(tmp_path, oct_root):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    r = cli("extract", oct_root, "--cache", tmp_path / "c", "-q")
+    r = cli("extract", oct_root, "--cache", tmp_path / "c", "--resize", "squash", "-q")
     assert r.returncode == 0 and "256 already cached" in r.stderr, r.stderr  # the rerun continues

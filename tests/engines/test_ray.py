@@ -172,6 +172,18 @@ def test_an_interrupted_ray_extraction_resumes_to_the_same_cache(cluster, backbo
     assert chunk_bytes(cache.dir) == chunk_bytes(reference.dir)
 
 
+def test_ray_extracts_a_view_of_the_two_view_input_as_the_local_path_does(cluster, images, tmp_path) -> None:
+    """The band view (the OCT default's second member): Ray's workers read the driver's input and view."""
+    from retinalens.models.registry import create_backbone
+
+    band = create_backbone("efficientnet_lite0", resize="squash+band", view="band")
+    local = open_cache(tmp_path / "local", band, "fp32")
+    extract_into(images[:6], band, local, batch_size=BATCH, chunk_size=CHUNK)
+    remote = open_cache(tmp_path / "ray", band, "fp32")
+    ray_extract(images[:6], band, remote, workers=1)
+    assert remote.key.feature_shape == (1280, 7, 21) and chunk_bytes(remote.dir) == chunk_bytes(local.dir)
+
+
 def test_ray_predictions_are_predicts_in_parquet(cluster, small_bundle, images, tmp_path) -> None:
     """`predict --engine ray --address ... --out x.parquet` against the local path's Parquet file."""
     folder = tmp_path / "scans"  # a folder input: every image below it

@@ -44,6 +44,8 @@ def extract(
                                  help="Also store spatial maps (the conv head needs them)."),
     patient_regex: Optional[str] = PatientOpt, images: Optional[Path] = ImagesOpt, engine: str = EngineOpt,
     address: Optional[str] = AddressOpt, ray_workers: int = RayWorkersOpt, quiet: bool = QuietOpt,
+    resize: str = config_option(ExtractConfig, "resize", help="As train's --resize: auto caches what a default "
+                                "train of DATA reads (OCT scans: the squash and the band view, a cache each)."),
 ) -> None:
     """Cache backbone features of every image under DATA (resumable, incremental)."""
     from ..api import extract as run_extract
@@ -52,7 +54,7 @@ def extract(
     store, report = run_extract(data, backbone=backbone, weights=weights, pretrained=not random_weights, cache=cache,
                                 precision=precision, batch_size=batch_size, workers=workers, shard=parse_shard(shard),
                                 spatial=spatial, patient_regex=patient_regex, images_dir=images, engine=engine,
-                                address=address, ray_workers=ray_workers, progress=not quiet)
+                                address=address, ray_workers=ray_workers, resize=resize, progress=not quiet)
     print_extract_report(report)
     console().print(f"cache: {markup_safe(store.dir)} ({len(store)} images)", highlight=False, soft_wrap=True)
 
