@@ -26,7 +26,9 @@ member alone, on the same folds): the rule that compares them reads those, never
 
 Each is evaluated on oct-kermany/test (`retinalens.evaluate`: accuracy with its patient-bootstrap CI,
 urgent-referral sensitivity / specificity at the threshold fitted on validation, DRUSEN recall), and
-timed on one scan at a time (`Model.predict`, median of 10 after a warm-up). Features are cached per
+timed on one scan at a time (`Model.predict`, median of 10 after a warm-up; a bundle of several members
+also call by call, on 100 test scans, against the same call with its members in turn, and its parts on
+one thread). Features are cached per
 backbone, so a second run costs only the heads and the test-time passes.
 
 `python benchmarks/bench_ensemble.py [--rows a,b] [--out FILE] [--merge]` prints the JSON (and writes it;
@@ -76,6 +78,39 @@ def _latency_ms(bundle: Path, scan: Path) -> float:
     return round(1000 * statistics.median(times), 1)
 
 
+def _members_beside_ms(bundle: Path, scans: list[Path]) -> dict[str, float] | None:
+    """A bundle of several members: one scan through `predict` (its first member on the second core,
+    Model._alone) against the same call with every member on the caller's thread, call by call on
+    the same scans (bench_speed's _alternating: only calls made side by side compare). None: one member."""
+    from bench_speed import _alternating
+
+    now, before = retinalens.load(bundle), retinalens.load(bundle)
+    if len(now.bundle.members) < 2:
+        return None
+    turn = before.probabilities_and_pooled
+    before.probabilities_and_pooled = lambda x, beside=None: turn(x)  # type: ignore[method-assign]  (no core beside)
+    mine, theirs = iter(scans * 1000), iter(scans * 1000)  # each call the same scans in the same order
+    calls = {"first_member_beside": lambda: now.predict(next(mine)), "members_in_turn": lambda: before.predict(next(theirs))}
+    return _alternating(calls, n=2 * len(scans)) | {"scans": len(scans), "parts_one_thread_ms": _parts_ms(now, scans[0])}
+
+
+def _parts_ms(model: Any, scan: Path) -> dict[str, float]:
+    """One scan's parts one at a time on predict's one thread: what the two cores share out."""
+    from bench_speed import _median_ms
+
+    from retinalens.data.decode import decode_image
+    from retinalens.models.machine import runtime_settings
+    from retinalens.trust.statistics import all_statistics, source_statistics
+
+    img, pre = decode_image(scan, keep_grey=True), model.bundle.preprocessing
+    x = pre.pixels(img)[None]
+    parts = {"decode": lambda: decode_image(scan, keep_grey=True), "pixels": lambda: pre.pixels(img),
+             "gate_statistics": lambda: (source_statistics(img), all_statistics(x))}
+    parts |= {f"network_{m.preprocessing.view}": (lambda m=m: m.backbone.encode(x, m.precision)) for m in model.bundle.members}
+    with runtime_settings(1):
+        return {k: _median_ms(fn)[0] for k, fn in parts.items()}
+
+
 def _cv_scores(bundle: Any) -> dict[str, Any]:
     """Out-of-fold accuracy per fold: the bundle's (an ensemble's: its members' mean) and each member's."""
     m = bundle.manifest
@@ -111,6 +146,7 @@ def run(shared_data: Path, rows: list[str] | None = None) -> dict[str, Any]:
                 "urgent_specificity": op.get("specificity"),
                 "drusen_recall": m["per_class"]["DRUSEN"]["recall"], "n_test": m["n_images"],
                 "train_s": round(train_s, 1), "latency_ms": _latency_ms(bundle.path, scan),
+                "latency_alternating_ms": _members_beside_ms(bundle.path, sorted((data / "test").glob("*/*.jpeg"))[:100]),
                 "load_average_1min_after": round(os.getloadavg()[0], 2),
             } | _cv_scores(bundle)
             print(json.dumps({name: out["rows"][name]}), file=sys.stderr, flush=True)

@@ -56,6 +56,34 @@ def test_the_bundle_records_the_input_and_predict_sees_the_training_pixels(two_v
     assert np.abs(np.array([got[c] for c in b.classes]) - want).max() < 1e-5
 
 
+
+def test_one_scan_runs_the_squash_network_on_the_second_core_with_the_same_answer(two_view_bundle, oct_images,
+                                                                                 monkeypatch):
+    """`predict` of one scan (one intra-op thread, a core idle) runs the first member beside the band's
+    network, on the gate's thread; predict_many on one thread runs them in turn: the same answer."""
+    import threading
+
+    from retinalens.models.machine import usable_cores
+
+    model = retinalens.load(two_view_bundle.path, runtime="torch")
+    where: dict[str, list[threading.Thread]] = {}
+    for m in model.bundle.members:
+        real = m.backbone.encode
+
+        def recorded(*a, real=real, view=m.preprocessing.view, **k):
+            where.setdefault(view, []).append(threading.current_thread())
+            return real(*a, **k)
+
+        monkeypatch.setattr(m.backbone, "encode", recorded)
+    for scan in oct_images[:3]:
+        where.clear()
+        one = model.predict(scan)
+        assert where["band"] == [threading.current_thread()]
+        assert (where["squash"][0] is not threading.current_thread()) == (usable_cores() > 1)
+        [serial] = model.predict_many([scan], threads=1)
+        assert where["squash"][1] is threading.current_thread()
+        assert one == serial and one["gate"]["ok"]
+
 def test_heat_maps_come_back_on_the_scan_and_cover_only_what_the_views_show(two_view_bundle, oct_images):
     with Explainer(two_view_bundle) as ex:
         scan = oct_images[0]

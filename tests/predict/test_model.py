@@ -131,9 +131,9 @@ def test_one_image_runs_on_one_thread_and_batches_on_all(small_bundle, small_dat
         m = Model(small_bundle, runtime="torch", threads=threads)
         seen, real = [], m.probabilities_and_pooled
 
-        def counted(x, real=real, seen=seen):
+        def counted(x, *beside, real=real, seen=seen):
             seen.append(torch.get_num_threads())
-            return real(x)
+            return real(x, *beside)
 
         monkeypatch.setattr(m, "probabilities_and_pooled", counted)
         assert "probabilities" in m.predict(a_scan(small_dataset))

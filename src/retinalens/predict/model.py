@@ -6,7 +6,7 @@ Backbone.encode path that built the training features.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -73,20 +73,20 @@ class Model:
         """uint8 pixels (N, S, S, 3) from Preprocessing.load -> class probabilities (N, K)."""
         return self.probabilities_and_pooled(batch)[0]
 
-    def probabilities_and_pooled(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def probabilities_and_pooled(self, batch: torch.Tensor, beside: Executor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """uint8 pixels (N, S, S, 3) -> (class probabilities (N, K), calibrated with the bundle's
-        temperature, pooled backbone features (N, C) float32)."""
+        temperature, pooled backbone features (N, C) float32). beside: see ensemble_uncalibrated."""
         if self._onnx is not None:  # the exported graph divides the logits by the temperature itself
             return self._onnx.run(batch)
-        probs, pooled = self.uncalibrated(batch)
+        probs, pooled = self.uncalibrated(batch, beside)
         return calibrated(probs, self.temperature), pooled
 
-    def uncalibrated(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def uncalibrated(self, batch: torch.Tensor, beside: Executor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The probabilities before the bundle's temperature (an ensemble's: the average of its members'
         over its views, each member after its own temperature), and the gate's pooled features: the
         first member's, of the identity view. The traced backbones at the bundle's precision compute
         what bundle/network.py's Ensemble computes eagerly (same views, same order, same average)."""
-        return ensemble_uncalibrated(self.bundle.members, self.bundle.views, batch)
+        return ensemble_uncalibrated(self.bundle.members, self.bundle.views, batch, beside)
 
     @property
     def measure(self) -> Callable[[Image.Image], list[float]] | None:
@@ -161,8 +161,11 @@ class Model:
         (decode_image, Preprocessing.pixels, the network, the gate), with the gate's file and image
         statistics on a second thread while this one resizes and runs the network (numpy, Pillow and
         the traced graph release the GIL): a batch decoded ahead hides the file statistics, a lone
-        image would wait for them. Only where the core is really idle: two one-thread calls side by
-        side (the web server's) each with a second thread ran 22% fewer images/s (measured)."""
+        image would wait for them. An ensemble's first member runs on that thread too, after the
+        statistics (the two-view default: the squash's network and the statistics, 12 ms on one
+        thread of the development Xeon, beside the band's, 18 ms, on this one). Only where the core
+        is really idle: two one-thread calls side by side (the web server's) each with a second
+        thread ran 22% fewer images/s (measured)."""
         try:
             img = decode_image(item.item, name=item.name, keep_grey=True, concurrent=True)  # type: ignore[arg-type]
         except ImageDecodeError as exc:
@@ -181,7 +184,7 @@ class Model:
                 pixels.set_exception(exc)
                 raise
             pixels.set_result(x)
-            probs, pooled = self.probabilities_and_pooled(x)
+            probs, pooled = self.probabilities_and_pooled(x, beside)
             [gate] = self.gate.check(x, pooled, statistics=stats.result())  # type: ignore[union-attr]
         return image_result(self.bundle, item.name, probs[0], gate)
 
@@ -200,18 +203,26 @@ def image_result(bundle: Bundle, name: str, probs: np.ndarray, gate: dict[str, A
             "referral": bundle.manifest.level(label), "p_referral": p_ref, "refer": refer, "gate": gate}
 
 
-def ensemble_uncalibrated(members: Sequence[BundleMember], views: Sequence[str],
-                          batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def ensemble_uncalibrated(members: Sequence[BundleMember], views: Sequence[str], batch: torch.Tensor,
+                          beside: Executor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Members x views on uint8 pixels -> (the mean of the members' probabilities, each after its own
-    temperature, (N, K) float64; the first member's pooled identity-view features (N, C) float32)."""
-    outs, first = [], None
+    temperature, (N, K) float64; the first member's pooled identity-view features (N, C) float32).
+    beside: an executor on an idle core that runs each view's first member while this thread runs the
+    others (`Model._alone`); the same numbers, averaged in the same order."""
+    outs: list[tuple[np.ndarray, torch.Tensor]] = []
     for view in views:
         x = tta_view(view, batch)
-        for m in members:
-            spatial, pooled = m.backbone.encode(x, m.precision)
-            first = pooled if first is None else first
-            outs.append(calibrated(head_probabilities(m.head, head_input(m.head_config, spatial, pooled)), m.temperature))
-    return (outs[0] if len(outs) == 1 else np.mean(outs, axis=0)), first.numpy()
+        ahead = beside.submit(_member_output, members[0], x) if beside is not None and len(members) > 1 else None
+        rest = [_member_output(m, x) for m in members[1 if ahead else 0:]]
+        outs += ([ahead.result()] if ahead else []) + rest
+    probs = [p for p, _ in outs]
+    return (probs[0] if len(probs) == 1 else np.mean(probs, axis=0)), outs[0][1].numpy()
+
+
+def _member_output(m: BundleMember, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """One member on one view's pixels -> (its probabilities after its own temperature, its pooled features)."""
+    spatial, pooled = m.backbone.encode(x, m.precision)
+    return calibrated(head_probabilities(m.head, head_input(m.head_config, spatial, pooled)), m.temperature), pooled
 
 
 def load(path: str | Path, runtime: str = "auto", onnx_file: str | Path | None = None,
