@@ -12,7 +12,7 @@ import torch
 
 from retinalens.models.machine import (
     CpuInfo, MatmulProbe, auto_cpu_precision, cached_probe, choose_cpu_precision, cpu_info, flush_denormal_enabled,
-    needs_probe, probe_path, runtime_settings, usable_cores,
+    needs_probe, onednn_fusion, probe_path, runtime_settings, usable_cores,
 )
 
 SAPPHIRE = frozenset("fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8".split())
@@ -131,3 +131,32 @@ def test_usable_cores_follows_a_container_quota(tmp_path):
     assert usable_cores(cpu_max) == 1
     cpu_max.write_text("garbage")
     assert usable_cores(cpu_max) == unlimited
+
+
+def test_fusion_stays_on_until_the_last_of_two_concurrent_calls_ends() -> None:
+    """Two bf16 graphs side by side (an ensemble's members in Model._alone): the call that ends first
+    must not switch fusion off under the other, whose new input shape may be being optimised; after
+    both, the switch is what it was, and an fp32 call inside a bf16 one does not turn it off."""
+    import threading
+
+    assert not torch.jit.onednn_fusion_enabled()
+    inside, leave, seen = threading.Event(), threading.Event(), []
+
+    def other() -> None:
+        with onednn_fusion():
+            inside.set()
+            leave.wait(10)
+            seen.append(torch.jit.onednn_fusion_enabled())
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert inside.wait(10)
+    with onednn_fusion():
+        with onednn_fusion(False):
+            assert torch.jit.onednn_fusion_enabled()  # the other call's graphs are running fused
+    leave.set()
+    t.join(10)
+    assert seen == [True] and not torch.jit.onednn_fusion_enabled()
+    with onednn_fusion(False):
+        assert not torch.jit.onednn_fusion_enabled()
+    assert not torch.jit.onednn_fusion_enabled()

@@ -20,11 +20,12 @@ import json
 import math
 import os
 import platform
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import torch
 
@@ -190,8 +191,51 @@ def runtime_settings(threads: int | None = None, flush_denormal: bool = True) ->
             torch.set_num_threads(old_threads)
 
 
-@contextmanager
-def onednn_fusion(enabled: bool = True) -> Iterator[None]:
+class _FusionSwitch:
+    """torch's oneDNN Graph fusion switch is process-wide, so the calls that want it on count
+    themselves in under a lock and the last one out restores what was there: two bf16 graphs run
+    side by side (an ensemble's members, `Model._alone`) keep it on until both are done. The one
+    piece of module state here, because the switch it guards is the process's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._before = False
+
+    @contextmanager
+    def on(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._before = torch.jit.onednn_fusion_enabled()
+                torch.jit.enable_onednn_fusion(True)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    torch.jit.enable_onednn_fusion(self._before)
+
+    @contextmanager
+    def off(self) -> Iterator[None]:
+        """Off for the call unless a concurrent call holds it on (then that call's graphs come first)."""
+        with self._lock:
+            old = torch.jit.onednn_fusion_enabled()
+            if self._users == 0:
+                torch.jit.enable_onednn_fusion(False)
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._users == 0:
+                    torch.jit.enable_onednn_fusion(old)
+
+
+_FUSION = _FusionSwitch()
+
+
+def onednn_fusion(enabled: bool = True) -> ContextManager[None]:
     """oneDNN Graph fusion for the frozen TorchScript graphs run inside: each convolution and the
     ReLU6 / add after it become one kernel. EfficientNet-Lite0 bf16 on 2 cores (AMX Xeon, others
     paused): one image 5.5-6.5 ms against 11.5-14 ms, 16 images 115 ms against 143 ms. In bf16 the
@@ -199,12 +243,7 @@ def onednn_fusion(enabled: bool = True) -> Iterator[None]:
     EyeNet; one image and batches); in fp32 a fused residual add rounds differently (up to 3e-5 in
     batches), so `encode` fuses bf16 graphs only and fp32 features stay those of every existing cache.
 
-    torch's switch is process-wide and read when a graph is optimised for a new input shape (its
-    first two calls), so it is set for the call and restored after; a concurrent call that restores
-    it mid-optimisation leaves that shape unfused, which is slower, never different."""
-    old = torch.jit.onednn_fusion_enabled()
-    torch.jit.enable_onednn_fusion(enabled)
-    try:
-        yield
-    finally:
-        torch.jit.enable_onednn_fusion(old)
+    torch's switch is read when a graph is optimised for a new input shape (its first two calls), so
+    it is set for the call and restored after, counted across threads (_FusionSwitch): a concurrent
+    call that ended mid-optimisation would have left that shape unfused, slower for the process's life."""
+    return _FUSION.on() if enabled else _FUSION.off()
