@@ -59,7 +59,7 @@ def extract(data: str | Path, *, backbone: str | None = None, weights: str | Pat
     o = ExtractOptions(**given(shard=shard, spatial=spatial))
     ds = discover(data, patient_regex=patient_regex, images_dir=images_dir)
     run = RunConfig(data=str(data), extract=x, **given(patient_regex=patient_regex, images_dir=str_or_none(images_dir)))
-    x = resolve_resize(run, two_view_fits(run, EnsembleConfig())).extract
+    x = resolve_resize(run, two_view_fits(run, EnsembleConfig()), ds.classes).extract
     prec = resolve_precision(x.precision)
     paths = [s.path for s in ds.samples]
     hashes = sha256_files(paths)

@@ -14,7 +14,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -191,15 +191,17 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     return bundle
 
 
-def resolve_resize(cfg: RunConfig, two_view: bool = False) -> RunConfig:
+def resolve_resize(cfg: RunConfig, two_view: bool = False, classes: Sequence[str] | None = None) -> RunConfig:
     """--resize auto made concrete, and saved so in config.json: the two-view input (squash+band) when
     the run can take it (`two_view`: train/ensemble.two_view_fits) and the data are OCT B-scans of the
     four Kermany classes with no --task, since it beat the squash on train's own folds (README "The
-    two-view input, through `train`"); the squash otherwise: fundus photos, other labels, image modes."""
+    two-view input, through `train`"); the squash otherwise: fundus photos, other labels, image modes.
+    classes: the data's, where the caller has discovered them already (else discovered here)."""
     if cfg.extract.resize != AUTO_RESIZE:
         return cfg
     oct_scans = two_view and not cfg.task and is_oct(
-        discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir).classes)
+        discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir).classes
+        if classes is None else classes)
     return replace(cfg, extract=replace(cfg.extract, resize="squash+band" if oct_scans else "squash"))
 
 
