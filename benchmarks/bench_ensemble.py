@@ -82,7 +82,7 @@ def _members_beside_ms(bundle: Path, scans: list[Path]) -> dict[str, float] | No
     """A bundle of several members: one scan through `predict` (its first member on the second core,
     Model._alone) against the same call with every member on the caller's thread, call by call on
     the same scans (bench_speed's _alternating: only calls made side by side compare). None: one member."""
-    from bench_speed import _alternating
+    from bench_speed import _alternating, one_scan_parts_ms
 
     now, before = retinalens.load(bundle), retinalens.load(bundle)
     if len(now.bundle.members) < 2:
@@ -91,24 +91,7 @@ def _members_beside_ms(bundle: Path, scans: list[Path]) -> dict[str, float] | No
     before.probabilities_and_pooled = lambda x, beside=None: turn(x)  # type: ignore[method-assign]  (no core beside)
     mine, theirs = iter(scans * 1000), iter(scans * 1000)  # each call the same scans in the same order
     calls = {"first_member_beside": lambda: now.predict(next(mine)), "members_in_turn": lambda: before.predict(next(theirs))}
-    return _alternating(calls, n=2 * len(scans)) | {"scans": len(scans), "parts_one_thread_ms": _parts_ms(now, scans[0])}
-
-
-def _parts_ms(model: Any, scan: Path) -> dict[str, float]:
-    """One scan's parts one at a time on predict's one thread: what the two cores share out."""
-    from bench_speed import _median_ms
-
-    from retinalens.data.decode import decode_image
-    from retinalens.models.machine import runtime_settings
-    from retinalens.trust.statistics import all_statistics, source_statistics
-
-    img, pre = decode_image(scan, keep_grey=True), model.bundle.preprocessing
-    x = pre.pixels(img)[None]
-    parts = {"decode": lambda: decode_image(scan, keep_grey=True), "pixels": lambda: pre.pixels(img),
-             "gate_statistics": lambda: (source_statistics(img), all_statistics(x))}
-    parts |= {f"network_{m.preprocessing.view}": (lambda m=m: m.backbone.encode(x, m.precision)) for m in model.bundle.members}
-    with runtime_settings(1):
-        return {k: _median_ms(fn)[0] for k, fn in parts.items()}
+    return _alternating(calls, n=2 * len(scans)) | {"scans": len(scans), "parts_one_thread_ms": one_scan_parts_ms(now.bundle, scans[0])}
 
 
 def _cv_scores(bundle: Any) -> dict[str, Any]:

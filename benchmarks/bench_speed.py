@@ -56,6 +56,24 @@ def _alternating(calls: dict[str, Any], n: int = 150) -> dict[str, float]:
     return {k: round(statistics.median(v), 1) for k, v in ts.items()}
 
 
+def one_scan_parts_ms(bundle: Any, scan: Path) -> dict[str, float]:
+    """One scan's parts one at a time on predict's one thread (median ms of 50): decode, alone and with
+    the end check beside it, resize, the network ("network"; an ensemble's: network_<n>_<view>, one
+    per member) and the gate's file and image statistics."""
+    img = decode_image(scan, keep_grey=True)
+    x = bundle.preprocessing.pixels(img)[None]
+    members = bundle.members
+    nets = {"network" if len(members) == 1 else f"network_{n}_{m.preprocessing.view}": m
+            for n, m in enumerate(members, 1)}
+    parts = {"decode": lambda: decode_image(scan, keep_grey=True),
+             "decode_with_the_end_check_beside": lambda: decode_image(scan, keep_grey=True, concurrent=True),
+             "resize": lambda: bundle.preprocessing.pixels(img),
+             **{k: (lambda m=m: m.backbone.encode(x, m.precision)) for k, m in nets.items()},
+             "gate_file_statistics": lambda: source_statistics(img), "gate_image_statistics": lambda: all_statistics(x)}
+    with runtime_settings(1):
+        return {k: _median_ms(fn)[0] for k, fn in parts.items()}
+
+
 def run(shared: Path) -> dict[str, Any]:
     import run as bench  # benchmarks/run.py: the Keras loop, the extraction bench, the machine record
     from bench_export import measure
@@ -71,17 +89,9 @@ def run(shared: Path) -> dict[str, Any]:
         model, bundle = retinalens.load(work / "bundle"), load_bundle(work / "bundle")
         scan = files[0]
         median, p95 = _median_ms(lambda: model.predict(scan), 200)
-        img = decode_image(scan, keep_grey=True)
-        x = bundle.preprocessing.pixels(img)[None]
-        lead = model.bundle.members[0]
-        with runtime_settings(1):  # the parts one at a time, on predict's one thread
-            parts = {"decode": lambda: decode_image(scan, keep_grey=True),
-                     "decode_with_the_end_check_beside": lambda: decode_image(scan, keep_grey=True, concurrent=True),
-                     "resize": lambda: bundle.preprocessing.pixels(img), "network": lambda: lead.backbone.encode(x, lead.precision),
-                     "gate_file_statistics": lambda: source_statistics(img), "gate_image_statistics": lambda: all_statistics(x)}
-            parts_ms = {k: _median_ms(fn)[0] for k, fn in parts.items()}
         out["single_image_predict_ms"] = {
-            "scan_px": list(img.size), "median": median, "p95": p95, "calls": 200, "parts_ms": parts_ms,
+            "scan_px": list(decode_image(scan, keep_grey=True).size), "median": median, "p95": p95, "calls": 200,
+            "parts_ms": one_scan_parts_ms(bundle, scan),
             "how": "decode (the end check beside it), resize and network on the caller's thread; the gate's file and "
                    "image statistics on a second thread meanwhile (Model._alone)",
             # predict_many on one thread is the previous predict: everything serial on the caller's thread.
