@@ -33,12 +33,12 @@ class Encoder:
     driver's, checked by their hash)."""
 
     def __init__(self, backbone: str, weights: str | None, pretrained: bool, weights_sha256: str, precision: str,
-                 spatial: bool, threads: int, input: tuple[int, str, str]) -> None:
+                 spatial: bool, threads: int, input: dict[str, Any]) -> None:
         from ..models.registry import create_backbone
 
         device = use_device(threads)
-        self.backbone = create_backbone(backbone, weights=weights, pretrained=pretrained)
-        self.backbone.set_input(*input)  # the driver's size, resize and view: the pixels the decoders send
+        # the driver's input size, resize and view: the pixels the decoders send
+        self.backbone = create_backbone(backbone, weights=weights, pretrained=pretrained, **input)
         if self.backbone.weights_sha256 != weights_sha256:
             raise RetinaLensError(f"a Ray worker's {backbone} weights ({self.backbone.weights_sha256[:12]}) are not the "
                                   f"driver's ({weights_sha256[:12]}): give every node the same weights file")
@@ -70,8 +70,8 @@ def extract_features_ray(paths: list[Path], hashes: list[str], backbone: Backbon
     worker: dict[str, Any] = {"backbone": backbone.name, "weights": weights, "pretrained": pretrained,
                               "weights_sha256": backbone.weights_sha256, "precision": precision,
                               "spatial": cache.has_spatial, "threads": engine.threads,
-                              "input": (backbone.preprocessing.size, backbone.preprocessing.resize,
-                                        backbone.preprocessing.view)}
+                              "input": {"input_size": backbone.preprocessing.size,
+                                        "resize": backbone.preprocessing.resize, "view": backbone.preprocessing.view}}
     writer = ChunkWriter(plan, cache)
     with ray_session(engine) as ray, progress_bar(len(plan.todo), f"extract {backbone.name} (ray)", progress) as advance:
         start = time.perf_counter()
