@@ -15,11 +15,14 @@ split seed), four bundles trained the way a user would (`retinalens.train`):
 - two-view:     the OCT default (`--resize auto`, here squash+band), a conv head on the squashed scan and
   one on its retinal band in 3 tiles (data/retinal_band.py), averaged (bench_views.py measured the pair
   on cached features);
-- two-view-seeds: the same with `--seeds 0,1,2` (six heads).
+- two-view-seeds: the same with `--seeds 0,1,2` (six heads);
+- two-view+mobilenet_v2, two-view+lite1: the default with a second backbone (`--ensemble
+  efficientnet_lite0,NAME`: four members, each backbone on each view, at Lite0's 224 px).
 
 Every cross-validated row run with `single` on the same folds is compared with it by the rule fixed in
 bench_views.py: it replaces the default when it beats it on at least 4 of 5 folds with a mean gain above
-sd(gains)/sqrt(5) (`vs_single`; read from CV only, never test).
+sd(gains)/sqrt(5) (`vs_single`; read from CV only, never test); run with `two-view` (today's default),
+the same rule against it (`vs_default`).
 
 The cross-validated rows also record their out-of-fold scores per fold (the ensemble's mean and each
 member alone, on the same folds): the rule that compares them reads those, never test.
@@ -63,6 +66,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "finetune": {"mode": "finetune", "cv": 5, "epochs": 8, "batch_size": 32},
     "two-view": {},  # the OCT default, --resize auto: squash+band
     "two-view-seeds": {"seeds": "0,1,2"},
+    "two-view+mobilenet_v2": {"ensemble": "efficientnet_lite0,mobilenet_v2"},
+    "two-view+lite1": {"ensemble": "efficientnet_lite0,efficientnet_lite1"},
 }
 LATENCY_RUNS = 10
 
@@ -133,22 +138,23 @@ def run(shared_data: Path, rows: list[str] | None = None) -> dict[str, Any]:
                 "load_average_1min_after": round(os.getloadavg()[0], 2),
             } | _cv_scores(bundle)
             print(json.dumps({name: out["rows"][name]}), file=sys.stderr, flush=True)
-    for row in out["rows"].values():
-        if "single" in out["rows"] and row is not out["rows"]["single"]:
-            row |= _vs_single(row, out["rows"]["single"])
+    for key, ref in (("vs_single", "single"), ("vs_default", "two-view")):
+        for row in out["rows"].values():
+            if ref in out["rows"] and row is not out["rows"][ref] and (rule := _rule(row, out["rows"][ref])):
+                row[key] = rule
     return out
 
 
-def _vs_single(row: dict[str, Any], single: dict[str, Any]) -> dict[str, Any]:
-    """bench_views.py's rule against `single`, on the same folds (same digest), from CV only."""
-    if "cv" not in row or "cv" not in single or row["cv"]["folds_digest"] != single["cv"]["folds_digest"]:
+def _rule(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    """bench_views.py's rule against the row `ref`, on the same folds (same digest), from CV only."""
+    if "cv" not in row or "cv" not in ref or row["cv"]["folds_digest"] != ref["cv"]["folds_digest"]:
         return {}
     # an ensemble's fold accuracies are stored to 4 decimals: both at 4, so an equal fold is a tie
-    gain = np.round(row["cv"]["fold_accuracy"], 4) - np.round(single["cv"]["fold_accuracy"], 4)
+    gain = np.round(row["cv"]["fold_accuracy"], 4) - np.round(ref["cv"]["fold_accuracy"], 4)
     mean, se = float(gain.mean()), float(gain.std(ddof=1) / np.sqrt(len(gain)))
     won, lost = int((gain > 0).sum()), int((gain < 0).sum())
-    return {"vs_single": {"gain_per_fold": gain.round(4).tolist(), "gain_mean": round(mean, 4), "gain_se": round(se, 4),
-                          "folds_won": won, "folds_lost": lost, "wins": won >= 4 and mean > se}}
+    return {"gain_per_fold": gain.round(4).tolist(), "gain_mean": round(mean, 4), "gain_se": round(se, 4),
+            "folds_won": won, "folds_lost": lost, "wins": won >= 4 and mean > se}
 
 
 def main() -> None:

@@ -26,10 +26,28 @@ SHAPE = (224, 896)
 
 
 @pytest.fixture(scope="module")
-def two_view_bundle(small_dataset, tmp_path_factory):
+def two_view_run(small_dataset, tmp_path_factory):
+    """The bundle, and how many times the run discovered the data."""
+    from unittest import mock
+
+    from retinalens.train import selection
+
     out = tmp_path_factory.mktemp("two_view")
-    # No --resize: the default (auto) takes the two-view input for OCT scans of the four classes.
-    return retinalens.train(small_dataset, out / "model", head="conv", epochs=8, cv=0, cache=out / "cache")
+    with mock.patch.object(selection, "discover", side_effect=selection.discover) as discover:
+        # No --resize: the default (auto) takes the two-view input for OCT scans of the four classes.
+        bundle = retinalens.train(small_dataset, out / "model", head="conv", epochs=8, cv=0, cache=out / "cache")
+    return bundle, discover.call_count
+
+
+@pytest.fixture(scope="module")
+def two_view_bundle(two_view_run):
+    return two_view_run[0]
+
+
+def test_the_data_are_discovered_once(two_view_run):
+    """--resize auto reads the discovered classes, the split the discovered images: one walk of the data
+    (a DICOM folder's headers are read in it)."""
+    assert two_view_run[0].preprocessing.resize == "squash+band" and two_view_run[1] == 1
 
 
 def test_the_bundle_records_the_input_and_predict_sees_the_training_pixels(two_view_bundle, small_dataset, oct_images):

@@ -12,6 +12,7 @@ from retinalens.errors import RetinaLensError
 from retinalens.predict.model import Model
 from retinalens.train.ensemble import ensemble_config, two_view_fits
 from retinalens.train.pipeline import build_run_config, resolve_resize, run_config_from_dict
+from retinalens.train.selection import find_data
 
 
 def test_bundle_manifest_describes_the_run(small_bundle):
@@ -107,7 +108,7 @@ def test_unknown_head_is_a_clear_error(tmp_path, small_dataset, feature_cache):
 
 
 def _resolved(cfg, ens=None) -> str:
-    return resolve_resize(cfg, two_view_fits(cfg, ens or ensemble_config())).extract.resize
+    return resolve_resize(cfg, two_view_fits(cfg, ens or ensemble_config()), find_data(cfg).classes).extract.resize
 
 
 def test_resize_auto_takes_the_two_view_input_for_oct_scans_where_the_run_can(tmp_path, small_dataset, make_png):

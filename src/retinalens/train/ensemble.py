@@ -52,7 +52,7 @@ from .image_runs import finished_step, resumable
 from .images import _fingerprint
 from .distributed import torchrun_world
 from .pipeline import RunConfig, check_input, check_run, resolve_resize, train_bundle
-from .selection import _Data, cv_folds, prepare_data
+from .selection import _Data, cv_folds, find_data, prepare_data
 
 MAX_MEMBERS = 16  # the manifest schema's bound
 MEMBER_MODES = ("bottleneck", "finetune", "frozen")  # "NAME:MODE" in --ensemble; scratch models have no features
@@ -154,10 +154,11 @@ def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, prog
     """Train every member on one split (or the same folds) and write them as one bundle (see the module's
     notes). `data` and `lineage` as for train_bundle (retraining keeps its parent's splits)."""
     out = Path(out).expanduser()
-    cfg = resolve_resize(cfg, two_view_fits(cfg, ens))
+    found = None if data else find_data(cfg)  # read once: --resize auto takes its classes, prepare_data its images
+    cfg = resolve_resize(cfg, two_view_fits(cfg, ens), (found if data is None else data.ds).classes)
     runs = member_runs(cfg, ens)
     if len(runs) == 1 and len(ens.tta) == 1:  # one network seen once: a plain bundle (of that backbone, seed)
-        return train_bundle(runs[0], out, progress=progress, data=data, lineage=lineage)
+        return train_bundle(runs[0], out, progress=progress, data=data, lineage=lineage, found=found)
     check_ensemble(cfg, ens, runs)
     for run in runs:  # every member's options, as given (--cv, --head, ...), before minutes of screening
         check_run(run, out)
@@ -169,7 +170,7 @@ def train_ensemble(cfg: RunConfig, ens: EnsembleConfig, out: str | Path, *, prog
     say = console()
     first = create_backbone(runs[0].extract.backbone, weights=cfg.extract.weights, pretrained=cfg.extract.pretrained,
                             input_size=cfg.extract.input_size, resize=cfg.extract.resize)
-    data = data or prepare_data(cfg, first.preprocessing)  # one screened split for every member
+    data = data or prepare_data(cfg, first.preprocessing, found)  # one screened split for every member
     k = 0 if len(ens.tta) > 1 else cv_folds(cfg, len(data.splits.train) + len(data.splits.val))
     if len(ens.tta) > 1 and cfg.cv is None:
         say.print("test-time views: the members and their average are fitted on one validation split (out-of-fold "

@@ -21,7 +21,7 @@ import numpy as np
 from .._console import console
 from ..config import (AUTO_HEAD, AUTO_RESIZE, MODE_EPOCHS, ExtractConfig, ImageTrainConfig, RunConfigBase, SplitConfig, default, given,
                       str_or_none)
-from ..data.discover import discover
+from ..data.discover import Dataset
 from ..data.transforms import VIEWS, Preprocessing
 from ..errors import RetinaLensError
 from ..evaluate.metrics import classification_metrics
@@ -113,12 +113,13 @@ def default_head(mode: str, scratch: bool) -> HeadConfig:
 
 def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data: _Data | None = None,
                  lineage: dict[str, Any] | None = None, input_like: Preprocessing | None = None,
-                 out_of_fold: dict[str, Any] | None = None) -> Bundle | None:
+                 out_of_fold: dict[str, Any] | None = None, found: Dataset | None = None) -> Bundle | None:
     """`data`: a dataset with its splits already made (retraining keeps its parent's splits);
     `lineage`: the bundle's version and parent (default: version 1, no parent); `input_like`: feed the
     backbone pixels of this size and resampling (an ensemble's members share one input, train/ensemble.py);
     `out_of_fold`: under cross-validation, filled with the chosen model's out-of-fold probabilities
-    ("probabilities", "sha256" of each image, "fold"), which an ensemble averages over its members.
+    ("probabilities", "sha256" of each image, "fold"), which an ensemble averages over its members;
+    `found`: the data set as discovered, where the caller has read it already (prepare_data's).
     Under torchrun every rank calls this; rank 0 returns the bundle it wrote, the others None
     (train/distributed.py)."""
     out, world = Path(out).expanduser(), torchrun_world()
@@ -135,7 +136,7 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     if input_like is not None:
         pretrained.preprocessing = replace(pretrained.preprocessing, size=input_like.size,
                                            interpolation=input_like.interpolation, resize=input_like.resize)
-    data = data or prepare_data(cfg, pretrained.preprocessing)  # screened through the model input it will see
+    data = data or prepare_data(cfg, pretrained.preprocessing, found)  # screened through the model input it will see
     k = cv_folds(cfg, len(data.splits.train) + len(data.splits.val))
     if k:
         data = without_val(data)
@@ -191,17 +192,15 @@ def train_bundle(cfg: RunConfig, out: str | Path, *, progress: bool = True, data
     return bundle
 
 
-def resolve_resize(cfg: RunConfig, two_view: bool = False, classes: Sequence[str] | None = None) -> RunConfig:
+def resolve_resize(cfg: RunConfig, two_view: bool = False, classes: Sequence[str] = ()) -> RunConfig:
     """--resize auto made concrete, and saved so in config.json: the two-view input (squash+band) when
-    the run can take it (`two_view`: train/ensemble.two_view_fits) and the data are OCT B-scans of the
-    four Kermany classes with no --task, since it beat the squash on train's own folds (README "The
-    two-view input, through `train`"); the squash otherwise: fundus photos, other labels, image modes.
-    classes: the data's, where the caller has discovered them already (else discovered here)."""
+    the run can take it (`two_view`: train/ensemble.two_view_fits) and the data (`classes`: the
+    discovered data's) are OCT B-scans of the four Kermany classes with no --task, since it beat the
+    squash on train's own folds (README "The two-view input, through `train`"); the squash otherwise:
+    fundus photos, other labels, image modes."""
     if cfg.extract.resize != AUTO_RESIZE:
         return cfg
-    oct_scans = two_view and not cfg.task and is_oct(
-        discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir).classes
-        if classes is None else classes)
+    oct_scans = two_view and not cfg.task and is_oct(list(classes))
     return replace(cfg, extract=replace(cfg.extract, resize="squash+band" if oct_scans else "squash"))
 
 

@@ -75,12 +75,18 @@ class _Trained:
     baseline: dict[str, Any] | None = None  # the baseline on the same folds
 
 
-def prepare_data(cfg: RunConfigBase, preprocessing: Preprocessing | None = None) -> _Data:
-    """Discover, screen (with `preprocessing`: the model input; None: no screening, as when retraining
-    on a parent's splits, which were screened) and split the data set."""
+def find_data(cfg: RunConfigBase) -> Dataset:
+    """The run's labelled images, as discover() finds them with the run's options."""
+    return discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir)
+
+
+def prepare_data(cfg: RunConfigBase, preprocessing: Preprocessing | None = None, found: Dataset | None = None) -> _Data:
+    """Discover (unless `found`: find_data's answer, where the caller has it already; a DICOM folder's
+    headers are read once), screen (with `preprocessing`: the model input; None: no screening, as when
+    retraining on a parent's splits, which were screened) and split the data set."""
     say = console()
     task = get_task(cfg.task)
-    ds, dropped = apply_task(discover(cfg.data, patient_regex=cfg.patient_regex, images_dir=cfg.images_dir), task)
+    ds, dropped = apply_task(find_data(cfg) if found is None else found, task)
     for d in [*dropped, *ds.skipped]:  # wrong grades; FIFOs, folders, broken links named like images
         say.print(f"[red]skipped[/] {markup_safe(d['path'])}: {markup_safe(d['reason'])}", highlight=False)
     ds, screened = _screen(ds, preprocessing, cfg.extract.workers) if preprocessing else (ds, [])
