@@ -51,8 +51,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from fundus_folds import K, SEED, auto_head, inputs as _inputs, photos, training_folds  # noqa: E402
 
-K, SEED, BASELINE_C = 5, 0, 0.1
+BASELINE_C = 0.1
 CS = (0.01, 0.1, 1.0)
 # (backbone, input size): the registry's offline backbones at their own size and larger. Fundus
 # lesions (microaneurysms, exudates) are a few pixels of a 1536-px photo: 224 px loses most of them.
@@ -118,11 +119,6 @@ def _load_set(work: Path, name: str, size: int, hashes: list[str]) -> dict[str, 
     cache = open_cache(work / "cache", bb, resolve_precision("auto"))
     return {"cache": cache, "pooled": cache.pooled(hashes), "flip": np.load(work / f"flip-{name}-{size}.npy"),
             "shape": cache.key.feature_shape}
-
-
-def _inputs(cache: Any, keys: list[str]) -> Any:
-    """train/cv.py's Inputs: input kind -> the cached features of these images."""
-    return lambda kind: cache.pooled(keys) if kind == "pooled" else cache.spatial(keys)
 
 
 def _fold_scores(p: np.ndarray, y: np.ndarray, folds: Any) -> dict[str, list[float]]:
@@ -207,38 +203,17 @@ def run(shared: Path) -> dict[str, Any]:
 
 
 def cv_table(shared: Path) -> dict[str, Any]:
-    from bench_training import fundus_split_csv
-
-    from retinalens.config import SplitConfig
-    from retinalens.data.discover import discover
-    from retinalens.data.hashing import sha256_files
-    from retinalens.data.splits import make_splits
-    from retinalens.data.tasks import TASKS, apply_task
-    from retinalens.models.heads import HeadConfig
-    from retinalens.train.cv import cross_validate, default_candidates, make_folds, select
-    from retinalens.train.selection import _Data, drop_near_duplicates, without_val
     from retinalens.train.trainer import TrainConfig
 
     torch.set_num_threads(int(os.environ.get("RETINALENS_THREADS", "2")))
     work = _work()
-    combined, n_photos = fundus_split_csv(shared, work)
-    ds, _ = apply_task(discover(combined), TASKS["referable"])
-    hashes = sha256_files(s.path for s in ds.samples)
+    combined, n_photos, ds, hashes = photos(shared, work)
     load0 = os.getloadavg()[0]
     timing = extract_sets([s.path for s in ds.samples], hashes, work, FEATURE_SETS)
     sets = {f"{n}-{s}": _load_set(work, n, s, hashes) for n, s in FEATURE_SETS}
-    # The training images and folds `train` uses (train/selection.py): the CSV's test split, validation
-    # back into train, training near-duplicates of test photos removed and near-duplicate pairs of
-    # different patients kept in one fold, found on the new default's features (Lite0 at 384 px).
-    splits = make_splits(ds, SplitConfig(), hashes)
-    data = without_val(_Data(ds, TASKS["referable"], hashes, splits, splits.summary(ds)))
-    data = drop_near_duplicates(data, sets["efficientnet_lite0-384"]["cache"], cross_validated=True)
-    tr, te = data.splits.train, data.splits.test
-    y_all = np.array([int(s.label == "referable") for s in ds.samples])
-    y, y_test = y_all[tr], y_all[te]
-    patients = [ds.samples[i].patient for i in tr]
-    test_patients = [ds.samples[i].patient for i in te]
-    folds = make_folds([ds.samples[i].label for i in tr], [data.group(i) for i in tr], K, seed=SEED)
+    # Near-duplicate pairs found on the features of Lite0 at 384 px (the default when this table chose).
+    data, tr, te, y, y_test, patients, test_patients, folds = training_folds(ds, hashes,
+                                                                             sets["efficientnet_lite0-384"]["cache"])
 
     rows: dict[str, Any] = {}
     oofs: dict[str, np.ndarray] = {}
@@ -265,10 +240,7 @@ def cv_table(shared: Path) -> dict[str, Any]:
     for key in (k for k in sets if k.startswith("efficientnet_lite0-")):
         cache, size = sets[key]["cache"], key.rsplit("-", 1)[1]
         t = time.perf_counter()
-        results = [cross_validate(c, _inputs(cache, keys), y, folds, num_classes=2, feature_shape=sets[key]["shape"],
-                                  train=TrainConfig())
-                   for c in default_candidates(HeadConfig(kind="auto"), auto=True)]
-        auto = select(results, y)
+        results, auto = auto_head(cache, keys, y, folds, sets[key]["shape"])
         seconds_auto = time.perf_counter() - t
         for r in results:
             if r.candidate.head.kind == "conv":

@@ -36,7 +36,7 @@ from retinalens.train.trainer import TrainConfig, fit_logistic_head, train_head
 ROOT = Path(__file__).resolve().parents[1]
 # "core" is this file; every other section is benchmarks/bench_<name>.py with run(shared_data) -> dict.
 SECTIONS = ("core", "training", "cv", "export", "litert", "explain", "trust", "serve", "cli", "decode", "corpus", "ray",
-            "ensemble", "preprocessing", "views", "finetune", "speed", "fundus_cv")
+            "ensemble", "preprocessing", "views", "finetune", "speed", "fundus_cv", "fundus_fov")
 
 
 def keras(args: list[str], python: str | None) -> dict:
