@@ -1,6 +1,8 @@
 """LiteRT figures: each `--quantize` variant's size, speed and accuracy change on the real test scans.
 
-The default bundle (EfficientNet-Lite0, `--head auto`) is trained on `oct-kermany/train` and every
+The default bundle (`retinalens train DATA` with its defaults: for OCT scans the two-view input, a
+Lite0 network on the squash and one on the retinal band, `--head auto` each, in one graph with one
+224x896 input) is trained on `oct-kermany/train` and every
 variant is measured on `oct-kermany/test` against the bundle's own PyTorch path: test accuracy, how many
 scans keep the same class, the largest probability difference, file size, one image's latency (batch one,
 as on a phone) and the conversion time. Needs the `tflite` extra; without it the section says so and
@@ -21,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import retinalens
 from retinalens.demo import DEMO_DATA
 from retinalens.export.formats import export_bundle
 from retinalens.export.litert import QUANTIZATIONS, LiteRTModel
 from retinalens.predict.model import Model
-from retinalens.train.pipeline import ExtractConfig, RunConfig, train_bundle
 
 
 def run(shared_data: Path | None, n_single: int = 20) -> dict:
@@ -37,13 +39,15 @@ def run(shared_data: Path | None, n_single: int = 20) -> dict:
         w = Path(work)
         # The feature cache of the user's environment when there is one: extraction is not what is measured.
         cache = os.environ.get("RETINALENS_CACHE") or str(w / "cache")
-        bundle = train_bundle(RunConfig(data=str(data), extract=ExtractConfig(cache=cache)), w / "bundle", progress=False)
+        bundle = retinalens.train(data, w / "bundle", cache=cache)
         files = sorted((data / "test").glob("*/*.jpeg"))
         truth = np.array([bundle.classes.index(f.parent.name) for f in files])
         x = torch.stack([bundle.preprocessing.load(f) for f in files])
         reference = Model(bundle, runtime="torch").probabilities(x)
         out: dict = {"data": f"{'oct-kermany' if data != DEMO_DATA else 'demo sample'}: default bundle trained on "
                              f"train/, measured on the {len(files)} real test scans",
+                     "members": [m.backbone.label for m in bundle.manifest.ensemble()],
+                     "input_shape": list(bundle.preprocessing.shape),
                      "torch": {"precision": bundle.precision, "test_accuracy": _accuracy(reference, truth)}}
         for quantize in QUANTIZATIONS:
             t = time.perf_counter()

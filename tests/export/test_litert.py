@@ -49,8 +49,10 @@ def test_a_two_member_ensemble_is_one_litert_graph_that_averages_its_members(sma
     from retinalens.bundle.network import Network
     from retinalens.export.litert import LiteRTModel
 
+    # --resize squash: one network per seed (the OCT default, two views, is a network per view:
+    # tests/export/test_two_view.py exports it)
     ens = retinalens.train(small_dataset, tmp_path / "ens", seeds="0,1", head="conv", epochs=6, cv=0, workers=0,
-                           cache=str(feature_cache))
+                           cache=str(feature_cache), resize="squash")
     assert len(ens.members) == 2
     x = torch.stack([ens.preprocessing.load(p) for p in oct_images])
     members, first_pooled = [], None

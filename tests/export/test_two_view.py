@@ -17,6 +17,7 @@ from retinalens.data.retinal_band import regions, retinal_band
 from retinalens.errors import RetinaLensError
 from retinalens.explain import Explainer
 from retinalens.export import OnnxModel, export_bundle
+from retinalens.export.formats import sidecar_path
 from retinalens.export.graph import graph_temperature
 from retinalens.features.extract import open_cache
 from retinalens.models.heads import head_probabilities
@@ -140,6 +141,27 @@ def test_onnx_export_takes_the_two_view_pixels_and_matches_the_eager_ensemble(tw
     assert min(np.abs(p - a).max() for a in alone) > 1e-3
     with pytest.raises(ValueError, match="224, 896, 3"):
         ort.run(pixels[:, :, :224])
+
+
+def test_litert_export_is_one_graph_of_both_views_that_matches_the_eager_ensemble(two_view_bundle, oct_images,
+                                                                                   tmp_path):
+    """The phone format of the OCT default: one .tflite graph with the 224x896 uint8 input, both views'
+    networks and their average inside, within 1e-4 of the eager fp32 ensemble on real scans."""
+    pytest.importorskip("litert_torch", reason="LiteRT export needs the 'tflite' extra")
+    pytest.importorskip("ai_edge_litert", reason="the LiteRT runtime needs the 'tflite' extra")
+    from retinalens.export.litert import LiteRTModel
+
+    b = two_view_bundle
+    path = export_bundle(b, "tflite", tmp_path / "model.tflite")
+    pixels = torch.stack([b.preprocessing.load(p) for p in oct_images])
+    p, pooled = LiteRTModel(path).run(pixels.numpy())
+    with torch.inference_mode():
+        p_ref, pooled_ref = Ensemble.from_bundle(b, temperature=graph_temperature(b)).eval()(pixels)
+    assert p.shape == p_ref.shape and (p.argmax(1) == p_ref.numpy().argmax(1)).all()
+    assert np.abs(p - p_ref.numpy()).max() < 1e-4
+    assert np.abs(pooled - pooled_ref.numpy()).max() < 1e-3 * np.abs(pooled_ref.numpy()).max()
+    meta = json.loads(sidecar_path(path).read_text())
+    assert meta["input"]["shape"] == [1, *SHAPE, 3] and len(meta["ensemble"]["members"]) == 2
 
 
 def test_evaluate_scores_the_test_split_through_both_views(two_view_bundle, small_dataset):

@@ -9,14 +9,15 @@ image: that is how a phone app runs it, and LiteRT's delegates prefer static sha
 Three quantised variants, all by ai-edge-quantizer, and their effect on accuracy is measured in
 `make bench` (section `litert`), not assumed:
 - `int8-weights`: the convolutions' weights stored as int8 per channel and dequantised when the model
-  loads, so the arithmetic stays float32: about 3.2x smaller. The head's fully connected layer stays
-  float32: its weights have outliers (in the default OCT bundle the largest is 515, the median 0.17), so
-  one int8 step per class rounds nearly all of them to zero (with it quantised too, test accuracy fell
-  from 0.876 to 0.504 on `oct-kermany/test`). It is a small part of the file.
+  loads, so the arithmetic stays float32: about 3x smaller. The head's fully connected layer stays
+  float32: a logistic head's weights can have outliers (largest 515, median 0.17 in the one-network
+  OCT bundle of that head), which one int8 step per class rounds nearly all to zero (quantised too,
+  that bundle's test accuracy fell from 0.876 to 0.504 on `oct-kermany/test`). It is a small part of the file.
 - `fp16` (float casting): weights stored as float16, computed in float32: half the size.
 - `int8` (`dynamic_wi8_afp32`): dynamic-range quantisation, activations quantised on the fly and the
-  matrix products done in integers; smallest and, on ARM, the fastest, but on this model it loses much of
-  its accuracy (see the README), so it is never the default.
+  matrix products done in integers; smallest and, on ARM, the fastest; on x86 slower than fp32, and
+  its accuracy depends on the head (the logistic head's bundle lost 36 points, the two-view default's
+  conv heads none: see the README), so it is never the default.
 
 The metadata travels in the JSON sidecar, as for the other formats (LiteRT's own metadata schema needs tflite-support, which is unmaintained).
 """
