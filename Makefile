@@ -6,8 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+TFLITE_STAMP := $(VENV)/.tflite
 
-.PHONY: install demo test bench clean browser postgres dicom3tools
+.PHONY: install demo test bench clean browser postgres dicom3tools tflite
 
 # pip runs --quiet (its log would be thousands of lines): one line before each step says what is
 # installed and roughly how big it is, measured on our machines (wheels, and their size once unpacked).
@@ -57,8 +58,16 @@ dicom3tools:
 	      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dicom3tools >/dev/null 2>&1; }; }; } || \
 	  echo "dicom3tools is not installed: the DICOM files' IOD checks (dciodvfy) will be left out"
 
+# The phone export is tested too: the `tflite` extra (litert-torch, ai-edge-litert, ai-edge-quantizer,
+# with JAX: about 0.9 GB on disk, a minute or two), installed for the tests only (`make demo` does not
+# need it); where it cannot be installed, the LiteRT tests skip and say why.
+tflite: $(STAMP)
+	@[ -f $(TFLITE_STAMP) ] || { echo "installing the tflite extra for the LiteRT tests (about 0.9 GB on disk)"; \
+	  $(PY) -m pip install --quiet -e ".[test,lite,tflite]" $(TORCH_PINS) && touch $(TFLITE_STAMP); } || \
+	  echo "the tflite extra could not be installed: the LiteRT tests will be skipped"
+
 # -rs: why each skipped test was skipped; --durations=15: the slowest tests, at the end.
-test: $(STAMP) browser postgres dicom3tools
+test: $(STAMP) tflite browser postgres dicom3tools
 	$(VENV)/bin/pytest -q -rs --durations=15
 
 # The README's pictures of the web page (desktop, 390 px) and the HTML report, made by the browser tests.

@@ -5,6 +5,8 @@ converter is missing or the option does not apply."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from retinalens.export.formats import sidecar_path
 from retinalens.export.litert import QUANTIZATIONS
 from retinalens.trust.calibration import calibrated
 
-from helpers import run_cli
+from helpers import cli_command, cli_env
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +110,14 @@ def test_quantize_is_litert_only(small_bundle, tmp_path):
 
 
 def test_missing_converter_names_the_extra(small_bundle, tmp_path):
-    try:
-        import litert_torch  # noqa: F401
-    except ImportError:
-        r = run_cli("export", small_bundle.path, "--format", "tflite", "--out", tmp_path / "m.tflite")
-        assert r.returncode == 2 and "retinalens[tflite]" in r.stderr and "Traceback" not in r.stderr
-        assert not (tmp_path / "m.tflite").exists()
-    else:
-        pytest.skip("litert-torch is installed here: the missing-converter message cannot be shown")
+    """Without litert-torch, one line naming the extra. Simulated, so that it runs whether or not the
+    extra is installed: a module of its name that fails to import, first on the child's path."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "litert_torch.py").write_text('raise ImportError("No module named litert_torch (simulated)")\n')
+    env = cli_env()
+    env["PYTHONPATH"] = f"{blocker}{os.pathsep}{env['PYTHONPATH']}"
+    r = subprocess.run(cli_command("export", small_bundle.path, "--format", "tflite", "--out", tmp_path / "m.tflite"),
+                       capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert r.returncode == 2 and "retinalens[tflite]" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m.tflite").exists()
