@@ -107,3 +107,42 @@ def test_onednn_fusion_leaves_every_bf16_feature_unchanged(backbone, oct_images:
             assert torch.equal(got, want)
             assert torch.equal(backbone.encode(batch, precision)[0], want.float().permute(0, 2, 3, 1).half())
     assert not torch.jit.onednn_fusion_enabled()  # restored after each call
+
+
+def test_side_by_side_calls_on_new_shapes_give_the_features_of_calls_in_turn(oct_images: list[Path]) -> None:
+    """A server's two model calls on one bf16 graph, each batch size new to it: a shape's first runs take
+    turns (torch's oneDNN Graph kernels fail to compile from two threads at once, "partition compile
+    failed", on about half such calls when measured), later ones run side by side; every call gets
+    the features of the same calls made in turn, by another backbone."""
+    import threading
+
+    from retinalens.models.machine import runtime_settings
+
+    shared, alone = create_backbone("efficientnet_lite0"), create_backbone("efficientnet_lite0")
+    pixels = torch.stack([shared.preprocessing.load(p) for p in (oct_images * 4)[:12]])
+    # Batch sizes 7-12, each thread its own order: shapes no other test compiles (oneDNN keeps compiled
+    # kernels for the process, and a shape compiled before would not race).
+    sizes = [[7 + (7 * i + 3 * k) % 6 for i in range(24)] for k in range(2)]
+    got: list[list[torch.Tensor]] = [[], []]
+    errors: list[str] = []
+
+    def calls(k: int) -> None:
+        with runtime_settings(threads=1):
+            for n in sizes[k]:
+                try:
+                    got[k].append(shared.encode(pixels[:n], "bf16")[1])
+                except RuntimeError as exc:
+                    errors.append(str(exc).splitlines()[-1])
+
+    with runtime_settings(threads=1):
+        shared.encode(pixels[:1], "bf16")  # traced (or read from the disk cache) before the threads start
+    threads = [threading.Thread(target=calls, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with runtime_settings(threads=1):  # after the threads: oneDNN keeps compiled kernels for the process
+        want = {n: alone.encode(pixels[:n], "bf16")[1] for n in range(7, 13)}
+    assert [len(g) for g in got] == [len(n) for n in sizes]
+    assert all(torch.equal(a, want[n]) for g, ns in zip(got, sizes) for a, n in zip(g, ns))

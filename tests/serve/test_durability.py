@@ -17,6 +17,8 @@ from retinalens.feedback.store import FeedbackStore
 from retinalens.serve.server import ServerProcess
 
 CLASSES = ("CNV", "DME", "DRUSEN", "NORMAL")
+# A client thread's failed assertion (a 500 before the kill) fails the test, not only warns.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -61,6 +61,10 @@ class BackboneSpec:
         return self.default_weights == "scratch"
 
 
+# TorchScript's profiling executor profiles a new shape on its first run and optimises (fuses and
+# compiles) on the next: past these runs on one shape a graph runs from any thread.
+FIRST_RUNS = 3
+
 _REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
@@ -235,6 +239,11 @@ class Backbone(nn.Module):
         self.weights_sha256 = weights_sha256(self.model.state_dict())
         self._compiled: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._lock = threading.Lock()
+        # The first runs of a traced graph on a new input shape compile its oneDNN partitions, and
+        # torch's oneDNN Graph kernels do not compile safely from two threads at once (a server's
+        # side-by-side calls: "partition compile failed", measured): those runs take turns.
+        self._first_runs = threading.Lock()
+        self._runs: dict[tuple[str, tuple[int, ...]], int] = {}  # (precision, input shape) -> runs so far
         self._feature_shape: tuple[int, int, int] | None = None
 
     @torch.inference_mode()
@@ -281,11 +290,21 @@ class Backbone(nn.Module):
         if device.type == "cpu":
             graph = self._frozen(precision, x)
             with onednn_fusion(precision == "bf16"):  # bit-identical features in bf16 only (see there)
-                f = graph(x).float()
+                f = self._run(graph, precision, x)
         else:
             with autocast(precision, device.type):
                 f = _ForwardFeatures(self.model, self.preprocessing)(x).float()
         return f.permute(0, 2, 3, 1).to(torch.float16).cpu(), f.mean(dim=(2, 3)).cpu()
+
+    def _run(self, graph: Callable[[torch.Tensor], torch.Tensor], precision: str, x: torch.Tensor) -> torch.Tensor:
+        """graph(x) as float32, its first FIRST_RUNS runs on each input shape one at a time (see __init__)."""
+        key = (precision, tuple(x.shape))
+        if self._runs.get(key, 0) >= FIRST_RUNS:
+            return graph(x).float()
+        with self._first_runs:
+            f = graph(x).float()
+            self._runs[key] = self._runs.get(key, 0) + 1
+        return f
 
     def feature_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the spatial maps at the preprocessing size (one dry run, then remembered)."""
@@ -306,7 +325,7 @@ class Backbone(nn.Module):
         if pp != self.preprocessing:
             with self._lock:
                 self.preprocessing = pp
-                self._compiled, self._feature_shape = {}, None
+                self._compiled, self._feature_shape, self._runs = {}, None, {}
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "timm_name": self.timm_name, "weights_sha256": self.weights_sha256,
