@@ -20,7 +20,6 @@ from .bundle.store import Bundle, load_bundle
 from .config import (DEMO_OUT, EXPLAIN_OUT, EnsembleConfig, EvaluateConfig, ExtractConfig, ExtractOptions, VolumeConfig,
                      given,
                      str_or_none)
-from .data.discover import discover
 from .data.fundus.prepare import PrepareReport
 from .data.hashing import sha256_files
 from .demo import DEMO_DATA
@@ -51,14 +50,15 @@ def extract(data: str | Path, *, backbone: str | None = None, weights: str | Pat
     from .data.transforms import VIEWS
     from .train.ensemble import two_view_fits
     from .train.pipeline import RunConfig, resolve_resize
+    from .train.selection import find_data
 
     run_on = engine_config(engine, address, ray_workers)
     x = ExtractConfig(**given(backbone=backbone, weights=str_or_none(weights), pretrained=pretrained,
                               cache=str_or_none(cache), precision=precision, batch_size=batch_size, workers=workers,
                               resize=resize))
     o = ExtractOptions(**given(shard=shard, spatial=spatial))
-    ds = discover(data, patient_regex=patient_regex, images_dir=images_dir)
     run = RunConfig(data=str(data), extract=x, **given(patient_regex=patient_regex, images_dir=str_or_none(images_dir)))
+    ds = find_data(run)  # as train finds them
     x = resolve_resize(run, two_view_fits(run, EnsembleConfig()), ds.classes).extract
     prec = resolve_precision(x.precision)
     paths = [s.path for s in ds.samples]
